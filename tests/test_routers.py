@@ -1,0 +1,157 @@
+"""Routers: capacity arithmetic, expert/token choice invariants, aux loss, float32 logits, errors."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vit_moe import ExpertChoiceRouter, TokenChoiceRouter, create_router, expert_choice_capacity, \
+    token_choice_capacity
+
+
+def test_capacity_vit_b16_at_224_is_13_tokens_per_expert():
+    assert expert_choice_capacity(197, 32, 2.0) == 13
+    assert expert_choice_capacity(197, 32, 2.0, multiple_of=4) == 16  # V-MoE rounding
+    assert token_choice_capacity(197, 32, 2.0, top_k=2) == 25
+
+
+@given(tokens=st.integers(1, 600), experts=st.integers(1, 128), factor=st.floats(0.01, 64),
+       multiple=st.sampled_from([None, 1, 4, 8]))
+def test_capacity_is_ceil_of_factor_times_tokens_over_experts_clamped(tokens, experts, factor, multiple):
+    cap = expert_choice_capacity(tokens, experts, factor, multiple)
+    exact = math.ceil(factor * tokens / experts)
+    if multiple:
+        exact = math.ceil(exact / multiple) * multiple
+    assert cap == max(1, min(exact, tokens))
+
+
+def test_capacity_factor_equal_experts_takes_every_token():
+    assert expert_choice_capacity(197, 32, 32.0) == 197
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2 ** 16), batch=st.integers(1, 4), tokens=st.integers(2, 40),
+       experts=st.integers(1, 9), factor=st.sampled_from([0.5, 1.0, 2.0, 3.0]))
+def test_expert_choice_each_expert_takes_its_top_capacity_tokens(seed, batch, tokens, experts, factor):
+    torch.manual_seed(seed)
+    router = ExpertChoiceRouter(16, experts, factor)
+    x = torch.randn(batch, tokens, 16)
+    routing = router(x)
+    cap = expert_choice_capacity(tokens, experts, factor)
+    assert routing.token_index.shape == (batch, experts, cap)
+    probs = router.logits(x).softmax(-1).transpose(1, 2)  # [B, E, T]
+    # gates are the router probabilities of the chosen tokens
+    torch.testing.assert_close(routing.combine_weights, probs.gather(-1, routing.token_index))
+    for b in range(batch):
+        for e in range(experts):
+            chosen = routing.token_index[b, e]
+            assert len(set(chosen.tolist())) == cap  # no token twice
+            rest = torch.ones(tokens, dtype=torch.bool)
+            rest[chosen] = False
+            if rest.any():
+                assert probs[b, e, chosen].min() >= probs[b, e, rest].max()
+
+
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2 ** 16), tokens=st.integers(2, 40), experts=st.integers(2, 8),
+       k=st.integers(1, 3), factor=st.sampled_from([0.5, 1.0, 1.5]), bpr=st.booleans())
+def test_token_choice_slots_hold_top_k_choices_within_capacity(seed, tokens, experts, k, factor, bpr):
+    k = min(k, experts)
+    torch.manual_seed(seed)
+    router = TokenChoiceRouter(16, experts, factor, top_k=k, batch_priority=bpr)
+    x = torch.randn(2, tokens, 16)
+    routing = router(x)
+    probs = router.logits(x).softmax(-1)  # [B, T, E]
+    topk = probs.topk(k, dim=-1).indices  # [B, T, k]
+    filled = routing.combine_weights > 0  # [B, E, cap]
+    kept = 0
+    for b in range(2):
+        seen = set()
+        for e in range(experts):
+            for slot in filled[b, e].nonzero().flatten().tolist():
+                t = int(routing.token_index[b, e, slot])
+                assert e in topk[b, t].tolist()
+                assert routing.combine_weights[b, e, slot] == probs[b, t, e]
+                assert (t, e) not in seen
+                seen.add((t, e))
+        kept += len(seen)
+    assert math.isclose(1 - kept / (2 * tokens * k), float(routing.metrics['dropped_fraction']), abs_tol=1e-6)
+
+
+def test_token_choice_position_priority_drops_the_last_tokens():
+    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=False)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
+    x = torch.zeros(1, 8, 4)
+    x[..., 0] = torch.linspace(1, 2, 8)  # every token prefers expert 0, later tokens more strongly
+    routing = router(x)
+    cap = token_choice_capacity(8, 2, 0.5, 1)  # 2 slots
+    assert routing.token_index[0, 0].tolist() == list(range(cap))  # first tokens win by position
+
+
+def test_token_choice_batch_priority_keeps_most_confident_tokens():
+    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
+    x = torch.zeros(1, 8, 4)
+    x[..., 0] = torch.linspace(1, 2, 8)
+    routing = router(x)
+    assert sorted(routing.token_index[0, 0].tolist()) == [6, 7]  # largest top-1 probability first
+
+
+def test_load_balancing_loss_is_its_weight_for_a_uniform_router():
+    router = TokenChoiceRouter(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
+    torch.nn.init.zeros_(router.gate.weight)
+    routing = router(torch.randn(3, 10, 8))
+    assert math.isclose(routing.aux_loss.item(), 0.01, rel_tol=1e-5)
+
+
+def test_z_loss_adds_log_sum_exp_squared():
+    router = TokenChoiceRouter(8, 4, 2.0, aux_loss_weight=0.0, z_loss_weight=1e-3)
+    torch.nn.init.zeros_(router.gate.weight)
+    routing = router(torch.randn(1, 5, 8))
+    assert math.isclose(routing.aux_loss.item(), 1e-3 * math.log(4) ** 2, rel_tol=1e-5)
+
+
+def test_expert_choice_needs_no_aux_loss():
+    routing = ExpertChoiceRouter(8, 4, 2.0)(torch.randn(2, 6, 8))
+    assert routing.aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize('router', ['expert_choice', 'token_choice'])
+def test_router_norm_makes_each_routed_tokens_weights_sum_to_one(router):
+    torch.manual_seed(0)
+    r = create_router(router, 16, 4, 2.0, top_k=2, router_norm=True)
+    routing = r(torch.randn(2, 12, 16))
+    sums = torch.zeros(2, 12).scatter_add(1, routing.token_index.flatten(1), routing.combine_weights.flatten(1))
+    routed = sums > 0
+    assert routed.any()
+    torch.testing.assert_close(sums[routed], torch.ones(int(routed.sum())))
+
+
+def test_router_init_is_normal_std_002_without_bias():
+    torch.manual_seed(0)
+    r = ExpertChoiceRouter(768, 32, 2.0)
+    assert r.gate.bias is None
+    assert abs(r.gate.weight.std().item() - 0.02) < 0.001
+    assert abs(r.gate.weight.mean().item()) < 0.001
+
+
+def test_router_logits_are_float32_under_bf16_autocast():
+    r = ExpertChoiceRouter(16, 4, 2.0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert r.logits(torch.randn(1, 3, 16, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(router='expert_choice', num_experts=0), 'num_experts must be an integer >= 1, got 0'),
+    (dict(router='expert_choice', capacity_factor=0.0), 'capacity_factor must be > 0, got 0.0'),
+    (dict(router='expert_choice', capacity_factor=-1), 'capacity_factor must be > 0, got -1'),
+    (dict(router='token_choice', top_k=5), 'top_k must be an integer in [1, num_experts=4], got 5'),
+    (dict(router='soft'), "router must be one of ['expert_choice', 'token_choice'], got 'soft'"),
+])
+def test_impossible_router_options_raise_clear_errors(kwargs, message):
+    args = dict(dict(dim=8, num_experts=4, capacity_factor=2.0), **kwargs)
+    with pytest.raises(ValueError) as err:
+        create_router(args.pop('router'), **args)
+    assert message in str(err.value)

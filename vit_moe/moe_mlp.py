@@ -1,0 +1,90 @@
+""" MoeMlp: a drop-in replacement for a ViT block's MLP, routed per image.
+
+dispatch (gather the tokens of every expert slot) -> stacked experts (two batched matmuls) ->
+combine (weight each slot and add it back to its token). No loop over experts and no
+data-dependent shapes: capacity is a constant for a given number of tokens per image.
+
+The router's metrics are kept on the module after each forward (`last_routing`), beside the
+output, so the layer stays a plain `x -> y` module inside `nn.Sequential` blocks; read them with
+`vit_moe.collect_moe_metrics(model)`.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp
+
+from .experts import ExpertMlps
+from .routers import Routing, create_router
+
+__all__ = ['MoeMlp']
+
+
+class MoeMlp(nn.Module):
+    """Mixture of `num_experts` MLP experts behind a router (expert choice by default).
+
+    Args:
+        dim: token width (input and output).
+        hidden_features: hidden width of each expert.
+        num_experts: experts in the layer.
+        router: 'expert_choice' or 'token_choice'.
+        capacity_factor: C; capacity = ceil(C * tokens / E) (expert choice), ceil(C * k * tokens / E) (top-k).
+        top_k: experts per token (token choice only).
+        router_norm: rescale each token's combine weights to sum to 1.
+        capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
+        act_layer, bias, drop: as in timm's Mlp.
+        router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            hidden_features: int,
+            num_experts: int = 32,
+            router: str = 'expert_choice',
+            capacity_factor: float = 2.0,
+            top_k: int = 2,
+            router_norm: bool = False,
+            capacity_multiple_of: Optional[int] = None,
+            act_layer=nn.GELU,
+            bias=True,
+            drop=0.,
+            experts: Optional[ExpertMlps] = None,
+            **router_kwargs,
+    ):
+        super().__init__()
+        self.router = create_router(
+            router, dim, num_experts, capacity_factor, top_k=top_k, router_norm=router_norm,
+            capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+        self.experts = experts if experts is not None else ExpertMlps(
+            num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
+        self.num_experts = num_experts
+        self.last_routing: Optional[Routing] = None
+
+    @classmethod
+    def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
+        """A MoE layer shaped like a dense timm Mlp (experts randomly initialised; see `vit_moe.conversion`)."""
+        experts = ExpertMlps.like(mlp, num_experts)
+        return cls(experts.fc1.in_features, experts.fc1.out_features, num_experts, experts=experts, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        routing = self.router(x)
+        self.last_routing = routing
+        E, capacity = routing.token_index.shape[1:]
+
+        # flat token index of every slot, expert-major so each expert's slots are contiguous
+        offsets = torch.arange(B, device=x.device).view(B, 1, 1) * T  # [B, 1, 1]
+        slots = (routing.token_index + offsets).transpose(0, 1).reshape(-1)  # [E*B*capacity]
+        x_flat = x.reshape(B * T, D)  # [B*T, D]
+        expert_in = x_flat.index_select(0, slots).view(E, B * capacity, D)  # [E, B*capacity, D]
+
+        expert_out = self.experts(expert_in)  # [E, B*capacity, D]
+
+        weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
+        expert_out = (expert_out * weights.to(expert_out.dtype)).view(-1, D)  # [E*B*capacity, D]
+        out = torch.zeros_like(x_flat).index_add(0, slots, expert_out.to(x.dtype))  # [B*T, D]
+        return out.view(B, T, D)
+
+    def extra_repr(self) -> str:
+        return f'num_experts={self.num_experts}'

@@ -1,0 +1,78 @@
+""" Sparse upcycling of a dense timm VisionTransformer (Komatsuzaki et al., 2022, arXiv 2212.05055).
+
+The MLP of the chosen blocks becomes an MoE layer whose experts all start as copies of that MLP;
+a new router (N(0, 0.02)) is added; everything else is copied unchanged.
+"""
+import copy
+from typing import Any, Dict, List, Optional
+
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .conversion import MoeBlocks, convert_dense_to_moe, resolve_moe_blocks
+from .moe_mlp import MoeMlp
+
+__all__ = ['upcycle', 'replace_mlps_with_moe']
+
+
+def _check_vit(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f'Expected a timm VisionTransformer (e.g. timm.create_model("vit_small_patch16_224")), '
+            f'got {type(model).__name__}')
+
+
+def replace_mlps_with_moe(
+        model: VisionTransformer,
+        moe_blocks: Optional[MoeBlocks] = None,
+        num_experts: int = 32,
+        **moe_kwargs,
+) -> List[int]:
+    """Replace, in place, the MLP of the chosen blocks by a randomly initialised `MoeMlp`; returns the indices."""
+    _check_vit(model)
+    indices = resolve_moe_blocks(moe_blocks, len(model.blocks))
+    for i in indices:
+        mlp = model.blocks[i].mlp
+        if isinstance(mlp, MoeMlp):
+            raise ValueError(f'block {i} is already an MoE layer; upcycle a dense model')
+        ref = mlp.fc1.weight
+        model.blocks[i].mlp = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
+    return indices
+
+
+def upcycle(
+        dense_model: VisionTransformer,
+        num_experts: int = 32,
+        moe_blocks: Optional[MoeBlocks] = None,
+        router: str = 'expert_choice',
+        capacity_factor: float = 2.0,
+        top_k: int = 2,
+        router_norm: bool = False,
+        expert_init: str = 'copy',
+        capacity_multiple_of: Optional[int] = None,
+        **router_kwargs: Any,
+) -> VisionTransformer:
+    """Return a new MoE model upcycled from `dense_model` (which is left unchanged).
+
+    Args:
+        dense_model: any timm VisionTransformer (class token or not, registers, layer scale, qk-norm, any pooling).
+        num_experts: experts per MoE layer (32 in the paper).
+        moe_blocks: blocks to convert: None = last half, int N = last N, 'every_other', or a list of indices.
+        router: 'expert_choice' (default for vision) or 'token_choice'.
+        capacity_factor: C (2.0 in the paper).
+        top_k: experts per token for 'token_choice'.
+        router_norm: rescale each token's combine weights to sum to 1.
+        expert_init: 'copy' (every expert = the dense MLP) or 'random' (ablation).
+        capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
+        router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
+    """
+    _check_vit(dense_model)
+    moe_model = copy.deepcopy(dense_model)
+    indices = replace_mlps_with_moe(
+        moe_model, moe_blocks, num_experts, router=router, capacity_factor=capacity_factor, top_k=top_k,
+        router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+    moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init))
+    moe_model.moe_config: Dict[str, Any] = dict(
+        num_experts=num_experts, moe_blocks=indices, router=router, capacity_factor=capacity_factor, top_k=top_k,
+        router_norm=router_norm, expert_init=expert_init, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+    return moe_model

@@ -1,0 +1,160 @@
+""" Upcycled Vision Transformer Mixture-of-Experts models for timm.
+
+Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints (Komatsuzaki et al., 2022)
+    https://arxiv.org/abs/2212.05055
+Mixture-of-Experts with Expert Choice Routing (Zhou et al., 2022) https://arxiv.org/abs/2202.09368
+
+A `VisionTransformerMoE` is timm's `VisionTransformer` with the MLP of some blocks replaced by
+`MoeMlp`; every other part of the timm model contract is inherited. `pretrained=True` loads the
+*dense* timm weights (Hub, or `pretrained_cfg_overlay=dict(file=...)`) and upcycles them in the
+checkpoint filter; a file that already holds MoE weights loads as-is.
+"""
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .conversion import MoeBlocks, convert_dense_to_moe
+from .upcycle import replace_mlps_with_moe
+
+__all__ = ['VisionTransformerMoE', 'DENSE_SOURCES']
+
+_logger = logging.getLogger(__name__)
+
+
+class VisionTransformerMoE(VisionTransformer):
+    """timm VisionTransformer whose chosen blocks have an MoE MLP.
+
+    Args:
+        num_experts: experts per MoE layer.
+        moe_blocks: None = last half of the blocks, int N = last N, 'every_other', or a list of indices.
+        router: 'expert_choice' or 'token_choice'.
+        capacity_factor: C; expert choice capacity = ceil(C * tokens / E).
+        top_k: experts per token (token choice).
+        router_norm: rescale each token's combine weights to sum to 1.
+        expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint) or 'random'.
+        capacity_multiple_of: round capacity up to a multiple of this.
+        batch_priority, aux_loss_weight, z_loss_weight: token choice options.
+        **kwargs: timm VisionTransformer arguments.
+    """
+
+    def __init__(
+            self,
+            num_experts: int = 32,
+            moe_blocks: Optional[MoeBlocks] = None,
+            router: str = 'expert_choice',
+            capacity_factor: float = 2.0,
+            top_k: int = 2,
+            router_norm: bool = False,
+            expert_init: str = 'copy',
+            capacity_multiple_of: Optional[int] = None,
+            batch_priority: bool = True,
+            aux_loss_weight: float = 0.01,
+            z_loss_weight: float = 0.0,
+            **kwargs: Any,
+    ):
+        if expert_init not in ('copy', 'random'):
+            raise ValueError(f"expert_init must be 'copy' or 'random', got {expert_init!r}")
+        super().__init__(**kwargs)
+        router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
+                             z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
+        indices = replace_mlps_with_moe(
+            self, moe_blocks, num_experts, router=router, capacity_factor=capacity_factor, top_k=top_k,
+            router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+        self.moe_config: Dict[str, Any] = dict(
+            num_experts=num_experts, moe_blocks=indices, router=router, capacity_factor=capacity_factor,
+            top_k=top_k, router_norm=router_norm, expert_init=expert_init,
+            capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerMoE, **kwargs) -> Dict[str, Any]:
+    """timm's ViT filter (foreign formats, pos-embed / patch resampling), then dense -> MoE conversion."""
+    state_dict = vit_checkpoint_filter_fn(state_dict, model, **kwargs)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    classifiers = cfg.get('classifier') or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    adapting_head = model.num_classes != cfg.get('num_classes', model.num_classes)
+    return convert_dense_to_moe(
+        state_dict, model, expert_init=model.moe_config['expert_init'],
+        ignore_shape_of=tuple(c + '.' for c in classifiers) if adapting_head else ())
+
+
+def _check_pretrained_file(kwargs: Dict[str, Any]) -> None:
+    """timm raises a bare FileNotFoundError for a missing file: name the path instead."""
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    path = overlay.get('file')
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(
+            f'pretrained_cfg_overlay file {path!r} does not exist; expected a .safetensors or .pth/.bin checkpoint')
+
+
+def _create_vit_moe(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerMoE:
+    if pretrained:
+        _check_pretrained_file(kwargs)
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerMoE,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+# registered name -> dense timm weights it is upcycled from
+DENSE_SOURCES = {
+    'vit_ti16_moe_upcycled': 'vit_tiny_patch16_224.augreg_in21k_ft_in1k',
+    'vit_s16_moe_upcycled': 'vit_small_patch16_224.augreg_in21k_ft_in1k',
+    'vit_b16_moe_upcycled': 'vit_base_patch16_224.augreg2_in21k_ft_in1k',
+    'vit_l16_moe_upcycled': 'vit_large_patch16_224.augreg_in21k_ft_in1k',
+}
+
+
+def _cfg_from_dense(dense: str) -> Dict[str, Any]:
+    """The dense source's pretrained cfg (input size, mean/std, crop, classifier, Hub id), naming its source."""
+    cfg = get_pretrained_cfg(dense).to_dict()
+    for key in ('url', 'custom_load', 'architecture', 'tag'):  # load the Hub safetensors, through our filter
+        cfg.pop(key, None)
+    return dict(
+        cfg,
+        paper_ids='arXiv:2212.05055',
+        paper_name='Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints',
+        notes=(f'dense_source={dense}', 'experts copied from the dense MLP at load time'),
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    f'{name}.{dense.split(".", 1)[1]}': _cfg_from_dense(dense) for name, dense in DENSE_SOURCES.items()
+})
+
+
+@register_model
+def vit_ti16_moe_upcycled(pretrained: bool = False, **kwargs) -> VisionTransformerMoE:
+    """ViT-Ti/16 with MoE (E=32, expert choice C=2) in the last 6 blocks, from vit_tiny_patch16_224."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_vit_moe('vit_ti16_moe_upcycled', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s16_moe_upcycled(pretrained: bool = False, **kwargs) -> VisionTransformerMoE:
+    """ViT-S/16 with MoE (E=32, expert choice C=2) in the last 6 blocks, from vit_small_patch16_224."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_vit_moe('vit_s16_moe_upcycled', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_b16_moe_upcycled(pretrained: bool = False, **kwargs) -> VisionTransformerMoE:
+    """ViT-B/16 with MoE (E=32, expert choice C=2) in the last 6 blocks, from vit_base_patch16_224."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_vit_moe('vit_b16_moe_upcycled', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_l16_moe_upcycled(pretrained: bool = False, **kwargs) -> VisionTransformerMoE:
+    """ViT-L/16 with MoE (E=32, expert choice C=2) in the last 12 blocks, from vit_large_patch16_224."""
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+    return _create_vit_moe('vit_l16_moe_upcycled', pretrained=pretrained, **dict(model_args, **kwargs))
