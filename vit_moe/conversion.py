@@ -46,11 +46,15 @@ class ConversionRule:
 
 
 UPCYCLE_RULES = (
-    ConversionRule(r'^(.*)\.mlp\.(fc[12])\.weight$', r'\1.mlp.experts.\2.weight', _tile_transposed,
+    ConversionRule(r'^(.*\.)?mlp\.(fc[12])\.weight$', r'\1mlp.experts.\2.weight', _tile_transposed,
                    lambda s: torch.Size((s[2], s[1]))),
-    ConversionRule(r'^(.*)\.mlp\.(fc[12])\.bias$', r'\1.mlp.experts.\2.bias', _tile,
+    ConversionRule(r'^(.*\.)?mlp\.(fc[12])\.bias$', r'\1mlp.experts.\2.bias', _tile,
                    lambda s: torch.Size(s[1:])),
 )
+
+
+_MOE_KEY = re.compile(r'(^|\.)mlp\.(experts|router)\.')
+_ROUTER_KEY = re.compile(r'(^|\.)mlp\.router\.')
 
 
 def resolve_moe_blocks(moe_blocks: Optional[MoeBlocks], depth: int) -> List[int]:
@@ -93,7 +97,7 @@ def resolve_moe_blocks(moe_blocks: Optional[MoeBlocks], depth: int) -> List[int]
 
 def is_moe_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
     """True for a state dict that already holds MoE layers (saved by this package)."""
-    return any('.mlp.experts.' in k or '.mlp.router.' in k for k in state_dict)
+    return any(_MOE_KEY.search(k) for k in state_dict)
 
 
 def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
@@ -126,10 +130,13 @@ def convert_dense_to_moe(
     target = model.state_dict()
     out, unexpected, mismatched = {}, [], []
 
+    mismatched_targets = set()
+
     def _check_shape(key, src_shape, want_shape, dense_key=None):
         if any(key.startswith(p) for p in ignore_shape_of) or src_shape == want_shape:
             return True
-        mismatched.append(f'{dense_key or key}: checkpoint {tuple(src_shape)} vs model {tuple(want_shape)}')
+        mismatched.append((key, f'{dense_key or key}: checkpoint {tuple(src_shape)} vs model {tuple(want_shape)}'))
+        mismatched_targets.add(key)
         return False
 
     moe_input = is_moe_state_dict(state_dict)
@@ -151,13 +158,17 @@ def convert_dense_to_moe(
         else:
             unexpected.append(key)
 
-    new_in_moe = [k for k in target if k not in out and '.mlp.router.' in k and not moe_input]
+    new_in_moe = [k for k in target if k not in out and _ROUTER_KEY.search(k) and not moe_input]
     out.update({k: target[k] for k in new_in_moe})  # routers start from the model's N(0, 0.02) init
-    missing = [k for k in target if k not in out and not any(k.startswith(p) for p in ignore_shape_of)]
+    missing = [k for k in target if k not in out and k not in mismatched_targets
+               and not any(k.startswith(p) for p in ignore_shape_of)]
     if mismatched or missing or unexpected:
         parts = []
         if mismatched:
-            parts.append('shape mismatch: ' + '; '.join(mismatched[:8]))
+            order = {k: i for i, k in enumerate(target)}  # report in the model's order: embeddings first
+            mismatched = [text for _, text in sorted(mismatched, key=lambda m: order[m[0]])]
+            more = f'; ... ({len(mismatched)} in all)' if len(mismatched) > 8 else ''
+            parts.append('shape mismatch: ' + '; '.join(mismatched[:8]) + more)
         if missing:
             parts.append('missing keys: ' + _format_keys(missing))
         if unexpected:

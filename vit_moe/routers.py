@@ -100,9 +100,11 @@ class _LinearRouter(nn.Module):
         nn.init.normal_(self.gate.weight, std=0.02)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 router whatever the autocast / parameter dtype
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
+        # float32 router whatever the autocast / parameter dtype (no autocast context in exported graphs)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
+        return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
 
     def capacity(self, num_tokens: int) -> int:
         raise NotImplementedError
@@ -132,12 +134,11 @@ class ExpertChoiceRouter(_LinearRouter):
         if self.router_norm:
             gates = gates / picked.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
 
-        with torch.no_grad():
-            metrics = dict(
-                expert_load=torch.ones(self.num_experts, device=x.device),  # every slot is filled
-                importance=probs.mean(dim=(0, 1)),  # [E]
-                dropped_fraction=(picked == 0).float().mean(),
-            )
+        metrics = dict(
+            expert_load=torch.ones(self.num_experts, device=x.device),  # every slot is filled
+            importance=probs.detach().mean(dim=(0, 1)),  # [E]
+            dropped_fraction=(picked.detach() == 0).float().mean(),
+        )
         return Routing(token_index, gates, probs.new_zeros(()), metrics)
 
 
@@ -214,13 +215,12 @@ class TokenChoiceRouter(_LinearRouter):
         if self.z_loss_weight:
             aux_loss = aux_loss + self.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
 
-        with torch.no_grad():
-            filled = (kept.unsqueeze(-1) * one_hot).sum(dim=1)  # [B, E]
-            metrics = dict(
-                expert_load=filled.float().mean(dim=0) / capacity,
-                importance=probs.mean(dim=(0, 1)),
-                dropped_fraction=1.0 - kept.float().mean(),
-            )
+        filled = (kept.unsqueeze(-1) * one_hot).sum(dim=1)  # [B, E] slots used per expert
+        metrics = dict(
+            expert_load=filled.float().mean(dim=0) / capacity,
+            importance=probs.detach().mean(dim=(0, 1)),
+            dropped_fraction=1.0 - kept.float().mean(),
+        )
         return Routing(token_index.view(B, E, capacity), combine.view(B, E, capacity), aux_loss, metrics)
 
 

@@ -11,8 +11,10 @@ checkpoint filter; a file that already holds MoE weights loads as-is.
 """
 import logging
 import os
+import zipfile
 from typing import Any, Dict, Optional
 
+from safetensors import safe_open
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
@@ -83,12 +85,22 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerMoE
 
 
 def _check_pretrained_file(kwargs: Dict[str, Any]) -> None:
-    """timm raises a bare FileNotFoundError for a missing file: name the path instead."""
+    """Name the path of a missing or unreadable local checkpoint (timm raises a bare FileNotFoundError)."""
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     path = overlay.get('file')
-    if path and not os.path.isfile(path):
-        raise FileNotFoundError(
-            f'pretrained_cfg_overlay file {path!r} does not exist; expected a .safetensors or .pth/.bin checkpoint')
+    if not path:
+        return
+    accepted = 'expected a .safetensors file or a torch.save (zip) .pth/.bin/.pt file'
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'pretrained_cfg_overlay file {path!r} does not exist; {accepted}')
+    if str(path).endswith('.safetensors'):
+        try:
+            with safe_open(path, framework='pt'):
+                pass
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f'pretrained_cfg_overlay file {path!r} is not a readable safetensors file ({e})') from e
+    elif not zipfile.is_zipfile(path):
+        raise ValueError(f'pretrained_cfg_overlay file {path!r} is not a readable checkpoint; {accepted}')
 
 
 def _create_vit_moe(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerMoE:

@@ -1,0 +1,131 @@
+"""upcycle(): exact dense reproduction at full capacity on timm ViT variants, copies, block choice, errors."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import vit_moe
+from vit_moe import MoeMlp, collect_moe_metrics, resolve_moe_blocks, upcycle
+
+from conftest import tiny_dense
+
+VARIANTS = {
+    'class_token': {},
+    'no_class_token_avg_pool': dict(class_token=False, global_pool='avg'),
+    'register_tokens': dict(reg_tokens=4),
+    'layer_scale': dict(init_values=1e-2),
+    'qk_norm': dict(qk_norm=True),
+    'map_pooling': dict(global_pool='map'),
+    'no_embed_class': dict(no_embed_class=True),
+}
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_capacity_equal_experts_matches_dense(variant, images):
+    dense = tiny_dense(**VARIANTS[variant])
+    moe = upcycle(dense, num_experts=4, capacity_factor=4.0, moe_blocks=2).eval()
+    torch.testing.assert_close(moe(images), dense(images), rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_equal_experts_with_norm_matches_dense(dense, images):
+    moe = upcycle(dense, num_experts=4, router='token_choice', top_k=4, capacity_factor=1.0, router_norm=True)
+    torch.testing.assert_close(moe.eval()(images), dense(images), rtol=1e-5, atol=1e-5)
+
+
+def test_default_upcycling_drop_is_bounded_but_not_zero(dense, images):
+    moe = upcycle(dense, num_experts=8).eval()  # C = 2, last 2 of 4 blocks
+    no_mlp = copy.deepcopy(dense)  # the bound: the same blocks with their MLP removed
+    for block in no_mlp.blocks[2:]:
+        torch.nn.init.zeros_(block.mlp.fc2.weight)
+        torch.nn.init.zeros_(block.mlp.fc2.bias)
+    with torch.no_grad():
+        ref, out, bound = dense(images), moe(images), no_mlp(images)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    rel_bound = ((bound - ref).norm() / ref.norm()).item()
+    print(f'upcycling drop at init: relative logit error {rel:.3f} (MLPs removed: {rel_bound:.3f})')
+    assert 1e-3 < rel < rel_bound
+
+
+def test_experts_are_exact_copies_and_the_rest_is_unchanged(dense):
+    moe = upcycle(dense, num_experts=3, moe_blocks=[1, 3])
+    for i in (1, 3):
+        mlp, experts = dense.blocks[i].mlp, moe.blocks[i].mlp.experts
+        for e in range(3):
+            assert torch.equal(experts.fc1.weight[e], mlp.fc1.weight.t())
+            assert torch.equal(experts.fc2.weight[e], mlp.fc2.weight.t())
+            assert torch.equal(experts.fc1.bias[e], mlp.fc1.bias)
+            assert torch.equal(experts.fc2.bias[e], mlp.fc2.bias)
+    moe_state = moe.state_dict()
+    for key, value in dense.state_dict().items():
+        if '.mlp.' not in key or key.split('.')[1] not in ('1', '3'):
+            assert torch.equal(moe_state[key], value), key
+    assert isinstance(dense.blocks[1].mlp, timm.layers.Mlp)  # the dense model is left untouched
+
+
+def test_random_expert_init_differs_from_dense(dense):
+    moe = upcycle(dense, num_experts=2, moe_blocks=1, expert_init='random')
+    assert not torch.equal(moe.blocks[3].mlp.experts.fc1.weight[0], dense.blocks[3].mlp.fc1.weight.t())
+    assert not torch.equal(moe.blocks[3].mlp.experts.fc1.weight[0], moe.blocks[3].mlp.experts.fc1.weight[1])
+
+
+@pytest.mark.parametrize('moe_blocks, depth, expected', [
+    (None, 12, [6, 7, 8, 9, 10, 11]),
+    (None, 4, [2, 3]),
+    (5, 12, [7, 8, 9, 10, 11]),
+    (1, 12, [11]),
+    (0, 12, []),
+    ([0, -1], 12, [0, 11]),
+    ('every_other', 12, [1, 3, 5, 7, 9, 11]),
+    ('every_3', 12, [2, 5, 8, 11]),
+    ('all', 3, [0, 1, 2]),
+])
+def test_moe_blocks_forms(moe_blocks, depth, expected):
+    assert resolve_moe_blocks(moe_blocks, depth) == expected
+
+
+@pytest.mark.parametrize('moe_blocks, message', [
+    (13, 'moe_blocks=13 is out of range for depth 12'),
+    ([3, 12], 'moe_blocks entry 12 is out of range for depth 12'),
+    ([3, 3], 'names a block twice'),
+    ('sometimes', "moe_blocks='sometimes' is not valid"),
+])
+def test_impossible_moe_blocks_raise_clear_errors(moe_blocks, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_moe_blocks(moe_blocks, 12)
+
+
+def test_only_the_chosen_blocks_become_moe(dense):
+    moe = upcycle(dense, num_experts=2, moe_blocks='every_other')
+    assert [isinstance(b.mlp, MoeMlp) for b in moe.blocks] == [False, True, False, True]
+    assert moe.moe_config['moe_blocks'] == [1, 3]
+
+
+def test_non_vit_model_is_refused():
+    with pytest.raises(TypeError, match='Expected a timm VisionTransformer .* got Sequential'):
+        upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_metrics_are_collected_after_a_forward(dense, images):
+    moe = upcycle(dense, num_experts=4, router='token_choice', capacity_factor=0.5)
+    moe(images)
+    metrics = collect_moe_metrics(moe)
+    assert set(metrics['layers']) == {'blocks.2.mlp', 'blocks.3.mlp'}
+    assert metrics['aux_loss'].requires_grad and metrics['aux_loss'].item() > 0
+    assert 0 < metrics['dropped_fraction'] < 1  # C = 0.5 must drop something
+    for layer in metrics['layers'].values():
+        assert layer['expert_load'].shape == (4,)
+        torch.testing.assert_close(layer['importance'].sum(), torch.tensor(1.0))
+    assert collect_moe_metrics(dense)['aux_loss'].item() == 0.0
+
+
+def test_upcycled_model_trains_with_grad_checkpointing(dense, images):
+    moe = upcycle(dense, num_experts=4).train()
+    moe.set_grad_checkpointing(True)
+    loss = moe(images).logsumexp(-1).mean() + collect_moe_metrics(moe)['aux_loss']
+    loss.backward()
+    assert moe.blocks[3].mlp.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_package_exports_upcycle():
+    assert vit_moe.upcycle is upcycle
