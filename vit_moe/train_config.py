@@ -1,0 +1,145 @@
+""" Training configuration: flat keys with defaults, loaded from YAML, overridable on the command line.
+
+Every key of `TrainConfig` can be set in a YAML file (`--config X.yaml`) and overridden as `--key value`
+(values parsed as YAML, so `--model-kwargs '{num_experts: 8}'` and `--mixup 0.2` both work).
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+__all__ = ['TrainConfig', 'load_config', 'parse_train_args', 'ConfigError']
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = 'vit_b16_moe_upcycled'  # any timm / vit_moe registered name
+    pretrained: Optional[str] = None  # None, 'default' (timm's Hub weights), a local file, or 'hf-hub:org/name'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {num_experts: 32, capacity_factor: 2.0}
+    # data (ImageNet-style folders: data_dir/<train_split>/<class>/*.jpg)
+    data_dir: Optional[str] = None
+    train_split: str = 'train'
+    val_split: str = 'val'
+    input_size: Optional[List[int]] = None  # default: the model's pretrained_cfg / patch_embed image size
+    batch_size: int = 64  # per process
+    eval_batch_size: Optional[int] = None  # default: batch_size
+    num_workers: int = 2
+    bad_image_policy: str = 'skip'  # 'skip' (warn naming the file, use the next image) or 'error' (stop)
+    verify_images: bool = False  # open every image once before training (catches corrupt files up front)
+    # augmentation
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    rand_augment: Optional[str] = None  # timm auto_augment string, e.g. 'rand-m9-mstd0.5-inc1'
+    mixup: float = 0.0  # mixup alpha (0 = off)
+    cutmix: float = 0.0  # cutmix alpha (0 = off)
+    label_smoothing: float = 0.0
+    # optimisation
+    steps: int = 1000  # optimizer steps for this run (after gradient accumulation)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    opt: str = 'adamw'  # any timm optimizer name
+    grad_clip: Optional[float] = 1.0  # max global grad norm (None = off)
+    grad_accum_steps: int = 1
+    mixed_precision: str = 'no'  # 'no', 'bf16', 'fp16' (Accelerate)
+    schedule: str = 'rsqrt'  # 'rsqrt' (the paper's inverse square root), 'cosine', 'constant'
+    warmup_steps: int = 0
+    step_offset: int = 0  # rsqrt: continue the dense run's schedule from this step count
+    cooldown_steps: int = 0  # rsqrt: linear decay to 0 over the last N steps (0 = off)
+    min_lr: float = 0.0  # cosine floor
+    find_unused_parameters: bool = False  # DDP; stacked experts always take part in the graph
+    seed: int = 0
+    # checkpoints and logging
+    output_dir: str = 'outputs/run'
+    checkpoint_every: int = 500  # Accelerate save_state every N steps (and at the end)
+    keep_checkpoints: int = 3  # keep the last K
+    resume: Optional[str] = None  # a checkpoint folder, or 'latest' (newest in output_dir/checkpoints)
+    eval_every: int = 0  # evaluate every N steps (0 = at the end only)
+    log_every: int = 10
+    trackers: Optional[str] = 'auto'  # Accelerate trackers: 'auto' (tensorboard if installed), 'none', a name
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        choices = dict(
+            bad_image_policy=('skip', 'error'), mixed_precision=('no', 'bf16', 'fp16'),
+            schedule=('rsqrt', 'cosine', 'constant'))
+        for key, accepted in choices.items():
+            if getattr(self, key) not in accepted:
+                raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; accepted: {", ".join(accepted)}')
+        positive = ('steps', 'batch_size', 'grad_accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+        for key in positive:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; expected an integer >= 1')
+        for key in ('lr', 'weight_decay', 'mixup', 'cutmix', 'label_smoothing', 'warmup_steps', 'step_offset'):
+            if getattr(self, key) < 0:
+                raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; expected >= 0')
+        if not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f'model_kwargs={self.model_kwargs!r} is not valid; expected a mapping')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(values: Dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f'unknown config key(s) {unknown} in {source}; accepted keys: {", ".join(_FIELDS)}')
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """TrainConfig from defaults, then the YAML file at `path`, then `overrides`."""
+    values: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f'config file {path!r} does not exist') from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f'config file {path!r} is not valid YAML: {e}') from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f'config file {path!r} must hold a mapping of keys to values')
+        _check_keys(loaded, path)
+        values.update(loaded)
+    overrides = overrides or {}
+    _check_keys(overrides, 'command-line overrides')
+    values.update(overrides)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_train_args(argv: Optional[Sequence[str]] = None, description: str = '') -> TrainConfig:
+    """`--config X.yaml` plus `--any-key value` overrides for every TrainConfig key."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', help='YAML file of TrainConfig keys')
+    for name, f in _FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = sorted({f'--{name.replace("_", "-")}', f'--{name}'})
+        parser.add_argument(
+            *flags, dest=name, type=_yaml_value, default=argparse.SUPPRESS,
+            metavar='V', help=f'(default {default!r})')
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop('config', None)
+    return load_config(config_path, args)
