@@ -10,11 +10,12 @@ split and a warning names the file, once; with 'error' the first one stops the r
 rather than hours in.
 """
 import logging
-import os
+import random
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import ImageDataset, create_transform
 from timm.data.readers.img_extensions import get_img_extensions
@@ -67,6 +68,11 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(str(split_dir), reader='', class_map=class_map or '', transform=transform)
         self.bad_image_policy = bad_image_policy
         self.skipped: set = set()
+        self.seed: Optional[int] = None  # set (with set_epoch) for augmentations that depend on (epoch, index) only
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     @property
     def class_to_idx(self) -> Dict[str, int]:
@@ -91,7 +97,25 @@ class ImageFolderDataset(ImageDataset):
         else:
             raise BadImageError(f'no readable image in {self.reader.root!r}')
         target = self.reader.samples[index][1]
-        return (self.transform(img) if self.transform is not None else img), target
+        return self._apply_transform(img, index), target
+
+    def _apply_transform(self, img, index: int):
+        if self.transform is None or self.seed is None:
+            return self.transform(img) if self.transform is not None else img
+        # Random augmentations seeded by (seed, epoch, index) without touching the global RNGs: a sample gets
+        # the same augmentation whatever the loader's prefetching or worker count, so a resumed run (and
+        # dropout after it) continues exactly as an uninterrupted one.
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2 ** 32)
+            try:
+                return self.transform(img)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 def verify_images(dataset: ImageFolderDataset) -> List[Tuple[str, str]]:

@@ -142,6 +142,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     model = create_model_from_checkpoint(cfg.model, cfg.pretrained, num_classes=num_classes, **cfg.model_kwargs)
     data_config = data_config_for(model, cfg.input_size)
     train_set.transform = build_transforms(data_config, cfg, is_training=True)
+    train_set.seed = cfg.seed
     val_set.transform = build_transforms(data_config, cfg, is_training=False)
     if cfg.verify_images:
         bad = verify_images(train_set) + verify_images(val_set)
@@ -152,7 +153,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0)
+        persistent_workers=False,  # fresh workers each epoch see train_set.epoch
+        generator=torch.Generator().manual_seed(cfg.seed))  # iterator seeds must not draw from the global RNG
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     if len(train_loader) == 0:
@@ -202,6 +204,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         while state.step < cfg.steps and not interrupted:
             epoch, skip = divmod(state.batches, len(train_loader))
             train_loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)
             loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
             for images, targets in loader:
                 if mixup is not None:
@@ -216,7 +219,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     if _any(accelerator, not bool(torch.isfinite(loss.detach()))):
                         latest = latest_checkpoint(cfg.output_dir)
                         raise NonFiniteLossError(
-                            f'non-finite loss ({float(loss):.4g}) at step {state.step + 1}; stopped before the '
+                            f'non-finite loss ({loss.item():.4g}) at step {state.step + 1}; stopped before the '
                             f'update and saved nothing. Last good checkpoint: {latest or "none"}. Try a lower lr '
                             f'(was {cfg.lr}), grad_clip, or mixed_precision=no.')
                     accelerator.backward(loss)
