@@ -4,7 +4,9 @@
 2. train a small dense ViT from scratch (configs/digits_dense.yaml),
 3. upcycle it to an expert-choice MoE and continue training (configs/digits_moe.yaml),
 4. continue the dense model for the same number of extra steps (the baseline),
-5. evaluate both and print a comparison table and where the outputs are.
+5. evaluate both and print a comparison table,
+6. export the upcycled MoE to ONNX (static capacity, dynamic batch), check parity with PyTorch, evaluate it
+   in ONNX Runtime on the same images, and benchmark dense vs MoE in PyTorch and ONNX Runtime.
 
     python train_scripts/main_job.py [--output outputs/main_job] [--dense-steps 300] [--extra-steps 150]
 """
@@ -15,6 +17,10 @@ import time
 from pathlib import Path
 
 from vit_moe.data import write_digits_image_folder
+from vit_moe.evaluation import create_model_from_checkpoint
+from vit_moe.inference_benchmark import benchmark_inference, format_benchmark
+from vit_moe.onnx_export import check_onnx_parity, export_onnx
+from vit_moe.onnx_runtime import evaluate_onnx
 from vit_moe.train_config import load_config
 from vit_moe.training import train
 
@@ -50,6 +56,27 @@ def run(output: str, dense_steps: int, extra_steps: int, progress: bool = True) 
     return runs
 
 
+def export_and_benchmark(output: str, runs: dict, rounds: int = 5) -> str:
+    """ONNX export of the upcycled model, parity, ONNX Runtime accuracy, and the inference benchmark."""
+    out = Path(output)
+    dense_cfg = load_config(str(CONFIGS / 'digits_dense.yaml'))
+    moe_cfg = load_config(str(CONFIGS / 'digits_moe.yaml'))
+    moe = create_model_from_checkpoint(moe_cfg.model, runs['MoE (upcycled)']['model_dir']).eval()
+    dense = create_model_from_checkpoint(dense_cfg.model, runs['dense (continued)']['model_dir']).eval()
+    path = export_onnx(moe, out / 'onnx' / 'moe.onnx')
+    lines = [f'ONNX export: {path} (onnx.checker full check passed)']
+    for batch, r in check_onnx_parity(moe, path, batch_sizes=(1, 3, 8)).items():
+        lines.append(f'  parity batch {batch}: max |logit diff| {r["max_abs_diff"]:.1e}, '
+                     f'top-1 agreement {r["top1_agreement"]:.2f}')
+    ort_eval = evaluate_onnx(path, str(out / 'data'), num_workers=0)
+    torch_top1 = runs['MoE (upcycled)']['eval']['top1']
+    lines.append(f'  val top-1: ONNX Runtime {ort_eval["top1"]:.2f} vs PyTorch {torch_top1:.2f} '
+                 f'({ort_eval["num_samples"]} images, providers {ort_eval["providers"]})')
+    bench = benchmark_inference(dict(dense=dense, moe=moe), rounds=rounds, onnx_dir=str(out / 'onnx'))
+    lines += ['', format_benchmark(bench, title='inference, trained digits models: ')]
+    return '\n'.join(lines)
+
+
 def format_table(runs: dict) -> str:
     lines = ['| model | steps | params (M) | val top-1 (%) | val top-5 (%) | val loss | train img/s | eval img/s |',
              '|---|---|---|---|---|---|---|---|']
@@ -65,16 +92,19 @@ def main(argv=None):
     parser.add_argument('--output', default='outputs/main_job')
     parser.add_argument('--dense-steps', type=int, default=300)
     parser.add_argument('--extra-steps', type=int, default=150)
+    parser.add_argument('--bench-rounds', type=int, default=5)
     parser.add_argument('--no-progress', action='store_true')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     runs = run(args.output, args.dense_steps, args.extra_steps, progress=not args.no_progress)
     table = format_table(runs)
-    print('\n' + table)
-    Path(args.output, 'results.md').write_text(table + '\n')
+    print('\n' + table + '\n', flush=True)
+    onnx_report = export_and_benchmark(args.output, runs, rounds=args.bench_rounds)
+    print(onnx_report)
+    Path(args.output, 'results.md').write_text(table + '\n\n' + onnx_report + '\n')
     print(f'\noutputs in {args.output}/: data/ (digits ImageFolder), dense/, moe/, dense_continued/ '
-          f'(each: config.yaml, log.jsonl, checkpoints/, model/), results.md')
+          f'(each: config.yaml, log.jsonl, checkpoints/, model/), onnx/, results.md')
 
 
 if __name__ == '__main__':

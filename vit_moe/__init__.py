@@ -6,6 +6,8 @@ from .conversion import CheckpointMismatchError, convert_dense_to_moe, is_moe_st
 from .experts import ExpertMlps, StackedLinear
 from .metrics import collect_moe_metrics, moe_layers
 from .moe_mlp import MoeMlp
+from .onnx_export import OnnxExportError, check_onnx_parity, export_onnx
+from .onnx_runtime import OnnxClassifier, evaluate_onnx
 from .routers import (
     ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity, token_choice_capacity,
 )

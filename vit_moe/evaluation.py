@@ -95,18 +95,23 @@ def create_model_from_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist; expected a .safetensors / .pth file, a '
                                 f'trainer output folder with model.safetensors, "default" or "hf-hub:org/name"')
+    overlay = dict(file=str(path))
     config = path.parent / 'config.json'
-    if config.is_file():  # written with the weights by the trainer: reuse its model arguments
+    if config.is_file():  # written with the weights by the trainer: reuse its model arguments and data config
         saved = json.loads(config.read_text())
         if saved.get('architecture') == model_name:
             saved_args = {k: v for k, v in saved.get('model_args', {}).items() if k != 'num_classes'}
             kwargs = dict(saved_args, **kwargs)
+            saved_cfg = saved.get('pretrained_cfg', {})
+            overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items() if k in _DATA_KEYS})
     file_classes = checkpoint_num_classes(str(path))
-    overlay = dict(file=str(path))
     if file_classes:
         overlay['num_classes'] = file_classes  # lets timm keep the head when the class counts agree
     return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
                              num_classes=num_classes or file_classes or 1000, **kwargs)
+
+
+_DATA_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation', 'label_names')
 
 
 def _with_classes(kwargs: Dict[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:

@@ -81,10 +81,12 @@ class MoeMlp(nn.Module):
 
         expert_out = self.experts(expert_in)  # [E, B*capacity, D]
 
+        # combine in float32 for half inputs: exact sums, and ONNX Runtime's CPU ScatterND-add has no float16
+        acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
-        expert_out = (expert_out * weights.to(expert_out.dtype)).view(-1, D)  # [E*B*capacity, D]
-        out = torch.zeros_like(x_flat).index_add(0, slots, expert_out.to(x.dtype))  # [B*T, D]
-        return out.view(B, T, D)
+        expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
+        out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
+        return out.view(B, T, D).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}'

@@ -193,7 +193,7 @@ class TokenChoiceRouter(_LinearRouter):
 
         # order in which assignments claim slots: choice-major, then token priority
         if self.batch_priority:
-            order = gates[..., 0].argsort(dim=1, descending=True, stable=True)  # [B, T]
+            order = gates[..., 0].topk(T, dim=1).indices  # [B, T] (topk, not sort: exportable to ONNX TopK)
         else:
             order = torch.arange(T, device=x.device).expand(B, T)  # [B, T]
         order_k = order.unsqueeze(-1).expand(B, T, k)  # [B, T, k]

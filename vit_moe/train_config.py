@@ -5,6 +5,7 @@ Every key of `TrainConfig` can be set in a YAML file (`--config X.yaml`) and ove
 """
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -99,6 +100,20 @@ def _check_keys(values: Dict[str, Any], source: str) -> None:
         raise ConfigError(f'unknown config key(s) {unknown} in {source}; accepted keys: {", ".join(_FIELDS)}')
 
 
+def _coerce(name: str, value: Any) -> Any:
+    """Numbers given as YAML strings ('3e-4' is a string in YAML 1.1) become the field's number type."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    base = args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+    if value is None or base not in (int, float) or isinstance(value, bool):
+        return value
+    try:
+        number = float(value) if base is float else int(value if not isinstance(value, float) else str(value))
+        return number
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name}={value!r} is not valid; expected {"an integer" if base is int else "a number"}')
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """TrainConfig from defaults, then the YAML file at `path`, then `overrides`."""
     values: Dict[str, Any] = {}
@@ -117,6 +132,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
     overrides = overrides or {}
     _check_keys(overrides, 'command-line overrides')
     values.update(overrides)
+    values = {k: _coerce(k, v) for k, v in values.items()}
     try:
         return TrainConfig(**values)
     except TypeError as e:

@@ -1,0 +1,55 @@
+"""Latency and throughput: PyTorch eager vs ONNX Runtime, an upcycled MoE vs its dense source, side by side.
+
+    python export/onnx_benchmark.py [--moe vit_b16_moe_upcycled] [--dense vit_base_patch16_224]
+        [--batch-sizes 1 8 32] [--rounds 5] [--model-kwargs '{...}'] [--moe-kwargs '{num_experts: 8}']
+        [--onnx-dir DIR [--reuse]] [--json F] [--markdown F]
+
+Same inputs for every configuration; warm-up calls first; then `rounds` rounds, each timing one call of every
+(model, runtime) in turn (interleaved, so machine noise hits all alike). Reports the median and the spread
+(min-max) per call, images/s, and the ratios MoE / dense (per runtime) and ONNX Runtime / PyTorch (per model).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+import vit_moe  # noqa: F401  registers the MoE models
+from vit_moe.inference_benchmark import benchmark_inference, format_benchmark
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--moe', default='vit_b16_moe_upcycled')
+    parser.add_argument('--dense', default='vit_base_patch16_224')
+    parser.add_argument('--model-kwargs', type=yaml.safe_load, default=None, help='for both models')
+    parser.add_argument('--moe-kwargs', type=yaml.safe_load, default=None, help='MoE only, e.g. {num_experts: 8}')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8, 32])
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--onnx-dir', default=None, help='where to export (default: a temp folder)')
+    parser.add_argument('--reuse', action='store_true', help='reuse ONNX files already in --onnx-dir')
+    parser.add_argument('--json', default=None)
+    parser.add_argument('--markdown', default=None)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    kwargs = args.model_kwargs or {}
+    models = {'dense': timm.create_model(args.dense, **kwargs),
+              'moe': timm.create_model(args.moe, **kwargs, **(args.moe_kwargs or {}))}
+    result = benchmark_inference(models, args.batch_sizes, args.rounds, args.warmup, args.onnx_dir, args.reuse)
+    result.update(moe=args.moe, dense=args.dense, model_kwargs=kwargs, moe_kwargs=args.moe_kwargs)
+    text = format_benchmark(result, title=f'{args.moe} vs {args.dense}, ')
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(text + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The main job's plumbing end to end with a handful of steps (the real run is README's first command)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'train_scripts'))
+
+import main_job  # noqa: E402
+
+
+def test_main_job_trains_dense_upcycles_continues_both_and_reports(tmp_path, capsys):
+    main_job.main(['--output', str(tmp_path), '--dense-steps', '3', '--extra-steps', '2', '--no-progress',
+                   '--bench-rounds', '1'])
+    table = (tmp_path / 'results.md').read_text()
+    rows = [line for line in table.split('\n\n')[0].splitlines() if line.startswith('| ') and 'model' not in line]
+    assert [r.split('|')[1].strip() for r in rows] == ['dense', 'MoE (upcycled)', 'dense (continued)']
+    dense_params, moe_params = float(rows[0].split('|')[3]), float(rows[1].split('|')[3])
+    assert moe_params > 2 * dense_params  # 8 experts in 3 of 6 blocks
+    assert [r.split('|')[2].strip() for r in rows] == ['3', '2', '2']
+    for run in ('dense', 'moe', 'dense_continued'):
+        assert (tmp_path / run / 'model' / 'model.safetensors').is_file()
+    assert len(list((tmp_path / 'data' / 'val').glob('*/*.png'))) == 359  # 20 % of the 1797 digits
+    assert 'outputs in' in capsys.readouterr().out
+    report = table.split('\n\n', 1)[1]
+    assert report.count('top-1 agreement 1.00') == 3
+    ort_top1, torch_top1 = [float(v) for v in report.split('val top-1: ONNX Runtime ')[1].split(' (')[0].split(' vs PyTorch ')]
+    assert ort_top1 == torch_top1
+    assert '| 32 | moe | onnxruntime |' in report and 'MoE / dense (ORT)' in report
+    assert (tmp_path / 'onnx' / 'moe.onnx').is_file()

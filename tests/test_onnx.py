@@ -1,0 +1,126 @@
+"""ONNX export: static capacity, every expert in the graph, ORT parity at several batch sizes, external data,
+accuracy in ONNX Runtime equal to PyTorch's, clear errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+
+from vit_moe import OnnxClassifier, OnnxExportError, check_onnx_parity, evaluate_onnx, export_onnx
+from vit_moe.evaluation import validate
+from vit_moe.onnx_runtime import default_providers
+
+from conftest import TINY_VIT
+from test_training import make_image_folder, tiny_config
+
+TINY_MOE = dict(TINY_VIT, num_experts=4)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize('router', ['expert_choice', 'token_choice'])
+def test_export_is_exact_at_several_batch_sizes_with_every_expert_and_no_nonzero(tmp_path, router):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti16_moe_upcycled', router=router, **TINY_MOE).eval()
+    path = export_onnx(model, tmp_path / 'moe.onnx')
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert not ops & {'NonZero', 'Loop', 'If', 'Unique', 'Compress'}
+    assert 'TopK' in ops
+    # every expert's weights are in the graph, bit for bit
+    initializers = [numpy_helper.to_array(t) for t in graph.initializer]
+    for block in model.blocks[2:]:
+        fc1 = block.mlp.experts.fc1.weight.detach().numpy()
+        assert fc1.shape[0] == 4
+        assert any(t.shape == fc1.shape and np.array_equal(t, fc1) for t in initializers)
+    results = check_onnx_parity(model, path, batch_sizes=(1, 3, 8))
+    for batch, r in results.items():
+        assert r['max_abs_diff'] < 1e-4, (batch, r)
+        assert r['top1_agreement'] == 1.0
+
+
+def test_external_data_is_written_beside_the_model_above_the_threshold(tmp_path):
+    model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE).eval()
+    path = export_onnx(model, tmp_path / 'big.onnx', external_data_threshold=1000)
+    data = tmp_path / 'big.onnx.data'
+    assert data.is_file() and data.stat().st_size > path.stat().st_size
+    weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert data.stat().st_size >= 0.9 * weight_bytes
+    assert check_onnx_parity(model, path, batch_sizes=(2,))[2]['max_abs_diff'] < 1e-4
+    small = export_onnx(model, tmp_path / 'small.onnx')
+    assert not (tmp_path / 'small.onnx.data').exists() and small.stat().st_size >= 0.9 * weight_bytes
+
+
+def test_fp16_export_stays_close_and_leaves_the_model_in_float32(tmp_path):
+    model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE).eval()
+    path = export_onnx(model, tmp_path / 'half.onnx', fp16=True)
+    assert next(model.parameters()).dtype == torch.float32
+    classifier = OnnxClassifier(path)
+    assert classifier.dtype == np.float16
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(classifier(x).astype(np.float32) - expected).max() < 5e-2
+
+
+def test_unsupported_input_size_is_refused_naming_both_sizes(tmp_path):
+    model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE)
+    with pytest.raises(OnnxExportError, match=r'input size \(48, 48\) is not supported.*built for \(32, 32\)'):
+        export_onnx(model, tmp_path / 'x.onnx', img_size=48)
+
+
+def test_classifier_uses_the_cpu_provider_without_a_gpu_and_timm_preprocessing():
+    assert default_providers()[-1] == 'CPUExecutionProvider'
+    if not torch.cuda.is_available():
+        assert default_providers() == ['CPUExecutionProvider']
+
+
+def test_onnx_accuracy_equals_pytorch_on_an_image_folder(tmp_path):
+    make_image_folder(tmp_path / 'data')
+    summary = train(tmp_path)
+    model_dir = summary['model_dir']
+    from vit_moe.evaluation import create_model_from_checkpoint
+    model = create_model_from_checkpoint('vit_ti16_moe_upcycled', model_dir)
+    path = export_onnx(model, tmp_path / 'trained.onnx')
+    onnx_result = evaluate_onnx(path, str(tmp_path / 'data'), num_workers=0, batch_size=4)
+    torch_result = validate('vit_ti16_moe_upcycled', model_dir, str(tmp_path / 'data'), num_workers=0, batch_size=4)
+    assert onnx_result['num_samples'] == torch_result['num_samples'] == 15
+    assert onnx_result['top1'] == torch_result['top1']
+    assert onnx_result['loss'] == pytest.approx(torch_result['loss'], abs=1e-4)
+    # the classifier's own preprocessing of PIL images matches timm's eval transform
+    from PIL import Image
+    image = Image.open(next((tmp_path / 'data' / 'val' / 'class_0').glob('*.png')))
+    classifier = OnnxClassifier(path)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    with torch.no_grad():
+        expected = model(transform(image.convert('RGB')).unsqueeze(0)).numpy()
+    np.testing.assert_allclose(classifier.predict([image]), expected, atol=1e-4)
+
+
+def train(tmp_path):
+    from vit_moe.training import train as run
+    return run(tiny_config(tmp_path, steps=6, model_kwargs=dict(
+        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1)))
+
+
+def test_export_command_line_checks_parity_and_exits_zero(tmp_path):
+    out = tmp_path / 'cli.onnx'
+    result = subprocess.run(
+        [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output', str(out),
+         '--model-kwargs', '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
+         '--num-classes', '10'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(' ok') == 3 and out.is_file()
+
+
+def test_export_command_line_names_a_missing_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
+         str(tmp_path / 'x.onnx'), '--checkpoint', str(tmp_path / 'missing.safetensors')],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"checkpoint '{tmp_path}/missing.safetensors' does not exist" in result.stderr

@@ -1,0 +1,133 @@
+""" Static-capacity ONNX export of (MoE) ViTs and a parity check against PyTorch in ONNX Runtime.
+
+Per-image routing makes the capacity a constant for the input size, and stacked experts put every
+expert's weights in the graph, so the torch.export (dynamo) based exporter produces an exact graph
+with a dynamic batch axis and no NonZero or other data-dependent shapes.
+
+The timm data config (input size, mean, std, crop, interpolation) and label names are stored in the
+ONNX metadata, so `vit_moe.onnx_runtime.OnnxClassifier` preprocesses exactly as timm does.
+"""
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import onnx
+import torch
+
+__all__ = ['export_onnx', 'check_onnx_parity', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD']
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_EXTERNAL_DATA_THRESHOLD = int(1.8e9)  # bytes; protobuf cannot hold a model over 2 GB
+METADATA_KEY = 'timm_data_config'
+
+
+class OnnxExportError(RuntimeError):
+    """A model or option that cannot be exported."""
+
+
+def _input_size(model: torch.nn.Module, img_size: Optional[Union[int, Sequence[int]]]) -> Tuple[int, int]:
+    built = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is None:
+        if built is None:
+            raise OnnxExportError(f'{type(model).__name__} has no patch_embed.img_size: pass img_size')
+        return tuple(built)
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    dynamic = getattr(model, 'dynamic_img_size', False)
+    if built is not None and tuple(built) != size and not dynamic:
+        raise OnnxExportError(
+            f'input size {size} is not supported by this model, built for {tuple(built)} (fixed position '
+            f'embedding); rebuild it with img_size={size[0]} or export at {tuple(built)}')
+    return size
+
+
+def export_onnx(
+        model: torch.nn.Module,
+        output: Union[str, Path],
+        img_size: Optional[Union[int, Sequence[int]]] = None,
+        opset: Optional[int] = 18,
+        fp16: bool = False,
+        external_data: Optional[bool] = None,
+        external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+        check: bool = True,
+) -> Path:
+    """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
+
+    Args:
+        model: a timm model (dense or MoE); exported in eval mode.
+        output: the .onnx path; with external data the weights go to `<output>.data` beside it.
+        img_size: export size; must match the size the model was built for (fixed position embedding).
+        opset: ONNX opset (default 18).
+        fp16: export with float16 weights and inputs (router logits stay float32).
+        external_data: force external data on / off; default on when the weights exceed the threshold.
+        external_data_threshold: bytes above which weights are written as external data.
+        check: run the full onnx.checker on the result.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    height, width = _input_size(model, img_size)
+    model = model.eval()
+    dtype = torch.float16 if fp16 else torch.float32
+    if fp16:
+        model = copy.deepcopy(model).half()  # leave the caller's model in float32
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    use_external = external_data if external_data is not None else weight_bytes > external_data_threshold
+    example = torch.randn(2, 3, height, width, dtype=dtype)
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
+            output_names=['logits'], opset_version=opset, verbose=False)
+    except Exception as e:
+        raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else e}') from e
+    program.model.metadata_props[METADATA_KEY] = json.dumps(_data_config(model, (height, width)))
+    for stale in (output, output.with_name(output.name + '.data')):
+        stale.unlink(missing_ok=True)
+    program.save(str(output), external_data=use_external)
+    if check:
+        onnx.checker.check_model(str(output), full_check=True)
+    _logger.info(f'exported {output} ({weight_bytes / 1e6:.0f} MB of weights, external data: {use_external})')
+    return output
+
+
+def _data_config(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    config['input_size'] = (3, *size)
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return dict(config, num_classes=getattr(model, 'num_classes', None), label_names=cfg.get('label_names'),
+                architecture=cfg.get('architecture'))
+
+
+def check_onnx_parity(
+        model: torch.nn.Module,
+        onnx_path: Union[str, Path],
+        batch_sizes: Sequence[int] = (1, 3, 8),
+        seed: int = 1234,
+        providers: Optional[Sequence[str]] = None,
+) -> Dict[int, Dict[str, float]]:
+    """Max |logit difference| and top-1 agreement between PyTorch and ONNX Runtime on fresh random inputs.
+
+    The inputs differ from the example used for export (another seed, other batch sizes).
+    """
+    from .onnx_runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(onnx_path, providers=providers)
+    model = model.eval()
+    dtype = next(model.parameters()).dtype
+    height, width = classifier.data_config['input_size'][1:]
+    generator = torch.Generator().manual_seed(seed)
+    results = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, height, width, generator=generator).to(dtype)
+        with torch.no_grad():
+            expected = model(x).float().numpy()
+        got = classifier(x.numpy()).astype(np.float32)
+        results[batch] = dict(
+            max_abs_diff=float(np.abs(got - expected).max()),
+            top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()))
+    return results

@@ -1,0 +1,112 @@
+""" ONNX Runtime inference for exported models, with timm's preprocessing and torchmetrics evaluation.
+
+The CUDA provider is used when onnxruntime-gpu and a GPU are both present, else the CPU provider, chosen
+up front so that no failed-provider errors are printed.
+"""
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+
+from .onnx_export import METADATA_KEY
+
+__all__ = ['default_providers', 'OnnxClassifier', 'evaluate_onnx']
+
+
+def _gpu_present() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # a CUDA build of torch without a driver
+        return False
+
+
+def default_providers() -> List[str]:
+    """['CUDAExecutionProvider', 'CPUExecutionProvider'] when usable here, else ['CPUExecutionProvider']."""
+    if 'CUDAExecutionProvider' in ort.get_available_providers() and _gpu_present():
+        return ['CUDAExecutionProvider', 'CPUExecutionProvider']
+    return ['CPUExecutionProvider']
+
+
+class OnnxClassifier:
+    """An exported classifier: `clf(batch)` -> logits; `clf.transform` is timm's eval transform for it.
+
+    Args:
+        path: .onnx file written by `vit_moe.export_onnx` (its metadata holds the timm data config).
+        providers: ONNX Runtime providers; default `default_providers()`.
+        threads: intra-op threads (default: ONNX Runtime's choice).
+    """
+
+    def __init__(self, path: Union[str, Path], providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist')
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ValueError(f'{path} has no {METADATA_KEY!r} metadata; export it with vit_moe.export_onnx')
+        self.data_config: Dict[str, Any] = json.loads(meta[METADATA_KEY])
+        self.input = self.session.get_inputs()[0]
+        self.dtype = np.float16 if 'float16' in self.input.type else np.float32
+        self._transform = None
+
+    @property
+    def providers(self) -> List[str]:
+        return self.session.get_providers()
+
+    @property
+    def transform(self):
+        """timm's evaluation transform (resize, center crop, normalise) for this model."""
+        if self._transform is None:
+            from timm.data import create_transform
+            keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+            self._transform = create_transform(**{k: self.data_config[k] for k in keys if k in self.data_config})
+        return self._transform
+
+    def __call__(self, images: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+        """Logits [B, classes] for preprocessed images [B, 3, H, W]."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        return self.session.run(None, {self.input.name: np.ascontiguousarray(images, dtype=self.dtype)})[0]
+
+    def predict(self, pil_images: Sequence) -> np.ndarray:
+        """Logits for PIL images, preprocessed as timm does for this model."""
+        return self(torch.stack([self.transform(img.convert('RGB')) for img in pil_images]))
+
+
+def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val', batch_size: int = 64,
+                  num_workers: int = 2, providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from .data import ImageFolderDataset
+
+    classifier = OnnxClassifier(onnx_path, providers=providers)
+    labels = classifier.data_config.get('label_names')
+    dataset = ImageFolderDataset(data_dir, split, class_map={n: i for i, n in enumerate(labels)} if labels else None,
+                                 transform=classifier.transform)
+    num_classes = classifier.data_config.get('num_classes') or len(dataset.class_to_idx)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro')
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro')
+    loss_sum, count, elapsed = 0.0, 0, 0.0
+    for images, targets in loader:
+        start = time.perf_counter()
+        logits = torch.from_numpy(classifier(images).astype(np.float32))
+        elapsed += time.perf_counter() - start
+        top1.update(logits, targets)
+        top5.update(logits, targets)
+        loss_sum += float(F.cross_entropy(logits, targets, reduction='sum'))
+        count += len(targets)
+    return dict(top1=float(top1.compute()) * 100, top5=float(top5.compute()) * 100, loss=loss_sum / max(1, count),
+                num_samples=count, images_per_s=count / elapsed if elapsed else float('nan'),
+                providers=classifier.providers, onnx=str(onnx_path), split=str(dataset.reader.root))
