@@ -215,3 +215,14 @@ def test_verify_images_reports_corrupt_files_before_training(tmp_path, corrupt):
     with pytest.raises(ValueError, match=f"1 unreadable image\\(s\\): {corrupt}"):
         train(tiny_config(tmp_path, verify_images=True, bad_image_policy='error'))
     assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_gradient_accumulation_bf16_and_tensorboard(tmp_path, data):
+    summary = train(tiny_config(tmp_path, steps=3, grad_accum_steps=2, mixed_precision='bf16',
+                                trackers='tensorboard', checkpoint_every=100))
+    records = _records(summary['output_dir'])
+    assert [r['step'] for r in records] == [1, 2, 3]  # optimizer steps, each over 2 micro-batches
+    state = torch.load(latest_checkpoint(summary['output_dir']) / 'custom_checkpoint_0.pkl', weights_only=True)
+    assert state == dict(step=3, batches=6)
+    assert all(np.isfinite(r['loss']) for r in records)
+    assert list((tmp_path / 'run').rglob('events.out.tfevents*'))

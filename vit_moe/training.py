@@ -123,7 +123,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=_trackers(cfg),
         project_config=ProjectConfiguration(
-            project_dir=str(out), automatic_checkpoint_naming=True, total_limit=cfg.keep_checkpoints),
+            project_dir=str(out), logging_dir=str(out / 'tensorboard'), automatic_checkpoint_naming=True,
+            total_limit=cfg.keep_checkpoints),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
     )
@@ -175,7 +176,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         accelerator.load_state(str(resume))
         _logger.info(f'resumed from {resume} at step {state.step}')
 
-    if accelerator.trackers:
+    if _trackers(cfg):
         accelerator.init_trackers('vit_moe', config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
     log_file = open(out / 'log.jsonl', 'a') if main else None
