@@ -138,6 +138,8 @@ def validate(
     from .data import ImageFolderDataset, build_transforms
     from .training import data_config_for
 
+    from .training import fresh_accelerator_state
+    fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
     label_names = _checkpoint_label_names(checkpoint)
     class_map = {name: i for i, name in enumerate(label_names)} if label_names else None

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -115,9 +116,17 @@ def _any(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), 'sum') > 0)
 
 
+def fresh_accelerator_state() -> None:
+    """Let a new Accelerator take its own settings (mixed precision, accumulation) in a process that already
+    made one (a notebook, the main job's successive runs); the distributed set-up itself is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run training as `cfg` says; returns a summary (final eval, paths, whether it was interrupted)."""
     out = Path(cfg.output_dir)
+    fresh_accelerator_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,

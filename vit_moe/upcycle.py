@@ -4,7 +4,7 @@ The MLP of the chosen blocks becomes an MoE layer whose experts all start as cop
 a new router (N(0, 0.02)) is added; everything else is copied unchanged.
 """
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
@@ -26,10 +26,16 @@ def replace_mlps_with_moe(
         model: VisionTransformer,
         moe_blocks: Optional[MoeBlocks] = None,
         num_experts: int = 32,
+        expert_init: str = 'copy',
         **moe_kwargs,
-) -> List[int]:
-    """Replace, in place, the MLP of the chosen blocks by a randomly initialised `MoeMlp`; returns the indices."""
+) -> Dict[str, Any]:
+    """Replace, in place, the MLP of the chosen blocks by a randomly initialised `MoeMlp`.
+
+    Returns the MoE configuration, also stored as `model.moe_config` (block indices resolved).
+    """
     _check_vit(model)
+    if expert_init not in ('copy', 'random'):
+        raise ValueError(f"expert_init must be 'copy' or 'random', got {expert_init!r}")
     indices = resolve_moe_blocks(moe_blocks, len(model.blocks))
     for i in indices:
         mlp = model.blocks[i].mlp
@@ -37,7 +43,8 @@ def replace_mlps_with_moe(
             raise ValueError(f'block {i} is already an MoE layer; upcycle a dense model')
         ref = mlp.fc1.weight
         model.blocks[i].mlp = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
-    return indices
+    model.moe_config = dict(num_experts=num_experts, moe_blocks=indices, expert_init=expert_init, **moe_kwargs)
+    return model.moe_config
 
 
 def upcycle(
@@ -68,11 +75,8 @@ def upcycle(
     """
     _check_vit(dense_model)
     moe_model = copy.deepcopy(dense_model)
-    indices = replace_mlps_with_moe(
-        moe_model, moe_blocks, num_experts, router=router, capacity_factor=capacity_factor, top_k=top_k,
+    replace_mlps_with_moe(
+        moe_model, moe_blocks, num_experts, expert_init, router=router, capacity_factor=capacity_factor, top_k=top_k,
         router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init))
-    moe_model.moe_config: Dict[str, Any] = dict(
-        num_experts=num_experts, moe_blocks=indices, router=router, capacity_factor=capacity_factor, top_k=top_k,
-        router_norm=router_norm, expert_init=expert_init, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
     return moe_model

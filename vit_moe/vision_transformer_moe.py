@@ -58,18 +58,12 @@ class VisionTransformerMoE(VisionTransformer):
             z_loss_weight: float = 0.0,
             **kwargs: Any,
     ):
-        if expert_init not in ('copy', 'random'):
-            raise ValueError(f"expert_init must be 'copy' or 'random', got {expert_init!r}")
         super().__init__(**kwargs)
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
-        indices = replace_mlps_with_moe(
-            self, moe_blocks, num_experts, router=router, capacity_factor=capacity_factor, top_k=top_k,
+        replace_mlps_with_moe(  # sets self.moe_config
+            self, moe_blocks, num_experts, expert_init, router=router, capacity_factor=capacity_factor, top_k=top_k,
             router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
-        self.moe_config: Dict[str, Any] = dict(
-            num_experts=num_experts, moe_blocks=indices, router=router, capacity_factor=capacity_factor,
-            top_k=top_k, router_norm=router_norm, expert_init=expert_init,
-            capacity_multiple_of=capacity_multiple_of, **router_kwargs)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerMoE, **kwargs) -> Dict[str, Any]:
