@@ -148,10 +148,18 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
     assert 'interrupted at step' in stderr
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_train_and_count_every_validation_sample_once(tmp_path):
     make_image_folder(tmp_path / 'data', per_class=(8, 5))  # 15 val images: not a multiple of 2 x batch 4
     launch = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '2', '--cpu',
-              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+              '--main_process_port', str(_free_port())]
     result = _run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     evals = _records(tmp_path / 'run', 'eval')
