@@ -57,7 +57,10 @@ def _records(output_dir, kind='train'):
 
 
 def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_path, data):
-    summary = train(tiny_config(tmp_path, steps=20))
+    cfg = tiny_config(tmp_path, steps=20)
+    summary = train(cfg)
+    import yaml
+    assert yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text()) == cfg.to_dict()  # the resolved config
     losses = [r['loss'] for r in _records(summary['output_dir'])]
     assert len(losses) == 20
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
