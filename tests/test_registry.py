@@ -177,3 +177,14 @@ def test_timm_model_contract(images):
     assert model.default_cfg['architecture'] == 'vit_ti16_moe_upcycled'
     features_only = timm.create_model('vit_ti16_moe_upcycled', features_only=True, out_indices=(1, 3), **TINY_MOE)
     assert [f.shape[1] for f in features_only(images)] == [64, 64]
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
+def test_checkpoint_head_is_kept_when_its_class_count_matches(tmp_path, images, suffix):
+    from vit_moe.evaluation import checkpoint_num_classes, create_model_from_checkpoint
+    dense = tiny_dense()  # 10 classes
+    path = _save({'state_dict': dense.state_dict()} if suffix == '.pth' else dense.state_dict(),
+                 tmp_path / f'dense{suffix}')
+    assert checkpoint_num_classes(path) == 10
+    moe = create_model_from_checkpoint('vit_ti16_moe_upcycled', path, **dict(TINY_MOE, capacity_factor=4.0)).eval()
+    torch.testing.assert_close(moe(images), dense(images), rtol=1e-5, atol=1e-5)

@@ -63,11 +63,22 @@ def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]
     if config.is_file():
         return json.loads(config.read_text()).get('num_classes')
     key = f'{classifier}.weight'
-    if path.suffix == '.safetensors' and path.is_file():
+    if not path.is_file():
+        return None
+    if path.suffix == '.safetensors':
         from safetensors import safe_open
         with safe_open(str(path), framework='pt') as f:
             return f.get_slice(key).get_shape()[0] if key in f.keys() else None
-    return None
+    try:  # a torch.save file: memory-mapped, so only the header is read here
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return None  # timm's loader reports an unreadable file with its own error
+    for nested in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state, dict) and isinstance(state.get(nested), dict):
+            state = state[nested]
+            break
+    weight = state.get(key) if isinstance(state, dict) else None
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def create_model_from_checkpoint(
