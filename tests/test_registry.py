@@ -1,5 +1,4 @@
 """Registered *_moe_upcycled models: pretrained cfg, full-size structure, timm pretrained loading, contract."""
-import os
 
 import pytest
 import timm

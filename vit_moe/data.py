@@ -12,16 +12,16 @@ rather than hours in.
 import logging
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_transform
+from timm.data import ImageDataset, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
 __all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'build_transforms',
-           'write_digits_image_folder', 'BadImageError']
+           'write_digits_image_folder', 'BadImageError', 'data_config_for']
 
 _logger = logging.getLogger(__name__)
 
@@ -128,6 +128,17 @@ def verify_images(dataset: ImageFolderDataset) -> List[Tuple[str, str]]:
         except Exception as e:  # PIL raises many types for a corrupt file
             bad.append((path, str(e)))
     return bad
+
+
+def data_config_for(model: torch.nn.Module, input_size=None) -> Dict[str, Any]:
+    """timm's data config (mean, std, crop, interpolation) with the input size the model was built for."""
+    data_config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if input_size:
+        data_config['input_size'] = tuple(input_size)
+    elif img_size:
+        data_config['input_size'] = (3, *img_size)
+    return data_config
 
 
 def build_transforms(data_config: Dict, cfg, is_training: bool):

@@ -12,11 +12,12 @@ from typing import Any, Dict, Optional
 import timm
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
 from torchmetrics.classification import MulticlassAccuracy
 
 from .metrics import collect_moe_metrics
 
-__all__ = ['evaluate', 'validate', 'create_model_from_checkpoint', 'checkpoint_num_classes']
+__all__ = ['evaluate', 'validate', 'fresh_accelerator_state', 'create_model_from_checkpoint', 'checkpoint_num_classes']
 
 
 @torch.no_grad()
@@ -56,12 +57,25 @@ def evaluate(model: torch.nn.Module, loader, accelerator, num_classes: int) -> D
     )
 
 
+def fresh_accelerator_state() -> None:
+    """Let a new Accelerator take its own settings (mixed precision, accumulation) in a process that already
+    made one (a notebook, the main job's successive runs); the distributed set-up itself is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _trainer_config(path: Path) -> Dict[str, Any]:
+    """The timm config.json written beside a trainer's model.safetensors ({} when there is none)."""
+    config = (path if path.is_dir() else path.parent) / 'config.json'
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
 def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]:
     """Output classes of a checkpoint's classifier, read from a trainer-written config.json or the file itself."""
     path = Path(path)
-    config = (path if path.is_dir() else path.parent) / 'config.json'
-    if config.is_file():
-        return json.loads(config.read_text()).get('num_classes')
+    saved = _trainer_config(path)
+    if saved.get('num_classes'):
+        return saved['num_classes']
     key = f'{classifier}.weight'
     if not path.is_file():
         return None
@@ -107,14 +121,12 @@ def create_model_from_checkpoint(
         raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist; expected a .safetensors / .pth file, a '
                                 f'trainer output folder with model.safetensors, "default" or "hf-hub:org/name"')
     overlay = dict(file=str(path))
-    config = path.parent / 'config.json'
-    if config.is_file():  # written with the weights by the trainer: reuse its model arguments and data config
-        saved = json.loads(config.read_text())
-        if saved.get('architecture') == model_name:
-            saved_args = {k: v for k, v in saved.get('model_args', {}).items() if k != 'num_classes'}
-            kwargs = dict(saved_args, **kwargs)
-            saved_cfg = saved.get('pretrained_cfg', {})
-            overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items() if k in _DATA_KEYS})
+    saved = _trainer_config(path)  # written with the weights by the trainer: reuse its model arguments and data config
+    if saved.get('architecture') == model_name:
+        saved_args = {k: v for k, v in saved.get('model_args', {}).items() if k != 'num_classes'}
+        kwargs = dict(saved_args, **kwargs)
+        saved_cfg = saved.get('pretrained_cfg', {})
+        overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items() if k in _DATA_KEYS})
     file_classes = checkpoint_num_classes(str(path))
     if file_classes:
         overlay['num_classes'] = file_classes  # lets timm keep the head when the class counts agree
@@ -146,10 +158,7 @@ def validate(
     """
     from accelerate import Accelerator
 
-    from .data import ImageFolderDataset, build_transforms
-    from .training import data_config_for
-
-    from .training import fresh_accelerator_state
+    from .data import ImageFolderDataset, build_transforms, data_config_for
     fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
     label_names = _checkpoint_label_names(checkpoint)
@@ -169,8 +178,4 @@ def validate(
 def _checkpoint_label_names(checkpoint: Optional[str]) -> Optional[list]:
     if not checkpoint or checkpoint == 'default' or checkpoint.startswith('hf-hub:'):
         return None
-    path = Path(checkpoint)
-    config = (path if path.is_dir() else path.parent) / 'config.json'
-    if config.is_file():
-        return json.loads(config.read_text()).get('pretrained_cfg', {}).get('label_names')
-    return None
+    return _trainer_config(Path(checkpoint)).get('pretrained_cfg', {}).get('label_names')

@@ -95,9 +95,8 @@ def export_onnx(
 
 
 def _data_config(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
-    from timm.data import resolve_data_config
-    config = resolve_data_config({}, model=model)
-    config['input_size'] = (3, *size)
+    from .data import data_config_for
+    config = data_config_for(model, (3, *size))
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     return dict(config, num_classes=getattr(model, 'num_classes', None), label_names=cfg.get('label_names'),
                 architecture=cfg.get('architecture'))

@@ -108,8 +108,10 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None or base not in (int, float) or isinstance(value, bool):
         return value
     try:
-        number = float(value) if base is float else int(value if not isinstance(value, float) else str(value))
-        return number
+        number = float(value)
+        if base is int and not number.is_integer():
+            raise ValueError
+        return base(number)
     except (TypeError, ValueError):
         raise ConfigError(f'{name}={value!r} is not valid; expected {"an integer" if base is int else "a number"}')
 

@@ -17,21 +17,20 @@ from typing import Any, Dict, Optional
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models._hub import save_for_hf
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
-from .data import ImageFolderDataset, build_transforms, verify_images
-from .evaluation import create_model_from_checkpoint, evaluate
+from .data import ImageFolderDataset, build_transforms, data_config_for, verify_images
+from .evaluation import create_model_from_checkpoint, evaluate, fresh_accelerator_state
 from .metrics import collect_moe_metrics
 from .schedule import learning_rate
 from .train_config import TrainConfig
 
-__all__ = ['train', 'NonFiniteLossError', 'latest_checkpoint', 'data_config_for']
+__all__ = ['train', 'NonFiniteLossError', 'latest_checkpoint']
 
 _logger = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
     """Newest `checkpoints/checkpoint_N` folder of a run, or None."""
     folders = [p for p in (Path(output_dir) / 'checkpoints').glob('checkpoint_*') if p.is_dir()]
     return max(folders, key=lambda p: int(p.name.rsplit('_', 1)[1]), default=None)
-
-
-def data_config_for(model: torch.nn.Module, input_size=None) -> Dict[str, Any]:
-    """timm's data config (mean, std, crop, interpolation) with the input size the model was built for."""
-    data_config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if input_size:
-        data_config['input_size'] = tuple(input_size)
-    elif img_size:
-        data_config['input_size'] = (3, *img_size)
-    return data_config
 
 
 class _StopSignal:
@@ -114,13 +102,6 @@ def _any(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), 'sum') > 0)
-
-
-def fresh_accelerator_state() -> None:
-    """Let a new Accelerator take its own settings (mixed precision, accumulation) in a process that already
-    made one (a notebook, the main job's successive runs); the distributed set-up itself is kept."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
