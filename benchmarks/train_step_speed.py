@@ -20,8 +20,9 @@ import vit_moe
 
 def _step_fn(model, images, targets, optimizer):
     def step():
-        loss = torch.nn.functional.cross_entropy(model(images), targets)
-        loss = loss + vit_moe.collect_moe_metrics(model)['aux_loss']
+        with vit_moe.capture_routing() as routing:
+            logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits, targets) + routing.aux_loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()

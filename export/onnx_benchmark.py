@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import vit_moe  # noqa: F401  registers the MoE models
-from vit_moe.inference_benchmark import benchmark_inference, format_benchmark
+from vit_moe.onnx import benchmark_inference, format_benchmark
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ import sys
 
 import yaml
 
-from vit_moe.evaluation import create_model_from_checkpoint
-from vit_moe.onnx_export import check_onnx_parity, export_onnx
+from vit_moe.models import create_model_from_checkpoint
+from vit_moe.onnx import check_onnx_parity, export_onnx
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,7 @@ import pytest
 import yaml
 from hypothesis import given, strategies as st
 
-from vit_moe.schedule import learning_rate
-from vit_moe.train_config import ConfigError, TrainConfig, load_config, parse_train_args
+from vit_moe.training import ConfigError, TrainConfig, learning_rate, load_config, parse_train_args
 
 
 def test_yaml_then_command_line_overrides(tmp_path):

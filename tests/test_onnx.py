@@ -11,9 +11,8 @@ import timm
 import torch
 from onnx import numpy_helper
 
-from vit_moe import OnnxClassifier, OnnxExportError, check_onnx_parity, evaluate_onnx, export_onnx
-from vit_moe.evaluation import validate
-from vit_moe.onnx_runtime import default_providers
+from vit_moe.onnx import OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx
+from vit_moe.training import validate
 
 from conftest import TINY_VIT
 from test_training import make_image_folder, tiny_config
@@ -83,7 +82,7 @@ def test_onnx_accuracy_equals_pytorch_on_an_image_folder(tmp_path):
     make_image_folder(tmp_path / 'data')
     summary = train(tmp_path)
     model_dir = summary['model_dir']
-    from vit_moe.evaluation import create_model_from_checkpoint
+    from vit_moe.models import create_model_from_checkpoint
     model = create_model_from_checkpoint('vit_ti16_moe_upcycled', model_dir)
     path = export_onnx(model, tmp_path / 'trained.onnx')
     onnx_result = evaluate_onnx(path, str(tmp_path / 'data'), num_workers=0, batch_size=4)

@@ -180,7 +180,7 @@ def test_timm_model_contract(images):
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
 def test_checkpoint_head_is_kept_when_its_class_count_matches(tmp_path, images, suffix):
-    from vit_moe.evaluation import checkpoint_num_classes, create_model_from_checkpoint
+    from vit_moe.models import checkpoint_num_classes, create_model_from_checkpoint
     dense = tiny_dense()  # 10 classes
     path = _save({'state_dict': dense.state_dict()} if suffix == '.pth' else dense.state_dict(),
                  tmp_path / f'dense{suffix}')

@@ -13,11 +13,9 @@ import timm
 import torch
 from PIL import Image
 
-from vit_moe import training
 from vit_moe.data import BadImageError
-from vit_moe.evaluation import validate
-from vit_moe.train_config import load_config
-from vit_moe.training import NonFiniteLossError, latest_checkpoint, train
+from vit_moe.layers import RoutingCapture
+from vit_moe.training import NonFiniteLossError, latest_checkpoint, load_config, train, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MOE = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1)
@@ -100,16 +98,13 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
     calls = {'n': 0}
-    real = training.collect_moe_metrics
+    real = RoutingCapture.aux_loss.fget
 
-    def poisoned(model):
+    def poisoned(capture):
         calls['n'] += 1
-        metrics = real(model)
-        if calls['n'] == 3:  # step 3
-            metrics['aux_loss'] = metrics['aux_loss'] + float('nan')
-        return metrics
+        return real(capture) + (float('nan') if calls['n'] == 3 else 0.0)  # step 3
 
-    monkeypatch.setattr(training, 'collect_moe_metrics', poisoned)
+    monkeypatch.setattr(RoutingCapture, 'aux_loss', property(poisoned))
     with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 3.*checkpoint_0'):
         train(tiny_config(tmp_path, checkpoint_every=2))
     checkpoints = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())

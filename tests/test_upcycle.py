@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vit_moe
-from vit_moe import MoeMlp, collect_moe_metrics, resolve_moe_blocks, upcycle
+from vit_moe import MoeMlp, capture_routing, resolve_moe_blocks, upcycle
 
 from conftest import tiny_dense
 
@@ -106,24 +106,28 @@ def test_non_vit_model_is_refused():
         upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-def test_metrics_are_collected_after_a_forward(dense, images):
+def test_routing_metrics_are_captured_during_a_forward(dense, images):
     moe = upcycle(dense, num_experts=4, router='token_choice', capacity_factor=0.5)
-    moe(images)
-    metrics = collect_moe_metrics(moe)
-    assert set(metrics['layers']) == {'blocks.2.mlp', 'blocks.3.mlp'}
-    assert metrics['aux_loss'].requires_grad and metrics['aux_loss'].item() > 0
-    assert 0 < metrics['dropped_fraction'] < 1  # C = 0.5 must drop something
-    for layer in metrics['layers'].values():
+    with capture_routing() as routing:
+        moe(images)
+    assert set(routing.layers) == {'blocks.2.mlp', 'blocks.3.mlp'}
+    assert routing.aux_loss.requires_grad and routing.aux_loss.item() > 0
+    assert 0 < routing.dropped_fraction.item() < 1  # C = 0.5 must drop something
+    for layer in routing.layers.values():
         assert layer['expert_load'].shape == (4,)
         torch.testing.assert_close(layer['importance'].sum(), torch.tensor(1.0))
-    assert collect_moe_metrics(dense)['aux_loss'].item() == 0.0
+    with capture_routing() as dense_routing:
+        dense(images)
+    assert dense_routing.aux_loss.item() == 0.0 and dense_routing.layers == {}
 
 
 def test_upcycled_model_trains_with_grad_checkpointing(dense, images):
-    moe = upcycle(dense, num_experts=4).train()
+    moe = upcycle(dense, num_experts=4, router='token_choice').train()
     moe.set_grad_checkpointing(True)
-    loss = moe(images).logsumexp(-1).mean() + collect_moe_metrics(moe)['aux_loss']
-    loss.backward()
+    with capture_routing() as routing:
+        logits = moe(images)
+    (logits.logsumexp(-1).mean() + routing.aux_loss).backward()
+    assert len(routing.records) == 2  # the recomputation in the backward records nothing
     assert moe.blocks[3].mlp.router.gate.weight.grad.abs().sum() > 0
 
 

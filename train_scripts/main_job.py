@@ -17,12 +17,9 @@ import time
 from pathlib import Path
 
 from vit_moe.data import write_digits_image_folder
-from vit_moe.evaluation import create_model_from_checkpoint
-from vit_moe.inference_benchmark import benchmark_inference, format_benchmark
-from vit_moe.onnx_export import check_onnx_parity, export_onnx
-from vit_moe.onnx_runtime import evaluate_onnx
-from vit_moe.train_config import load_config
-from vit_moe.training import train
+from vit_moe.models import create_model_from_checkpoint
+from vit_moe.onnx import benchmark_inference, check_onnx_parity, evaluate_onnx, export_onnx, format_benchmark
+from vit_moe.training import load_config, train
 
 CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
 

@@ -3,15 +3,14 @@
     python train_scripts/train.py --config configs/vit_b16_moe_imagenet.yaml [--any-key value ...]
     accelerate launch [--num_processes N] train_scripts/train.py --config ...
 
-Every config key (see vit_moe/train_config.py and the commented configs/) can be overridden as
+Every config key (see vit_moe/training/config.py and the commented configs/) can be overridden as
 --key value. Writes OUTPUT_DIR/{config.yaml, log.jsonl, checkpoints/, model/}. A run stopped by SIGTERM
 or Ctrl-C saves a checkpoint and exits with 128 + the signal number; continue it with --resume latest.
 """
 import logging
 import sys
 
-from vit_moe.train_config import parse_train_args
-from vit_moe.training import train
+from vit_moe.training import parse_train_args, train
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import sys
 
 import yaml
 
-from vit_moe.evaluation import validate
+from vit_moe.training import validate
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.onnx:
-        from vit_moe.onnx_runtime import evaluate_onnx
+        from vit_moe.onnx import evaluate_onnx
         result = evaluate_onnx(args.onnx, args.data_dir, args.split, args.batch_size, args.num_workers)
         result['layers'] = {}
     elif args.model:

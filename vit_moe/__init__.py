@@ -1,17 +1,21 @@
 """vit-moe: sparse upcycling of timm Vision Transformers into Mixture-of-Experts.
 
-Importing this package registers the `*_moe_upcycled` models with timm.
-"""
-from .conversion import CheckpointMismatchError, convert_dense_to_moe, is_moe_state_dict, resolve_moe_blocks
-from .experts import ExpertMlps, StackedLinear
-from .metrics import collect_moe_metrics, moe_layers
-from .moe_mlp import MoeMlp
-from .onnx_export import OnnxExportError, check_onnx_parity, export_onnx
-from .onnx_runtime import OnnxClassifier, evaluate_onnx
-from .routers import (
-    ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity, token_choice_capacity,
-)
-from .upcycle import replace_mlps_with_moe, upcycle
-from .vision_transformer_moe import DENSE_SOURCES, VisionTransformerMoE
+Importing this package registers the `*_moe_upcycled` models with timm; it needs only torch, timm and
+safetensors. Subpackages:
 
-__version__ = '0.1.0'
+* `vit_moe.layers`: routers, stacked experts, the MoE MLP layer, routing capture,
+* `vit_moe.models`: dense -> MoE conversion, `upcycle()`, the registered models, checkpoint loading,
+* `vit_moe.data`: ImageNet-style folders with clear errors, timm transforms, the digits demo data,
+* `vit_moe.training`: config, schedules, the Accelerate training loop, evaluation (`pip install vit-moe[train]`),
+* `vit_moe.onnx`: export, ONNX Runtime inference and benchmarks (`pip install vit-moe[onnx]`).
+"""
+from .layers import (
+    ExpertChoiceRouter, ExpertMlps, MoeMlp, Routing, RoutingCapture, StackedLinear, TokenChoiceRouter, capture_routing,
+    create_router, expert_choice_capacity, moe_layers, token_choice_capacity,
+)
+from .models import (
+    DENSE_SOURCES, CheckpointMismatchError, VisionTransformerMoE, convert_dense_to_moe, create_model_from_checkpoint,
+    is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, upcycle,
+)
+
+__version__ = '0.2.0'

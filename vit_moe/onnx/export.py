@@ -1,11 +1,11 @@
-""" Static-capacity ONNX export of (MoE) ViTs and a parity check against PyTorch in ONNX Runtime.
+""" Static-capacity ONNX export of (MoE) ViTs.
 
 Per-image routing makes the capacity a constant for the input size, and stacked experts put every
 expert's weights in the graph, so the torch.export (dynamo) based exporter produces an exact graph
 with a dynamic batch axis and no NonZero or other data-dependent shapes.
 
 The timm data config (input size, mean, std, crop, interpolation) and label names are stored in the
-ONNX metadata, so `vit_moe.onnx_runtime.OnnxClassifier` preprocesses exactly as timm does.
+ONNX metadata, so `vit_moe.onnx.OnnxClassifier` preprocesses exactly as timm does.
 """
 import copy
 import json
@@ -13,16 +13,16 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import onnx
 import torch
 
-__all__ = ['export_onnx', 'check_onnx_parity', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD']
+from .metadata import METADATA_KEY, model_metadata
+
+__all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD']
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_EXTERNAL_DATA_THRESHOLD = int(1.8e9)  # bytes; protobuf cannot hold a model over 2 GB
-METADATA_KEY = 'timm_data_config'
 
 
 class OnnxExportError(RuntimeError):
@@ -84,7 +84,7 @@ def export_onnx(
     except Exception as e:
         raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
                               f'{str(e).splitlines()[0] if str(e) else e}') from e
-    program.model.metadata_props[METADATA_KEY] = json.dumps(_data_config(model, (height, width)))
+    program.model.metadata_props[METADATA_KEY] = json.dumps(model_metadata(model, (height, width)))
     for stale in (output, output.with_name(output.name + '.data')):
         stale.unlink(missing_ok=True)
     program.save(str(output), external_data=use_external)
@@ -92,41 +92,3 @@ def export_onnx(
         onnx.checker.check_model(str(output), full_check=True)
     _logger.info(f'exported {output} ({weight_bytes / 1e6:.0f} MB of weights, external data: {use_external})')
     return output
-
-
-def _data_config(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
-    from .data import data_config_for
-    config = data_config_for(model, (3, *size))
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    return dict(config, num_classes=getattr(model, 'num_classes', None), label_names=cfg.get('label_names'),
-                architecture=cfg.get('architecture'))
-
-
-def check_onnx_parity(
-        model: torch.nn.Module,
-        onnx_path: Union[str, Path],
-        batch_sizes: Sequence[int] = (1, 3, 8),
-        seed: int = 1234,
-        providers: Optional[Sequence[str]] = None,
-) -> Dict[int, Dict[str, float]]:
-    """Max |logit difference| and top-1 agreement between PyTorch and ONNX Runtime on fresh random inputs.
-
-    The inputs differ from the example used for export (another seed, other batch sizes).
-    """
-    from .onnx_runtime import OnnxClassifier
-
-    classifier = OnnxClassifier(onnx_path, providers=providers)
-    model = model.eval()
-    dtype = next(model.parameters()).dtype
-    height, width = classifier.data_config['input_size'][1:]
-    generator = torch.Generator().manual_seed(seed)
-    results = {}
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, height, width, generator=generator).to(dtype)
-        with torch.no_grad():
-            expected = model(x).float().numpy()
-        got = classifier(x.numpy()).astype(np.float32)
-        results[batch] = dict(
-            max_abs_diff=float(np.abs(got - expected).max()),
-            top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()))
-    return results

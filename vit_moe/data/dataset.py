@@ -17,11 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_transform, resolve_data_config
+from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 
-__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'build_transforms',
-           'write_digits_image_folder', 'BadImageError', 'data_config_for']
+__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError']
 
 _logger = logging.getLogger(__name__)
 
@@ -128,49 +127,3 @@ def verify_images(dataset: ImageFolderDataset) -> List[Tuple[str, str]]:
         except Exception as e:  # PIL raises many types for a corrupt file
             bad.append((path, str(e)))
     return bad
-
-
-def data_config_for(model: torch.nn.Module, input_size=None) -> Dict[str, Any]:
-    """timm's data config (mean, std, crop, interpolation) with the input size the model was built for."""
-    data_config = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if input_size:
-        data_config['input_size'] = tuple(input_size)
-    elif img_size:
-        data_config['input_size'] = (3, *img_size)
-    return data_config
-
-
-def build_transforms(data_config: Dict, cfg, is_training: bool):
-    """timm transforms with the model's size, mean, std, crop and interpolation."""
-    if not is_training:
-        return create_transform(**data_config, is_training=False)
-    return create_transform(
-        **data_config, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip, auto_augment=cfg.rand_augment,
-        color_jitter=cfg.color_jitter)
-
-
-def write_digits_image_folder(root: str, val_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Write scikit-learn's bundled digits (1797 real 8x8 scans, 10 classes) as root/{train,val}/<digit>/*.png.
-
-    The split is stratified and fixed by `seed`. Existing files are kept (the tree is written once).
-    """
-    from sklearn.datasets import load_digits
-
-    root_path = Path(root)
-    marker = root_path / '.complete'
-    if marker.exists():
-        return root_path
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for label in range(10):
-        indices = rng.permutation(np.flatnonzero(digits.target == label))
-        n_val = int(round(len(indices) * val_fraction))
-        for split, part in (('val', indices[:n_val]), ('train', indices[n_val:])):
-            out = root_path / split / str(label)
-            out.mkdir(parents=True, exist_ok=True)
-            for i in part:
-                pixels = (digits.images[i] * (255.0 / 16.0)).round().astype(np.uint8)  # 0..16 -> 0..255
-                Image.fromarray(pixels).save(out / f'{i:04d}.png')
-    marker.write_text('sklearn.datasets.load_digits\n')
-    return root_path

@@ -12,8 +12,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .onnx_export import export_onnx
-from .onnx_runtime import OnnxClassifier
+from .export import export_onnx
+from .runtime import OnnxClassifier
 
 __all__ = ['benchmark_inference', 'format_benchmark']
 

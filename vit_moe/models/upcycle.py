@@ -9,8 +9,8 @@ from typing import Any, Dict, Optional
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from ..layers import MoeMlp
 from .conversion import MoeBlocks, convert_dense_to_moe, resolve_moe_blocks
-from .moe_mlp import MoeMlp
 
 __all__ = ['upcycle', 'replace_mlps_with_moe']
 
@@ -42,7 +42,9 @@ def replace_mlps_with_moe(
         if isinstance(mlp, MoeMlp):
             raise ValueError(f'block {i} is already an MoE layer; upcycle a dense model')
         ref = mlp.fc1.weight
-        model.blocks[i].mlp = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
+        moe = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
+        moe.layer_name = f'blocks.{i}.mlp'
+        model.blocks[i].mlp = moe
     model.moe_config = dict(num_experts=num_experts, moe_blocks=indices, expert_init=expert_init, **moe_kwargs)
     return model.moe_config
 

@@ -2,10 +2,11 @@
 
 A router maps the tokens of each image to a fixed number of slots per expert (the capacity) and
 returns a `Routing`: which token fills each slot, with what combine weight, and metrics. The MoE
-layer (`vit_moe.moe_mlp.MoeMlp`) does not know which router it has.
+layer (`vit_moe.layers.MoeMlp`) does not know which router it has.
 
-Routing groups are single images, so capacity depends only on the number of tokens per image and
-an image's output never depends on its batch-mates (see RECIPE.md).
+Routing groups are single images (all tokens of one image, class token included): capacity depends
+only on the number of tokens per image, so it is a constant for an input size (static shapes in an
+exported graph), and an image's output never depends on which other images share its batch.
 
 * Expert Choice: Zhou et al., 2022, https://arxiv.org/abs/2202.09368
 * Token Choice top-k with Batch Priority Routing: Riquelme et al., 2021 (V-MoE),
@@ -13,8 +14,7 @@ an image's output never depends on its batch-mates (see RECIPE.md).
   ST-MoE, https://arxiv.org/abs/2202.08906
 """
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -46,8 +46,7 @@ def token_choice_capacity(
     return _round_capacity(capacity_factor * top_k * num_tokens / num_experts, num_tokens, multiple_of)
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """What a router decided for a batch of images.
 
     Attributes:
@@ -62,7 +61,7 @@ class Routing:
     token_index: torch.Tensor
     combine_weights: torch.Tensor
     aux_loss: torch.Tensor
-    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: Dict[str, torch.Tensor]
 
 
 def _check_router_args(dim: int, num_experts: int, capacity_factor: float, capacity_multiple_of: Optional[int]):
@@ -101,7 +100,7 @@ class _LinearRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # float32 router whatever the autocast / parameter dtype (no autocast context in exported graphs)
-        if torch.is_autocast_enabled(x.device.type):
+        if not torch.jit.is_scripting() and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
         return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]

@@ -4,22 +4,24 @@ dispatch (gather the tokens of every expert slot) -> stacked experts (two batche
 combine (weight each slot and add it back to its token). No loop over experts and no
 data-dependent shapes: capacity is a constant for a given number of tokens per image.
 
-The router's metrics are kept on the module after each forward (`last_routing`), beside the
-output, so the layer stays a plain `x -> y` module inside `nn.Sequential` blocks; read them with
-`vit_moe.collect_moe_metrics(model)`.
+The layer stays a plain `x -> y` module inside timm's blocks. Its router's aux loss and metrics go to
+an open `vit_moe.capture_routing()` (if any) and are never stored on the module. For torch.fx the layer
+is a leaf (registered with timm's notrace registry): its capacity is computed from the input shape.
 """
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp
+from timm.layers import Mlp, register_notrace_module
 
 from .experts import ExpertMlps
-from .routers import Routing, create_router
+from .routers import create_router
+from .routing_capture import record_routing
 
-__all__ = ['MoeMlp']
+__all__ = ['MoeMlp', 'moe_layers']
 
 
+@register_notrace_module
 class MoeMlp(nn.Module):
     """Mixture of `num_experts` MLP experts behind a router (expert choice by default).
 
@@ -59,7 +61,7 @@ class MoeMlp(nn.Module):
         self.experts = experts if experts is not None else ExpertMlps(
             num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
         self.num_experts = num_experts
-        self.last_routing: Optional[Routing] = None
+        self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
 
     @classmethod
     def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
@@ -70,7 +72,8 @@ class MoeMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         routing = self.router(x)
-        self.last_routing = routing
+        if not torch.jit.is_scripting():
+            record_routing(self.layer_name, routing.aux_loss, routing.metrics)
         E, capacity = routing.token_index.shape[1:]
 
         # flat token index of every slot, expert-major so each expert's slots are contiguous
@@ -90,3 +93,8 @@ class MoeMlp(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}'
+
+
+def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:
+    """Module path -> MoeMlp for every MoE layer of a model (empty for a dense model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoeMlp)}

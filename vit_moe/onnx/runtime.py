@@ -13,7 +13,8 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from .onnx_export import METADATA_KEY
+from ..data import ImageFolderDataset
+from .metadata import METADATA_KEY
 
 __all__ = ['default_providers', 'OnnxClassifier', 'evaluate_onnx']
 
@@ -86,9 +87,7 @@ class OnnxClassifier:
 def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val', batch_size: int = 64,
                   num_workers: int = 2, providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`."""
-    from torchmetrics.classification import MulticlassAccuracy
-
-    from .data import ImageFolderDataset
+    from torchmetrics.classification import MulticlassAccuracy  # part of the [onnx] and [train] extras
 
     classifier = OnnxClassifier(onnx_path, providers=providers)
     labels = classifier.data_config.get('label_names')

@@ -1,0 +1,8 @@
+"""MoE building blocks: routers, stacked experts, the MoE MLP layer, routing capture."""
+from .experts import ExpertMlps, StackedLinear
+from .moe_mlp import MoeMlp, moe_layers
+from .routers import (
+    ROUTERS, ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity,
+    token_choice_capacity,
+)
+from .routing_capture import RoutingCapture, capture_routing

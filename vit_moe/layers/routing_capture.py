@@ -1,0 +1,88 @@
+""" Routing statistics handed out of a forward without being stored on the modules.
+
+    with capture_routing() as routing:
+        logits = model(images)
+    loss = task_loss + routing.aux_loss          # load-balancing (+ z) loss of token choice; 0 for expert choice
+    routing.layers['blocks.11.mlp']['expert_load']
+
+Every MoE layer that runs inside the `with` block records its aux loss (with its autograd graph) and its
+detached metrics in the innermost open capture. Outside a capture a MoE layer records nothing (inference,
+ONNX export, tracing). Nothing is kept on the modules, so a model deep-copies (EMA), pickles and compiles
+after any forward, and a capture holds exactly the layers that ran inside it: a forward that stops early
+reports no stale values for the layers it skipped.
+
+Run the backward after the `with` block: with gradient checkpointing the recomputation in the backward
+re-runs the MoE layers, and inside an open capture they would be recorded twice. Under `torch.compile`
+recording is a side effect that dynamo will not replay inside a checkpointed region unless told so; an
+open capture tells it (the `skip_fwd_side_effects_in_bwd_under_checkpoint` setting, for its duration).
+"""
+import contextlib
+from typing import Dict, List, Tuple
+
+import torch
+
+__all__ = ['RoutingCapture', 'capture_routing', 'record_routing']
+
+_OPEN: List['RoutingCapture'] = []  # innermost last
+
+
+class RoutingCapture:
+    """Aux losses and metrics of the MoE layers run while this capture was open, in call order."""
+
+    def __init__(self):
+        self.records: List[Tuple[str, torch.Tensor, Dict[str, torch.Tensor]]] = []
+        self._stack = contextlib.ExitStack()
+
+    def record(self, name: str, aux_loss: torch.Tensor, metrics: Dict[str, torch.Tensor]) -> None:
+        self.records.append((name, aux_loss, metrics))
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the recorded layers' (already weighted) aux losses; a 0-dim zero when there are none."""
+        if not self.records:
+            return torch.zeros(())
+        return torch.stack([aux.float() for _, aux, _ in self.records]).sum()
+
+    @property
+    def layers(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Layer name -> detached metrics (`expert_load` [E], `importance` [E], `dropped_fraction` scalar).
+
+        A layer run twice in one capture (a model called twice) appears as 'name', 'name#2', ...
+        """
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, _, metrics in self.records:
+            key, n = name, 1
+            while key in out:
+                n += 1
+                key = f'{name}#{n}'
+            out[key] = metrics
+        return out
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        """Mean over the recorded layers of their dropped fraction (a device tensor: no host sync)."""
+        if not self.records:
+            return torch.zeros(())
+        return torch.stack([m['dropped_fraction'].float() for _, _, m in self.records]).mean()
+
+    def __enter__(self) -> 'RoutingCapture':
+        _OPEN.append(self)
+        import torch._dynamo  # lazily: only training opens captures
+        if hasattr(torch._dynamo.config, 'skip_fwd_side_effects_in_bwd_under_checkpoint'):
+            self._stack.enter_context(torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        _OPEN.remove(self)
+
+
+def capture_routing() -> RoutingCapture:
+    """A context manager collecting the routing of every MoE layer run inside it (see the module docstring)."""
+    return RoutingCapture()
+
+
+def record_routing(name: str, aux_loss: torch.Tensor, metrics: Dict[str, torch.Tensor]) -> None:
+    """Called by MoE layers in their forward: record into the innermost open capture, if any."""
+    if _OPEN:
+        _OPEN[-1].record(name, aux_loss, metrics)

@@ -1,0 +1,18 @@
+""" What an exported file carries besides the graph: timm's data config, class count and label names. """
+from typing import Any, Dict, Tuple
+
+import torch
+
+from ..data import data_config_for
+
+__all__ = ['METADATA_KEY', 'model_metadata']
+
+METADATA_KEY = 'timm_data_config'  # ONNX metadata_props key holding the JSON below
+
+
+def model_metadata(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
+    """timm data config at `size`, plus num_classes, label_names and architecture of `model`."""
+    config = data_config_for(model, (3, *size))
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return dict(config, num_classes=getattr(model, 'num_classes', None), label_names=cfg.get('label_names'),
+                architecture=cfg.get('architecture'))

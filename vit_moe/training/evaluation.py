@@ -1,0 +1,95 @@
+""" Evaluation with torchmetrics on (possibly distributed) loaders.
+
+Predictions are gathered with `accelerator.gather_for_metrics` (which drops the samples a distributed
+sampler repeats to even out the last batch) and the metrics are computed on the gathered tensors with
+`sync_on_compute=False`, so every sample counts exactly once whatever the number of processes.
+"""
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..data import ImageFolderDataset, build_transforms, data_config_for
+from ..layers import capture_routing
+from ..models import checkpoint_label_names, create_model_from_checkpoint
+
+__all__ = ['evaluate', 'validate', 'fresh_accelerator_state']
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator, num_classes: int) -> Dict[str, Any]:
+    """top-1, top-5, loss, images/s, sample count and per-layer routing statistics over `loader`."""
+    model.eval()
+    device = accelerator.device
+    top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro', sync_on_compute=False).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro',
+                              sync_on_compute=False).to(device)
+    loss_sum, count, routing = torch.zeros((), device=device), 0, {}
+    start = time.perf_counter()
+    for images, targets in loader:
+        with capture_routing() as captured:
+            logits = model(images)
+        for name, m in captured.layers.items():  # running sums of per-batch statistics
+            acc = routing.setdefault(name, {k: torch.zeros_like(v, dtype=torch.float32) for k, v in m.items()})
+            for k, v in m.items():
+                acc[k] += v.float()
+        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
+        top1.update(logits, targets)
+        top5.update(logits, targets)
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum')
+        count += targets.numel()
+    elapsed = time.perf_counter() - start
+    batches = max(1, len(loader))
+    layers = {name: {k: (v / batches).tolist() for k, v in m.items()} for name, m in routing.items()}
+    model.train()
+    return dict(
+        top1=float(top1.compute()) * 100 if count else float('nan'),
+        top5=float(top5.compute()) * 100 if count else float('nan'),
+        loss=float(loss_sum) / max(1, count),
+        num_samples=count,
+        images_per_s=count / elapsed if elapsed > 0 else float('nan'),
+        dropped_fraction=(sum(m['dropped_fraction'] for m in layers.values()) / len(layers)) if layers else 0.0,
+        layers=layers,
+    )
+
+
+def fresh_accelerator_state() -> None:
+    """Let a new Accelerator take its own settings (mixed precision, accumulation) in a process that already
+    made one (a notebook, the main job's successive runs); the distributed set-up itself is kept."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def validate(
+        model_name: str,
+        checkpoint: Optional[str],
+        data_dir: str,
+        split: str = 'val',
+        batch_size: int = 64,
+        num_workers: int = 2,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        mixed_precision: str = 'no',
+) -> Dict[str, Any]:
+    """Evaluate a checkpoint on `data_dir/split` with the model's own preprocessing (works under accelerate launch).
+
+    Class indices follow the checkpoint's label names when its config.json has them (a trainer output), else the
+    sorted class folder names, as in training.
+    """
+    fresh_accelerator_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    label_names = checkpoint_label_names(checkpoint)
+    class_map = {name: i for i, name in enumerate(label_names)} if label_names else None
+    dataset = ImageFolderDataset(data_dir, split, class_map=class_map)
+    num_classes = len(label_names) if label_names else len(dataset.class_to_idx)
+    model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **(model_kwargs or {}))
+    dataset.transform = build_transforms(data_config_for(model), None, is_training=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    model, loader = accelerator.prepare(model, loader)
+    result = evaluate(model, loader, accelerator, num_classes)
+    result.update(model=model_name, checkpoint=checkpoint, split=str(dataset.reader.root),
+                  params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()))
+    return result
