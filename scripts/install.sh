@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # shellcheck disable=SC2086
     .venv/bin/python -m pip install -q $TORCH_SPEC
-    .venv/bin/python -m pip install -q -e '.[test,tensorboard]'
+    .venv/bin/python -m pip install -q -e '.[all,test,tensorboard]'
     echo "$want" > "$stamp"
 fi

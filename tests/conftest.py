@@ -1,16 +1,82 @@
-"""Shared fixtures: tiny ViTs (32 px, patch 8 -> 16 patches + class token, dim 64, depth 4)."""
+"""Shared helpers and fixtures.
+
+Two model sizes: TINY_VIT / TINY_MOE (32 px, patch 8 -> 16 patches + class token, dim 64, depth 4) for model
+tests, TRAIN_MOE (16 px, patch 4, dim 32, depth 2) for training runs, which are timed end to end.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import vit_moe  # noqa: F401  registers the models
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_classes=10)
+TINY_MOE = dict(TINY_VIT, num_experts=4)
+TRAIN_MOE = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1)
 
 
 def tiny_dense(seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model('vit_tiny_patch16_224', **dict(TINY_VIT, **overrides)).eval()
+
+
+def make_image_folder(root: Path, per_class=(12, 5), classes=3, size=12, seed=0) -> Path:
+    """Colour-coded classes (class k is brightest in channel k) with noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(('train', 'val'), per_class):
+        for k in range(classes):
+            folder = root / split / f'class_{k}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (size, size, 3))
+                pixels[..., k % 3] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{i}.png')
+    return root
+
+
+def tiny_config(tmp_path: Path, **overrides):
+    """A TrainConfig for a seconds-long run of TRAIN_MOE on `tmp_path/data`, writing to `tmp_path/run`."""
+    from vit_moe.training import load_config
+    values = dict(
+        model='vit_ti16_moe_upcycled', model_kwargs=TRAIN_MOE, data_dir=str(tmp_path / 'data'),
+        output_dir=str(tmp_path / 'run'), batch_size=6, num_workers=0, steps=8, lr=3e-3, warmup_steps=2,
+        log_every=1, checkpoint_every=4, keep_checkpoints=3, trackers='none', progress=False, hflip=0.0,
+        scale=[0.8, 1.0], color_jitter=0.0)
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def log_records(output_dir, kind='train'):
+    """Records of one type from a run's log.jsonl."""
+    return [r for r in map(json.loads, open(Path(output_dir) / 'log.jsonl')) if r['type'] == kind]
+
+
+def run_script(args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command-line front end from the repository root, one thread per process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(num_processes: int = 2):
+    """`accelerate launch` on CPU with `num_processes` processes (DDP over gloo)."""
+    return [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', str(num_processes), '--cpu',
+            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+            '--main_process_port', str(free_port())]
 
 
 @pytest.fixture
@@ -21,6 +87,11 @@ def dense():
 @pytest.fixture
 def images():
     return torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_image_folder(tmp_path / 'data')
 
 
 @pytest.fixture(autouse=True)

@@ -11,14 +11,12 @@ import timm
 import torch
 from onnx import numpy_helper
 
-from vit_moe.onnx import OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx
+from vit_moe.onnx import (
+    OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx,
+)
 from vit_moe.training import validate
 
-from conftest import TINY_VIT
-from test_training import make_image_folder, tiny_config
-
-TINY_MOE = dict(TINY_VIT, num_experts=4)
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, TINY_MOE, TRAIN_MOE, make_image_folder, tiny_config
 
 
 @pytest.mark.parametrize('router', ['expert_choice', 'token_choice'])
@@ -102,8 +100,7 @@ def test_onnx_accuracy_equals_pytorch_on_an_image_folder(tmp_path):
 
 def train(tmp_path):
     from vit_moe.training import train as run
-    return run(tiny_config(tmp_path, steps=6, model_kwargs=dict(
-        img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1)))
+    return run(tiny_config(tmp_path, steps=6, model_kwargs=TRAIN_MOE))
 
 
 def test_export_command_line_checks_parity_and_exits_zero(tmp_path):

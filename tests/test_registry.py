@@ -7,9 +7,7 @@ from safetensors.torch import save_file
 
 from vit_moe import DENSE_SOURCES, CheckpointMismatchError, convert_dense_to_moe, MoeMlp, VisionTransformerMoE
 
-from conftest import TINY_VIT, tiny_dense
-
-TINY_MOE = dict(TINY_VIT, num_experts=4)
+from conftest import TINY_MOE, TINY_VIT, tiny_dense
 
 
 def _save(state_dict, path):
@@ -70,6 +68,92 @@ def _create(pretrained_file=None, overlay=None, **kwargs):
     overlay = dict(overlay or {}, file=pretrained_file) if pretrained_file else overlay
     return timm.create_model('vit_ti16_moe_upcycled', pretrained=bool(pretrained_file or overlay),
                              pretrained_cfg_overlay=overlay, **dict(TINY_MOE, **kwargs)).eval()
+
+
+@pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])
+def test_dense_file_through_pretrained_cfg_overlay_is_upcycled(tmp_path, images, suffix):
+    dense = tiny_dense()
+    path = _save(dense.state_dict(), tmp_path / f'dense{suffix}')
+    moe = _create(path, overlay=dict(num_classes=10), capacity_factor=4.0)
+    assert isinstance(moe, VisionTransformerMoE)
+    torch.testing.assert_close(moe(images), dense(images), rtol=1e-5, atol=1e-5)
+    assert torch.equal(moe.blocks[3].mlp.experts.fc1.weight[2], dense.blocks[3].mlp.fc1.weight.t())
+
+
+def test_head_is_adapted_for_another_num_classes(tmp_path, images):
+    dense = tiny_dense(num_classes=1000)
+    moe = _create(_save(dense.state_dict(), tmp_path / 'dense.safetensors'), num_classes=7, capacity_factor=4.0)
+    assert moe(images).shape == (5, 7)
+    features = dense.forward_head(dense.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(moe.forward_head(moe.forward_features(images), pre_logits=True), features,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_saved_moe_file_loads_as_is(tmp_path, images):
+    trained = _create(_save(tiny_dense().state_dict(), tmp_path / 'dense.safetensors'), overlay=dict(num_classes=10))
+    with torch.no_grad():  # stand-in for training: experts and router move away from their init
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = _save(trained.state_dict(), tmp_path / 'moe.safetensors')
+    reloaded = _create(path, overlay=dict(num_classes=10))
+    torch.testing.assert_close(reloaded(images), trained(images))
+    assert torch.equal(reloaded.blocks[2].mlp.router.gate.weight, trained.blocks[2].mlp.router.gate.weight)
+
+
+def test_hub_path_loads_the_dense_weights_from_the_hub_cache(tmp_path, images, monkeypatch):
+    """The real Hub code path (hf_hub_download), fed a local cache in offline mode: nothing is downloaded."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    repo = timm.models.get_pretrained_cfg('vit_ti16_moe_upcycled').hf_hub_id
+    repo_dir = tmp_path / ('models--' + repo.replace('/', '--'))
+    snapshot = repo_dir / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (repo_dir / 'refs').mkdir()
+    (repo_dir / 'refs' / 'main').write_text('0' * 40)
+    dense = tiny_dense(num_classes=1000)
+    _save(dense.state_dict(), snapshot / 'model.safetensors')
+    moe = timm.create_model('vit_ti16_moe_upcycled', pretrained=True, cache_dir=str(tmp_path),
+                            **dict(TINY_MOE, num_classes=1000, capacity_factor=4.0)).eval()
+    torch.testing.assert_close(moe(images), dense(images), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = str(tmp_path / 'nope.safetensors')
+    with pytest.raises(FileNotFoundError, match='nope.safetensors'):
+        _create(missing)
+
+
+def test_checkpoint_of_another_size_is_refused_naming_both_shapes(tmp_path):
+    small = tiny_dense(embed_dim=32)  # a "ViT-S file for a B/16 model"
+    path = _save(small.state_dict(), tmp_path / 'small.safetensors')
+    with pytest.raises(CheckpointMismatchError) as err:
+        _create(path, overlay=dict(num_classes=10))
+    assert 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in str(err.value)
+    assert 'missing keys' not in str(err.value) and 'unexpected keys' not in str(err.value)
+
+
+def test_mismatched_mlp_names_the_dense_key_and_both_shapes():
+    dense_state = tiny_dense(mlp_ratio=2.0).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r'blocks.0.mlp.fc1.weight: checkpoint \(128, 64\) vs model '
+                                                      r'\(256, 64\)'):
+        convert_dense_to_moe(dense_state, timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE, moe_blocks='all'))
+
+
+def test_checkpoint_with_missing_and_unexpected_keys_is_refused(tmp_path):
+    state = tiny_dense().state_dict()
+    state.pop('norm.weight')
+    state['extra.weight'] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError, match=r'missing keys: norm.weight \| unexpected keys: extra.weight'):
+        _create(_save(state, tmp_path / 'bad.pth'), overlay=dict(num_classes=10))
+
+
+@pytest.mark.parametrize('name', ['corrupt.safetensors', 'corrupt.pth'])
+def test_corrupt_file_is_refused_naming_the_path(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'not a checkpoint at all')
+    with pytest.raises(ValueError, match=f"file '{path}' is not a readable"):
+        _create(str(path))
+    assert path.read_bytes() == b'not a checkpoint at all'  # left as it was
 
 
 @pytest.mark.parametrize('suffix', ['.safetensors', '.pth'])

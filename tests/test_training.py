@@ -11,55 +11,21 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from vit_moe.data import BadImageError
 from vit_moe.layers import RoutingCapture
-from vit_moe.training import NonFiniteLossError, latest_checkpoint, load_config, train, validate
+from vit_moe.training import NonFiniteLossError, latest_checkpoint, train, validate
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_MOE = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1)
-
-
-def make_image_folder(root: Path, per_class=(12, 5), classes=3, size=12, seed=0) -> Path:
-    """Colour-coded classes (class k is brightest in channel k) with noise: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    for split, count in zip(('train', 'val'), per_class):
-        for k in range(classes):
-            folder = root / split / f'class_{k}'
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 90, (size, size, 3))
-                pixels[..., k % 3] += 150
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{i}.png')
-    return root
-
-
-def tiny_config(tmp_path: Path, **overrides):
-    values = dict(
-        model='vit_ti16_moe_upcycled', model_kwargs=TINY_MOE, data_dir=str(tmp_path / 'data'),
-        output_dir=str(tmp_path / 'run'), batch_size=6, num_workers=0, steps=8, lr=3e-3, warmup_steps=2,
-        log_every=1, checkpoint_every=4, keep_checkpoints=3, trackers='none', progress=False, hflip=0.0,
-        scale=[0.8, 1.0], color_jitter=0.0)
-    values.update(overrides)
-    return load_config(None, values)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_image_folder(tmp_path / 'data')
-
-
-def _records(output_dir, kind='train'):
-    return [r for r in map(json.loads, open(Path(output_dir) / 'log.jsonl')) if r['type'] == kind]
+from conftest import ROOT, TRAIN_MOE, accelerate_launch, log_records, make_image_folder, run_script, tiny_config
 
 
 def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_path, data):
     cfg = tiny_config(tmp_path, steps=20)
     summary = train(cfg)
-    import yaml
     assert yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text()) == cfg.to_dict()  # the resolved config
-    losses = [r['loss'] for r in _records(summary['output_dir'])]
+    losses = [r['loss'] for r in log_records(summary['output_dir'])]
     assert len(losses) == 20
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
     assert summary['eval']['num_samples'] == 15 and summary['eval']['top1'] > 60
@@ -67,13 +33,13 @@ def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_p
         'checkpoint_0', 'checkpoint_1', 'checkpoint_2', 'checkpoint_3', 'checkpoint_4'][-3:]
     model_dir = Path(summary['model_dir'])
     assert (model_dir / 'model.safetensors').is_file() and (model_dir / 'config.json').is_file()
-    record = _records(summary['output_dir'])[-1]
+    record = log_records(summary['output_dir'])[-1]
     assert set(record['expert_load']) == {'blocks.1.mlp'} and len(record['importance']['blocks.1.mlp']) == 4
 
     from_dir = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
     from_file = timm.create_model('vit_ti16_moe_upcycled', pretrained=True, num_classes=3,
                                   pretrained_cfg_overlay=dict(file=str(model_dir / 'model.safetensors'),
-                                                              num_classes=3), **TINY_MOE).eval()
+                                                              num_classes=3), **TRAIN_MOE).eval()
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(from_dir(x), from_file(x), rtol=0, atol=0)
     # the reloaded model scores exactly what the run's final evaluation scored
@@ -84,14 +50,14 @@ def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_p
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
     # 36 images / batch 6 = 6 batches an epoch: the resume at step 4 is mid-epoch and the run crosses an epoch
-    augment = dict(mixup=0.4, label_smoothing=0.1, model_kwargs=dict(TINY_MOE, drop_rate=0.1))
+    augment = dict(mixup=0.4, label_smoothing=0.1, model_kwargs=dict(TRAIN_MOE, drop_rate=0.1))
     full = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'full'), steps=9, **augment))
     first_checkpoint = tmp_path / 'full' / 'checkpoints' / 'checkpoint_0'  # saved at step 4
     resumed = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'resumed'), steps=9,
                                 resume=str(first_checkpoint), **augment))
-    expected = [r['loss'] for r in _records(full['output_dir'])][4:]
-    got = [r['loss'] for r in _records(resumed['output_dir'])]
-    assert [r['step'] for r in _records(resumed['output_dir'])] == [5, 6, 7, 8, 9]
+    expected = [r['loss'] for r in log_records(full['output_dir'])][4:]
+    got = [r['loss'] for r in log_records(resumed['output_dir'])]
+    assert [r['step'] for r in log_records(resumed['output_dir'])] == [5, 6, 7, 8, 9]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert resumed['eval']['loss'] == pytest.approx(full['eval']['loss'], rel=1e-5)
 
@@ -114,13 +80,8 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(t
     assert not (tmp_path / 'run' / 'model').exists()
 
 
-def _run_script(args, timeout=240, **kwargs):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
 def _cli_args(tmp_path, **overrides):
-    values = dict(model='vit_ti16_moe_upcycled', model_kwargs=json.dumps(TINY_MOE), data_dir=str(tmp_path / 'data'),
+    values = dict(model='vit_ti16_moe_upcycled', model_kwargs=json.dumps(TRAIN_MOE), data_dir=str(tmp_path / 'data'),
                   output_dir=str(tmp_path / 'run'), batch_size=4, num_workers=0, steps=6, log_every=1,
                   checkpoint_every=3, trackers='none', progress='false', hflip=0.0)
     values.update(overrides)
@@ -146,28 +107,19 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
     assert 'interrupted at step' in stderr
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_train_and_count_every_validation_sample_once(tmp_path):
     make_image_folder(tmp_path / 'data', per_class=(8, 5))  # 15 val images: not a multiple of 2 x batch 4
-    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '2', '--cpu',
-              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-              '--main_process_port', str(_free_port())]
-    result = _run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path)])
+    launch = accelerate_launch(2)
+    result = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
-    evals = _records(tmp_path / 'run', 'eval')
+    evals = log_records(tmp_path / 'run', 'eval')
     assert evals[-1]['num_samples'] == 15
-    train_records = _records(tmp_path / 'run')
+    train_records = log_records(tmp_path / 'run')
     assert [r['step'] for r in train_records] == list(range(1, 7))
     assert train_records[-1]['images_per_s'] > 0
 
     out = tmp_path / 'two.json'
-    result = _run_script([*launch, 'train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint',
+    result = run_script([*launch, 'train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint',
                           str(tmp_path / 'run' / 'model'), '--data-dir', str(tmp_path / 'data'), '--batch-size', '4',
                           '--num-workers', '0', '--json', str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -226,7 +178,7 @@ def test_verify_images_reports_corrupt_files_before_training(tmp_path, corrupt):
 def test_gradient_accumulation_bf16_and_tensorboard(tmp_path, data):
     summary = train(tiny_config(tmp_path, steps=3, grad_accum_steps=2, mixed_precision='bf16',
                                 trackers='tensorboard', checkpoint_every=100))
-    records = _records(summary['output_dir'])
+    records = log_records(summary['output_dir'])
     assert [r['step'] for r in records] == [1, 2, 3]  # optimizer steps, each over 2 micro-batches
     state = torch.load(latest_checkpoint(summary['output_dir']) / 'custom_checkpoint_0.pkl', weights_only=True)
     assert state == dict(step=3, batches=6)

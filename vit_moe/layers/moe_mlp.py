@@ -65,7 +65,7 @@ class MoeMlp(nn.Module):
 
     @classmethod
     def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
-        """A MoE layer shaped like a dense timm Mlp (experts randomly initialised; see `vit_moe.conversion`)."""
+        """A MoE layer shaped like a dense timm Mlp (experts randomly initialised; see `vit_moe.models.conversion`)."""
         experts = ExpertMlps.like(mlp, num_experts)
         return cls(experts.fc1.in_features, experts.fc1.out_features, num_experts, experts=experts, **kwargs)
 

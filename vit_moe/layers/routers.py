@@ -27,10 +27,10 @@ __all__ = [
 
 
 def _round_capacity(capacity: float, num_tokens: int, multiple_of: Optional[int]) -> int:
-    capacity = math.ceil(capacity)
-    if multiple_of:
-        capacity = math.ceil(capacity / multiple_of) * multiple_of
-    return max(1, min(capacity, num_tokens))  # an expert cannot take a token twice
+    rounded = math.ceil(capacity)
+    if multiple_of is not None and multiple_of > 1:
+        rounded = math.ceil(rounded / multiple_of) * multiple_of
+    return max(1, min(rounded, num_tokens))  # an expert cannot take a token twice
 
 
 def expert_choice_capacity(
@@ -100,9 +100,10 @@ class _LinearRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         # float32 router whatever the autocast / parameter dtype (no autocast context in exported graphs)
-        if not torch.jit.is_scripting() and torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
+        if not torch.jit.is_scripting():
+            if torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
         return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
 
     def capacity(self, num_tokens: int) -> int:
