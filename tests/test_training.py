@@ -30,7 +30,7 @@ def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_p
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
     assert summary['eval']['num_samples'] == 15 and summary['eval']['top1'] > 60
     assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == [
-        'checkpoint_0', 'checkpoint_1', 'checkpoint_2', 'checkpoint_3', 'checkpoint_4'][-3:]
+        'checkpoint_step_12', 'checkpoint_step_16', 'checkpoint_step_20']  # every 4 steps, the newest 3
     model_dir = Path(summary['model_dir'])
     assert (model_dir / 'model.safetensors').is_file() and (model_dir / 'config.json').is_file()
     record = log_records(summary['output_dir'])[-1]
@@ -52,7 +52,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
     # 36 images / batch 6 = 6 batches an epoch: the resume at step 4 is mid-epoch and the run crosses an epoch
     augment = dict(mixup=0.4, label_smoothing=0.1, model_kwargs=dict(TRAIN_MOE, drop_rate=0.1))
     full = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'full'), steps=9, **augment))
-    first_checkpoint = tmp_path / 'full' / 'checkpoints' / 'checkpoint_0'  # saved at step 4
+    first_checkpoint = tmp_path / 'full' / 'checkpoints' / 'checkpoint_step_4'
     resumed = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'resumed'), steps=9,
                                 resume=str(first_checkpoint), **augment))
     expected = [r['loss'] for r in log_records(full['output_dir'])][4:]
@@ -71,11 +71,11 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(t
         return real(capture) + (float('nan') if calls['n'] == 3 else 0.0)  # step 3
 
     monkeypatch.setattr(RoutingCapture, 'aux_loss', property(poisoned))
-    with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 3.*checkpoint_0'):
+    with pytest.raises(NonFiniteLossError, match=r'non-finite loss \(nan\) at step 3.*checkpoint_step_2'):
         train(tiny_config(tmp_path, checkpoint_every=2))
     checkpoints = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())
-    assert checkpoints == ['checkpoint_0']  # the step-2 checkpoint, untouched
-    state = torch.load(tmp_path / 'run/checkpoints/checkpoint_0/custom_checkpoint_0.pkl', weights_only=True)
+    assert checkpoints == ['checkpoint_step_2']  # untouched
+    state = torch.load(tmp_path / 'run/checkpoints/checkpoint_step_2/custom_checkpoint_0.pkl', weights_only=True)
     assert state['step'] == 2
     assert not (tmp_path / 'run' / 'model').exists()
 

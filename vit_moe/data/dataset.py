@@ -4,13 +4,20 @@ Layout: `root/<split>/<class>/<image>`. The train split defines the classes; the
 same class names. A missing folder, an empty class folder or a val class unknown to train is an error
 that names the path.
 
-Unreadable images: with `bad_image_policy='skip'` (default) the image is replaced by the next one of the
-split and a warning names the file, once; with 'error' the first one stops the run with its path.
-`verify_images=True` opens every image before training so that corrupt files are reported up front
-rather than hours in.
+Unreadable images: with `bad_image_policy='skip'` (default) a warning names the file, once across all processes
+and data-loader workers (they share a `BadImageLog` file), and
+* a training split uses the next readable image instead (a long run neither dies nor fails silently),
+* an evaluation split (`substitute_unreadable=False`) yields `(image, target, readable)` triples with
+  `readable=False` and a blank image for the bad file, so that metrics leave it out and count every other
+  image exactly once, whatever the batching or the number of processes.
+With 'error' the first unreadable image stops the run with its path. `verify_images` opens every image of a
+split up front so that corrupt files are reported before training rather than hours in.
 """
+import json
 import logging
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,7 +27,7 @@ from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 
-__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError']
+__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError', 'BadImageLog']
 
 _logger = logging.getLogger(__name__)
 
@@ -58,15 +65,80 @@ def check_image_folder(root: str, split: str, class_names: Optional[List[str]] =
     return split_dir
 
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a file may then be reported twice
+    fcntl = None
+
+
+class BadImageLog:
+    """Unreadable images reported by any process or data-loader worker, one JSON line each in a shared file.
+
+    Args:
+        path: the file (kept); default a new temporary file.
+    """
+
+    def __init__(self, path: Optional[str] = None):
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix='vit_moe_bad_images_', suffix='.jsonl')
+            os.close(fd)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._seen: set = set()  # this process's cache: no file access for repeats
+
+    def add(self, split: str, path: str, error: str) -> bool:
+        """Record an unreadable image; True if no process had recorded it before."""
+        if path in self._seen:
+            return False
+        self._seen.add(path)
+        with open(self.path, 'a+') as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)  # released on close
+            f.seek(0)
+            if any(entry.get('path') == path for entry in _read_entries(f.read())):
+                return False
+            f.write(json.dumps(dict(split=split, path=path, error=error)) + '\n')
+            f.flush()
+        return True
+
+    def entries(self) -> List[Dict[str, str]]:
+        """Every recorded image: {'split', 'path', 'error'}, in the order first seen."""
+        return _read_entries(self.path.read_text()) if self.path.is_file() else []
+
+
+def _read_entries(text: str) -> List[Dict[str, str]]:
+    entries = []
+    for line in text.splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+    return entries
+
+
 class ImageFolderDataset(ImageDataset):
-    """timm ImageDataset over `root/split`, naming the file of any image it cannot decode."""
+    """timm ImageDataset over `root/split`, naming the file of any image it cannot decode.
+
+    Args:
+        root, split: the folder `root/split/<class>/<image>`.
+        class_map: class name -> index (default: sorted folder names).
+        transform: applied to every PIL image.
+        bad_image_policy: 'skip' or 'error' (see the module docstring).
+        substitute_unreadable: True (training) uses the next readable image; False (evaluation) yields
+            `(image, target, readable)` triples.
+        bad_image_log: where unreadable images are recorded (default: a temporary file).
+    """
 
     def __init__(self, root: str, split: str, class_map: Optional[Dict[str, int]] = None, transform=None,
-                 bad_image_policy: str = 'skip'):
+                 bad_image_policy: str = 'skip', substitute_unreadable: bool = True,
+                 bad_image_log: Optional[BadImageLog] = None):
         split_dir = check_image_folder(root, split, list(class_map) if class_map else None)
         super().__init__(str(split_dir), reader='', class_map=class_map or '', transform=transform)
+        self.split = split
         self.bad_image_policy = bad_image_policy
-        self.skipped: set = set()
+        self.substitute_unreadable = substitute_unreadable
+        self.bad_image_log = bad_image_log or BadImageLog()
         self.seed: Optional[int] = None  # set (with set_epoch) for augmentations that depend on (epoch, index) only
         self.epoch = 0
 
@@ -80,19 +152,36 @@ class ImageFolderDataset(ImageDataset):
     def path(self, index: int) -> str:
         return self.reader.samples[index][0]
 
+    @property
+    def skipped(self) -> List[str]:
+        """Paths of this split's unreadable images seen so far (by any process or worker)."""
+        return [e['path'] for e in self.bad_image_log.entries() if e.get('split') == self.split]
+
+    def _load(self, index: int) -> Optional[Image.Image]:
+        """The decoded image, or None (after recording it) if it is unreadable under the 'skip' policy."""
+        path = self.path(index)
+        try:
+            return Image.open(path).convert('RGB')  # decodes pixels: errors surface here
+        except (OSError, ValueError, SyntaxError) as e:
+            if self.bad_image_policy == 'error':
+                raise BadImageError(f'cannot read image {path!r}: {e}') from e
+            if self.bad_image_log.add(self.split, path, str(e)):
+                instead = 'using the next image instead' if self.substitute_unreadable else 'left out of the metrics'
+                _logger.warning(f'skipping unreadable image {path!r} ({e}); {instead}')
+            return None
+
     def __getitem__(self, index: int):
+        if not self.substitute_unreadable:
+            img = self._load(index)
+            target = self.reader.samples[index][1]
+            if img is None:
+                return self._apply_transform(Image.new('RGB', (32, 32)), index), target, False
+            return self._apply_transform(img, index), target, True
         for _ in range(len(self)):
-            try:
-                img = Image.open(self.path(index)).convert('RGB')  # decodes pixels: errors surface here
+            img = self._load(index)
+            if img is not None:
                 break
-            except (OSError, ValueError, SyntaxError) as e:
-                path = self.path(index)
-                if self.bad_image_policy == 'error':
-                    raise BadImageError(f'cannot read image {path!r}: {e}') from e
-                if path not in self.skipped:
-                    self.skipped.add(path)
-                    _logger.warning(f'skipping unreadable image {path!r} ({e}); using the next image instead')
-                index = (index + 1) % len(self)
+            index = (index + 1) % len(self)
         else:
             raise BadImageError(f'no readable image in {self.reader.root!r}')
         target = self.reader.samples[index][1]

@@ -1,9 +1,32 @@
-""" Training checkpoints: the counters saved beside Accelerate's state, and finding the newest checkpoint. """
+""" Training checkpoints that survive being killed at any moment.
+
+Layout: `output_dir/checkpoints/checkpoint_step_<N>/`, an Accelerate `save_state` folder (model, optimizer,
+RNG states of every process, the registered train state and EMA) plus `config.yaml` (the run's config) and
+`COMPLETE` (written last).
+
+A checkpoint is written into `checkpoints/.partial_step_<N>`, completed with `COMPLETE`, flushed to disk, and
+only then renamed to its final name, so a folder named `checkpoint_step_<N>` is always whole. Old checkpoints
+are renamed to `.deleting_*` before they are removed. A process killed at any point therefore leaves every
+completed checkpoint intact; the leftovers (`.partial_*`, `.deleting_*`) are removed, with a warning, when
+the next run starts in the same folder.
+"""
+import logging
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
-__all__ = ['TrainState', 'latest_checkpoint']
+__all__ = [
+    'TrainState', 'checkpoint_root', 'checkpoint_step', 'complete_checkpoints', 'latest_checkpoint',
+    'is_complete', 'remove_leftovers', 'write_checkpoint', 'prune_checkpoints',
+]
+
+_logger = logging.getLogger(__name__)
+
+COMPLETE = 'COMPLETE'
+_NAME = re.compile(r'^checkpoint_step_(\d+)$')
 
 
 @dataclass
@@ -19,7 +42,106 @@ class TrainState:
         self.step, self.batches = int(state['step']), int(state['batches'])
 
 
-def latest_checkpoint(output_dir: str) -> Optional[Path]:
-    """Newest `checkpoints/checkpoint_N` folder of a run, or None."""
-    folders = [p for p in (Path(output_dir) / 'checkpoints').glob('checkpoint_*') if p.is_dir()]
-    return max(folders, key=lambda p: int(p.name.rsplit('_', 1)[1]), default=None)
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / 'checkpoints'
+
+
+def checkpoint_step(path) -> Optional[int]:
+    """The step in a `checkpoint_step_<N>` folder name, or None for any other name."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def _checkpoint_folders(output_dir) -> List[Tuple[int, Path]]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def complete_checkpoints(output_dir) -> List[Tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of a run, oldest first."""
+    return [(step, p) for step, p in _checkpoint_folders(output_dir) if is_complete(p)]
+
+
+def latest_checkpoint(output_dir, warn: bool = False) -> Optional[Path]:
+    """Newest complete checkpoint of a run, or None. With `warn`, name the incomplete ones skipped."""
+    complete = complete_checkpoints(output_dir)
+    if warn:
+        newest = complete[-1][0] if complete else -1
+        for step, path in _checkpoint_folders(output_dir):
+            if step > newest and not is_complete(path):
+                _logger.warning(f'skipping incomplete checkpoint {path} (no {COMPLETE} marker: its save was '
+                                f'interrupted); using {complete[-1][1] if complete else "none"}')
+    return complete[-1][1] if complete else None
+
+
+def remove_leftovers(output_dir) -> List[Path]:
+    """Remove the `.partial_*` / `.deleting_*` folders that a killed process left behind; return them."""
+    root = checkpoint_root(output_dir)
+    leftovers = sorted(p for p in root.glob('.*') if p.is_dir() and p.name.startswith(('.partial_', '.deleting_')))
+    for path in leftovers:
+        if path.name.startswith('.partial_'):
+            _logger.warning(f'removing {path}: an incomplete checkpoint left by an interrupted save')
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob('*')):
+        if path.is_file():
+            with open(path, 'rb') as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Path:
+    """Save the Accelerate state as `checkpoint_step_<step>`, atomically. Call on every process."""
+    root = checkpoint_root(output_dir)
+    final = root / f'checkpoint_step_{step}'
+    partial = root / f'.partial_step_{step}'
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / 'config.yaml').write_text(config_text)
+        (partial / COMPLETE).write_text(f'step {step}\n')
+        _fsync_tree(partial)
+        if final.exists():  # the same step saved again (e.g. re-run after a resume): keep one, whole
+            os.replace(final, root / f'.deleting_step_{step}')
+        os.replace(partial, final)
+        _fsync_dir(root)
+        shutil.rmtree(root / f'.deleting_step_{step}', ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir, keep: int) -> List[Path]:
+    """Remove all but the newest `keep` complete checkpoints (by step); return the removed folders."""
+    removed = []
+    for step, path in complete_checkpoints(output_dir)[:-keep]:
+        doomed = path.with_name(f'.deleting_{path.name}')
+        os.replace(path, doomed)  # no longer a checkpoint once renamed: a kill mid-delete leaves no half folder
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_config', 'parse_train_args', 'ConfigError']
+__all__ = ['TrainConfig', 'load_config', 'parse_train_args', 'ConfigError', 'RESUMABLE_CHANGES', 'resume_conflicts']
 
 
 class ConfigError(ValueError):
@@ -56,12 +56,17 @@ class TrainConfig:
     cooldown_steps: int = 0  # rsqrt: linear decay to 0 over the last N steps (0 = off)
     min_lr: float = 0.0  # cosine floor
     find_unused_parameters: bool = False  # DDP; stacked experts always take part in the graph
-    seed: int = 0
+    seed: int = 0  # model init and data order; dropout / drop-path / mixup draw from seed + process index
+    # EMA of the weights (timm ModelEmaV3), evaluated beside the raw weights and saved as model_ema/
+    ema_decay: Optional[float] = None  # e.g. 0.9998; None = off
+    ema_warmup: bool = False  # timm's EMA warm-up: decay grows from 0 towards ema_decay over the first steps
     # checkpoints and logging
     output_dir: str = 'outputs/run'
-    checkpoint_every: int = 500  # Accelerate save_state every N steps (and at the end)
-    keep_checkpoints: int = 3  # keep the last K
-    resume: Optional[str] = None  # a checkpoint folder, or 'latest' (newest in output_dir/checkpoints)
+    checkpoint_every: int = 500  # save a checkpoint every N steps (and at the end, and on SIGTERM / Ctrl-C)
+    keep_checkpoints: int = 3  # keep the newest K (by step)
+    # 'latest' (newest complete checkpoint in output_dir, which must exist), 'auto' (latest if there is one,
+    # else start), or a checkpoint folder. Without it a run refuses an output_dir that holds checkpoints.
+    resume: Optional[str] = None
     eval_every: int = 0  # evaluate every N steps (0 = at the end only)
     log_every: int = 10
     trackers: Optional[str] = 'auto'  # Accelerate trackers: 'auto' (tensorboard if installed), 'none', a name
@@ -71,6 +76,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f'ema_decay={self.ema_decay!r} is not valid; expected a number in (0, 1) or null (off)')
         choices = dict(
             bad_image_policy=('skip', 'error'), mixed_precision=('no', 'bf16', 'fp16'),
             schedule=('rsqrt', 'cosine', 'constant'))
@@ -89,6 +96,23 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# keys that may differ when a run is resumed: they change neither the model nor the data order nor the updates
+RESUMABLE_CHANGES = frozenset({
+    'steps', 'resume', 'output_dir', 'data_dir', 'num_workers', 'verify_images', 'bad_image_policy',
+    'eval_batch_size', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'log_every', 'trackers', 'progress',
+    'cooldown_steps',
+})
+
+
+def resume_conflicts(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, Any]:
+    """key -> (checkpoint's value, current value) for the keys that must not change on resume."""
+    return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)}
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

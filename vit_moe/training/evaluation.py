@@ -22,22 +22,32 @@ __all__ = ['evaluate', 'validate', 'fresh_accelerator_state']
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, accelerator, num_classes: int) -> Dict[str, Any]:
-    """top-1, top-5, loss, images/s, sample count and per-layer routing statistics over `loader`."""
+    """top-1, top-5, loss, images/s, sample count and per-layer routing statistics over `loader`.
+
+    `loader` yields `(images, targets)` or `(images, targets, readable)`; samples with `readable` False (an
+    unreadable file, see `vit_moe.data.ImageFolderDataset`) are left out of every metric and counted in
+    `num_excluded`. Returns with the model back in its previous mode.
+    """
+    was_training = model.training
     model.eval()
     device = accelerator.device
     top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro', sync_on_compute=False).to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro',
                               sync_on_compute=False).to(device)
-    loss_sum, count, routing = torch.zeros((), device=device), 0, {}
+    loss_sum, count, excluded, routing = torch.zeros((), device=device), 0, 0, {}
     start = time.perf_counter()
-    for images, targets in loader:
+    for batch in loader:
+        images, targets = batch[0], batch[1]
+        readable = batch[2] if len(batch) > 2 else torch.ones_like(targets, dtype=torch.bool)
         with capture_routing() as captured:
             logits = model(images)
         for name, m in captured.layers.items():  # running sums of per-batch statistics
             acc = routing.setdefault(name, {k: torch.zeros_like(v, dtype=torch.float32) for k, v in m.items()})
             for k, v in m.items():
                 acc[k] += v.float()
-        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
+        logits, targets, readable = accelerator.gather_for_metrics((logits.float(), targets, readable.bool()))
+        excluded += int((~readable).sum())
+        logits, targets = logits[readable], targets[readable]
         top1.update(logits, targets)
         top5.update(logits, targets)
         loss_sum += F.cross_entropy(logits, targets, reduction='sum')
@@ -45,12 +55,13 @@ def evaluate(model: torch.nn.Module, loader, accelerator, num_classes: int) -> D
     elapsed = time.perf_counter() - start
     batches = max(1, len(loader))
     layers = {name: {k: (v / batches).tolist() for k, v in m.items()} for name, m in routing.items()}
-    model.train()
+    model.train(was_training)
     return dict(
         top1=float(top1.compute()) * 100 if count else float('nan'),
         top5=float(top5.compute()) * 100 if count else float('nan'),
         loss=float(loss_sum) / max(1, count),
         num_samples=count,
+        num_excluded=excluded,
         images_per_s=count / elapsed if elapsed > 0 else float('nan'),
         dropped_fraction=(sum(m['dropped_fraction'] for m in layers.values()) / len(layers)) if layers else 0.0,
         layers=layers,
@@ -83,13 +94,13 @@ def validate(
     accelerator = Accelerator(mixed_precision=mixed_precision)
     label_names = checkpoint_label_names(checkpoint)
     class_map = {name: i for i, name in enumerate(label_names)} if label_names else None
-    dataset = ImageFolderDataset(data_dir, split, class_map=class_map)
+    dataset = ImageFolderDataset(data_dir, split, class_map=class_map, substitute_unreadable=False)
     num_classes = len(label_names) if label_names else len(dataset.class_to_idx)
     model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **(model_kwargs or {}))
     dataset.transform = build_transforms(data_config_for(model), None, is_training=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, num_classes)
-    result.update(model=model_name, checkpoint=checkpoint, split=str(dataset.reader.root),
+    result.update(model=model_name, checkpoint=checkpoint, split=str(dataset.reader.root), excluded=dataset.skipped,
                   params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()))
     return result

@@ -1,12 +1,21 @@
 """ Training loop with Hugging Face Accelerate: the same code on CPU, one GPU and many GPUs.
 
-`Trainer(cfg)` sets everything up (Accelerator, data, model, optimizer, resume); `fit()` runs the loop:
-`train_step` (forward with the MoE aux loss, backward, update) then `after_step` (log, checkpoint, evaluate,
-react to SIGTERM / Ctrl-C); `finish()` evaluates and saves the model. Checkpoints are Accelerate `save_state`
-folders (model, optimizer, RNG states, the train state), so `resume` continues exactly, data order included.
+`Trainer(cfg)` sets everything up (Accelerator, data, model, EMA, optimizer, resume); `fit()` runs the loop:
+`train_step` (forward with the MoE aux loss, backward, update) then `after_step` (EMA, log, checkpoint,
+evaluate, react to SIGTERM / Ctrl-C); `finish()` evaluates and saves the model (and its EMA).
+
+Preemption: checkpoints (`vit_moe.training.checkpoints`) are Accelerate `save_state` folders written atomically
+and named by step; they hold the model, optimizer, every process's RNG states, the train state and the EMA, so
+`resume` continues in place exactly, data order and augmentations included, however often the run is killed
+(SIGKILL included) and resumed. SIGTERM / Ctrl-C save a checkpoint at the next step boundary before exiting.
 A non-finite loss stops the run before the update and saves nothing.
+
+Randomness: the model is built and the data order drawn from `seed` on every process; dropout, drop-path and
+mixup then draw from `seed + process index` (as timm's train.py does), so processes do not repeat each
+other's masks. Augmentations are seeded per (seed, epoch, sample).
 """
 import logging
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -21,13 +30,17 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models._hub import save_for_hf
 from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from ..data import ImageFolderDataset, build_transforms, data_config_for, verify_images
+from ..data import BadImageLog, ImageFolderDataset, build_transforms, data_config_for, verify_images
 from ..layers import capture_routing
 from ..models import create_model_from_checkpoint
-from .checkpoints import TrainState, latest_checkpoint
-from .config import TrainConfig
+from .checkpoints import (
+    TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
+    remove_leftovers, write_checkpoint,
+)
+from .config import ConfigError, TrainConfig, resume_conflicts
 from .evaluation import evaluate, fresh_accelerator_state
 from .run_log import RunLog
 from .schedule import learning_rate
@@ -87,6 +100,12 @@ def _any(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), 'sum') > 0)
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + '.partial')
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 class Trainer:
     """One training run as `cfg` says. `Trainer(cfg).fit()` returns a summary (final eval, paths, interruption)."""
 
@@ -94,23 +113,80 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.accelerator = self._make_accelerator()
-        set_seed(cfg.seed)
         self.main = self.accelerator.is_main_process
+        resume_from = self._checkpoint_to_resume()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / 'config.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            remove_leftovers(self.out)
+            _write_atomically(self.out / 'config.yaml', cfg.to_yaml())
+        self.accelerator.wait_for_everyone()
+        set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
-        self._resume()
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
+        set_seed(cfg.seed, device_specific=True)  # dropout, drop-path, mixup: seed + process index
+        self.last_saved = -1
+        if resume_from is not None:
+            self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
+            self.last_saved = self.state.step
+            _logger.info(f'resumed from {resume_from} at step {self.state.step}')
         if _trackers(cfg):
             self.accelerator.init_trackers('vit_moe', config={k: v for k, v in cfg.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
-        self.log = RunLog(self.out / 'log.jsonl', self.accelerator, enabled=self.main)
-        self.last_saved = -1
+        self.log = RunLog(self.out / 'log.jsonl', self.accelerator, start_step=self.state.step, enabled=self.main)
+        if resume_from is not None:
+            self.log.write(dict(type='resume', step=self.state.step, checkpoint=str(resume_from)), self.state.step)
+        self._logged_bad_images = set()
         self.interrupted = 0
 
     # ----------------------------------------------------------------------------------------------- set-up
+    def _checkpoint_to_resume(self) -> Optional[Path]:
+        """The checkpoint `cfg.resume` names (None for a new run), refusing what would mix or lose runs."""
+        cfg, out = self.cfg, self.out
+        latest = latest_checkpoint(out, warn=self.main and cfg.resume in ('latest', 'auto'))
+        if not cfg.resume:
+            if latest is not None:
+                raise ConfigError(
+                    f'output_dir {str(out)!r} already holds checkpoints (newest: {latest.name}); continue that run '
+                    f'with resume=latest (or auto), or give another output_dir')
+            return None
+        if cfg.resume in ('latest', 'auto'):
+            if latest is None and cfg.resume == 'latest':
+                raise FileNotFoundError(
+                    f'resume=latest: no complete checkpoint in {str(out / "checkpoints")!r}; use resume=auto to start '
+                    f'a new run when there is none, or give a checkpoint folder')
+            resume_from = latest
+        else:
+            resume_from = Path(cfg.resume)
+            if not resume_from.is_dir():
+                raise FileNotFoundError(f'resume={cfg.resume!r} is not a folder; expected a checkpoint folder '
+                                        f'(checkpoints/checkpoint_step_N), "latest" or "auto"')
+            if not is_complete(resume_from):
+                raise ValueError(f'resume={cfg.resume!r} is an incomplete checkpoint (no COMPLETE marker: its save '
+                                 f'was interrupted); resume from an earlier one')
+            existing = complete_checkpoints(out)
+            in_place = resume_from.resolve().parent == (out / 'checkpoints').resolve()
+            newer = [p.name for step, p in existing if step > (checkpoint_step(resume_from) or 0)]
+            if existing and not in_place or newer:
+                raise ConfigError(
+                    f'output_dir {str(out)!r} holds checkpoints ({", ".join(p.name for _, p in existing)}) that '
+                    f'resuming from {cfg.resume!r} would mix with or overwrite; resume into another output_dir')
+        if resume_from is not None:
+            self._check_resumable(resume_from)
+        return resume_from
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        saved = checkpoint / 'config.yaml'
+        if not saved.is_file():
+            return
+        conflicts = resume_conflicts(yaml.safe_load(saved.read_text()) or {}, self.cfg.to_dict())
+        if conflicts:
+            changes = '; '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in conflicts.items())
+            raise ConfigError(f'cannot resume {checkpoint} with a different {", ".join(conflicts)} ({changes}); '
+                              f'only steps, data_dir, logging, checkpointing and evaluation settings may change')
+
     def _make_accelerator(self) -> Accelerator:
         cfg, out = self.cfg, self.out
         fresh_accelerator_state()
@@ -118,9 +194,7 @@ class Trainer:
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum_steps,
             log_with=_trackers(cfg),
-            project_config=ProjectConfiguration(
-                project_dir=str(out), logging_dir=str(out / 'tensorboard'), automatic_checkpoint_naming=True,
-                total_limit=cfg.keep_checkpoints),
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / 'tensorboard')),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
         )
@@ -129,16 +203,19 @@ class Trainer:
         cfg = self.cfg
         if cfg.data_dir is None:
             raise ValueError('data_dir is not set; expected a folder with train/ and val/ class folders')
-        self.train_set = ImageFolderDataset(cfg.data_dir, cfg.train_split, bad_image_policy=cfg.bad_image_policy)
+        self.bad_images = BadImageLog(self.out / 'bad_images.jsonl')
+        self.train_set = ImageFolderDataset(cfg.data_dir, cfg.train_split, bad_image_policy=cfg.bad_image_policy,
+                                            bad_image_log=self.bad_images)
         self.val_set = ImageFolderDataset(cfg.data_dir, cfg.val_split, class_map=self.train_set.class_to_idx,
-                                          bad_image_policy=cfg.bad_image_policy)
+                                          bad_image_policy=cfg.bad_image_policy, substitute_unreadable=False,
+                                          bad_image_log=self.bad_images)
         self.num_classes = len(self.train_set.class_to_idx)
         model = create_model_from_checkpoint(cfg.model, cfg.pretrained, num_classes=self.num_classes,
                                              **cfg.model_kwargs)
-        data_config = data_config_for(model, cfg.input_size)
-        self.train_set.transform = build_transforms(data_config, cfg, is_training=True)
+        self.data_config = data_config_for(model, cfg.input_size)
+        self.train_set.transform = build_transforms(self.data_config, cfg, is_training=True)
         self.train_set.seed = cfg.seed
-        self.val_set.transform = build_transforms(data_config, cfg, is_training=False)
+        self.val_set.transform = build_transforms(self.data_config, cfg, is_training=False)
         if cfg.verify_images:
             self._verify_images()
 
@@ -155,6 +232,9 @@ class Trainer:
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                            num_classes=self.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
         self.loss_fn = _loss_fn(cfg)
+        # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP)
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
+                              device=self.accelerator.device) if cfg.ema_decay else None
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
@@ -165,17 +245,6 @@ class Trainer:
             raise ValueError(f'{len(bad)} unreadable image(s): ' + '; '.join(f'{p} ({e})' for p, e in bad[:10]))
         for path, error in bad:
             _logger.warning(f'unreadable image {path!r} ({error}); it will be skipped')
-
-    def _resume(self) -> None:
-        cfg = self.cfg
-        if not cfg.resume:
-            return
-        resume = latest_checkpoint(cfg.output_dir) if cfg.resume == 'latest' else Path(cfg.resume)
-        if resume is None or not resume.is_dir():
-            raise FileNotFoundError(f'resume={cfg.resume!r}: no checkpoint folder found; expected a '
-                                    f'checkpoints/checkpoint_N folder or "latest" with checkpoints in {self.out}')
-        self.accelerator.load_state(str(resume))
-        _logger.info(f'resumed from {resume} at step {self.state.step}')
 
     # ------------------------------------------------------------------------------------------- the loop
     def fit(self) -> Dict[str, Any]:
@@ -215,7 +284,7 @@ class Trainer:
             if _any(accelerator, not bool(torch.isfinite(loss.detach()))):
                 raise NonFiniteLossError(
                     f'non-finite loss ({loss.item():.4g}) at step {self.state.step + 1}; stopped before the update '
-                    f'and saved nothing. Last good checkpoint: {latest_checkpoint(cfg.output_dir) or "none"}. '
+                    f'and saved nothing. Last good checkpoint: {latest_checkpoint(self.out) or "none"}. '
                     f'Try a lower lr (was {cfg.lr}), grad_clip, or mixed_precision=no.')
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.grad_clip:
@@ -227,16 +296,18 @@ class Trainer:
         return dict(loss=loss.detach(), task_loss=task_loss.detach(), aux_loss=aux_loss.detach(), routing=routing)
 
     def after_step(self, step_output: Dict[str, Any], epoch: int, stop: _StopSignal) -> bool:
-        """Count the optimizer step, then log / checkpoint / evaluate when due. True when the run must stop."""
+        """Count the optimizer step, update the EMA, then log / checkpoint / evaluate when due. True: stop now."""
         cfg, state = self.cfg, self.state
         state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=state.step)
         self.progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
             self._log_train(step_output, epoch)
         if state.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-            self.log.write(dict(type='eval', step=state.step, **self.evaluate()), step=state.step)
+            self._log_evaluation()
             self.window_start, self.window_images = time.perf_counter(), 0
         if _any(self.accelerator, bool(stop.signum)):
             self.interrupted = stop.signum or signal.SIGTERM
@@ -257,15 +328,40 @@ class Trainer:
             expert_load={n: m['expert_load'].tolist() for n, m in layers.items()},
             importance={n: m['importance'].tolist() for n, m in layers.items()}), step=self.state.step)
         self.progress.set_postfix(loss=f'{loss:.3f}')
+        self._log_bad_images()
         self.window_start, self.window_images = time.perf_counter(), 0
 
+    def _log_bad_images(self) -> None:
+        """Unreadable images recorded since the last call (by any process or worker) into log.jsonl."""
+        for entry in self.bad_images.entries():
+            if entry['path'] not in self._logged_bad_images:
+                self._logged_bad_images.add(entry['path'])
+                self.log.write(dict(type='bad_image', step=self.state.step, **entry), step=self.state.step)
+
     def save_checkpoint(self) -> None:
-        if self.last_saved != self.state.step:
-            self.accelerator.save_state()
-            self.last_saved = self.state.step
+        """Write `checkpoint_step_<step>` atomically, then keep the newest `keep_checkpoints`."""
+        if self.last_saved == self.state.step:
+            return
+        write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml())
+        if self.main:
+            prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        self.last_saved = self.state.step
 
     def evaluate(self) -> Dict[str, Any]:
-        return evaluate(self.model, self.val_loader, self.accelerator, self.num_classes)
+        """The raw model's evaluation, with `ema_` keys for the EMA weights' when EMA is on."""
+        result = evaluate(self.model, self.val_loader, self.accelerator, self.num_classes)
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.accelerator, self.num_classes)
+            result.update({f'ema_{k}': v for k, v in ema.items() if k not in ('layers', 'num_excluded')})
+        return result
+
+    def _log_evaluation(self) -> Dict[str, Any]:
+        result = self.evaluate()
+        self._log_bad_images()
+        excluded = [e['path'] for e in self.bad_images.entries() if e.get('split') == self.cfg.val_split]
+        self.log.write(dict(type='eval', step=self.state.step, excluded=excluded, **result), step=self.state.step)
+        return dict(result, excluded=excluded)
 
     # ------------------------------------------------------------------------------------------ the end
     def finish(self) -> Dict[str, Any]:
@@ -273,20 +369,26 @@ class Trainer:
         final_eval = None
         if not self.interrupted:
             self.save_checkpoint()
-            final_eval = self.evaluate()
-            self.log.write(dict(type='eval', step=self.state.step, **final_eval), step=self.state.step)
+            final_eval = self._log_evaluation()
             self.accelerator.wait_for_everyone()
             if self.main:
-                save_for_hf(self.unwrapped, str(self.out / 'model'), safe_serialization=True,
-                            model_config=dict(pretrained_cfg=dict(label_names=list(self.train_set.class_to_idx))))
+                self._save_model(self.unwrapped, self.out / 'model')
+                if self.ema is not None:
+                    self._save_model(self.ema.module, self.out / 'model_ema')
+        self._log_bad_images()
         self.accelerator.end_training()
         self.log.close()
         return dict(
             step=self.state.step, interrupted=int(self.interrupted), eval=final_eval, output_dir=str(self.out),
-            model_dir=str(self.out / 'model'), checkpoint=str(latest_checkpoint(self.cfg.output_dir)),
-            num_classes=self.num_classes, skipped_images=sorted(self.train_set.skipped | self.val_set.skipped),
+            model_dir=str(self.out / 'model'), ema_model_dir=str(self.out / 'model_ema') if self.ema else None,
+            checkpoint=str(latest_checkpoint(self.out)), num_classes=self.num_classes,
+            skipped_images=sorted(e['path'] for e in self.bad_images.entries()),
             params=sum(p.numel() for p in self.unwrapped.parameters()),
         )
+
+    def _save_model(self, model: torch.nn.Module, folder: Path) -> None:
+        save_for_hf(model, str(folder), safe_serialization=True,
+                    model_config=dict(pretrained_cfg=dict(label_names=list(self.train_set.class_to_idx))))
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
