@@ -60,10 +60,14 @@ def log_records(output_dir, kind='train'):
     return [r for r in map(json.loads, open(Path(output_dir) / 'log.jsonl')) if r['type'] == kind]
 
 
+def script_env() -> dict:
+    """Environment of the front ends run by the tests: this checkout importable, CPU only, one thread each."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1')
+
+
 def run_script(args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command-line front end from the repository root, one thread per process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    """Run a command-line front end from the repository root."""
+    return subprocess.run(args, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def free_port() -> int:
@@ -72,11 +76,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(num_processes: int = 2):
-    """`accelerate launch` on CPU with `num_processes` processes (DDP over gloo)."""
-    return [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', str(num_processes), '--cpu',
-            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-            '--main_process_port', str(free_port())]
+def launch_processes(num_processes: int = 2):
+    """`num_processes` processes on CPU (DDP over gloo) through torch's launcher, which Accelerate picks up.
+
+    `accelerate launch --cpu --num_processes N` starts a single process on a machine without GPUs (its simple
+    launcher), so the tests use `torch.distributed.run` and check that the run saw N processes.
+    """
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(num_processes),
+            '--master_addr', '127.0.0.1', '--master_port', str(free_port())]
 
 
 @pytest.fixture

@@ -57,6 +57,17 @@ def test_shipped_configs_load():
         assert load_config(str(path)).steps >= 1, path
 
 
+def test_shipped_digits_moe_config_continues_the_dense_runs_curve():
+    from pathlib import Path
+    configs = Path(__file__).parent.parent / 'configs'
+    dense, moe = (load_config(str(configs / name)) for name in ('digits_dense.yaml', 'digits_moe.yaml'))
+    assert (moe.lr, moe.warmup_steps, moe.weight_decay, moe.batch_size) == (
+        dense.lr, dense.warmup_steps, dense.weight_decay, dense.batch_size)
+    assert moe.step_offset == dense.steps
+    longer_dense = TrainConfig(**dict(dense.to_dict(), steps=dense.steps + 1))
+    assert learning_rate(0, moe) == pytest.approx(learning_rate(dense.steps, longer_dense))
+
+
 @given(offset=st.integers(0, 10_000), step=st.integers(0, 10_000), warmup=st.integers(0, 1000))
 def test_rsqrt_with_step_offset_continues_the_dense_schedule(offset, step, warmup):
     dense = TrainConfig(lr=1e-3, warmup_steps=warmup, steps=offset + step + 1)

@@ -18,7 +18,7 @@ from vit_moe.data import BadImageError
 from vit_moe.layers import RoutingCapture
 from vit_moe.training import NonFiniteLossError, latest_checkpoint, train, validate
 
-from conftest import ROOT, TRAIN_MOE, accelerate_launch, log_records, make_image_folder, run_script, tiny_config
+from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
 
 
 def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_path, data):
@@ -89,7 +89,7 @@ def _cli_args(tmp_path, **overrides):
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    env = script_env()
     proc = subprocess.Popen([sys.executable, 'train_scripts/train.py', *_cli_args(tmp_path, steps=100000,
                             checkpoint_every=100000)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -109,9 +109,11 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
 
 def test_two_processes_train_and_count_every_validation_sample_once(tmp_path):
     make_image_folder(tmp_path / 'data', per_class=(8, 5))  # 15 val images: not a multiple of 2 x batch 4
-    launch = accelerate_launch(2)
+    launch = launch_processes(2)
     result = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
+    start = log_records(tmp_path / 'run', 'start')[0]
+    assert (start['num_processes'], start['distributed_type']) == (2, 'MULTI_CPU')  # not two independent runs
     evals = log_records(tmp_path / 'run', 'eval')
     assert evals[-1]['num_samples'] == 15
     train_records = log_records(tmp_path / 'run')
@@ -184,3 +186,32 @@ def test_gradient_accumulation_bf16_and_tensorboard(tmp_path, data):
     assert state == dict(step=3, batches=6)
     assert all(np.isfinite(r['loss']) for r in records)
     assert list((tmp_path / 'run').rglob('events.out.tfevents*'))
+
+
+def test_unreadable_images_with_two_workers_are_reported_once_and_left_out_of_evaluation(tmp_path, data):
+    bad_train = data / 'train' / 'class_1' / 'broken.png'
+    bad_val = data / 'val' / 'class_2' / 'broken.png'
+    for path in (bad_train, bad_val):
+        path.write_bytes(b'\x89PNG\r\n\x1a\n this is not an image')
+    result = run_script([sys.executable, 'train_scripts/train.py', *_cli_args(tmp_path, num_workers=2, steps=14)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 37 train images / batch 4: two epochs, fresh workers each epoch, yet one warning per file
+    assert result.stderr.count(f'skipping unreadable image {str(bad_train)!r}') == 1
+    assert result.stderr.count(f'skipping unreadable image {str(bad_val)!r}') == 1
+    logged = {r['path']: r['split'] for r in log_records(tmp_path / 'run', 'bad_image')}
+    assert logged == {str(bad_train): 'train', str(bad_val): 'val'}
+    final = log_records(tmp_path / 'run', 'eval')[-1]
+    assert (final['num_samples'], final['num_excluded'], final['excluded']) == (15, 1, [str(bad_val)])
+
+
+def test_evaluation_scores_distinct_images_only(tmp_path, data):
+    torch.manual_seed(0)  # the same random model for both evaluations
+    clean = validate('vit_ti16_moe_upcycled', None, str(data), batch_size=4, num_workers=0,
+                     model_kwargs=TRAIN_MOE)
+    (data / 'val' / 'class_0' / 'zz_broken.png').write_bytes(b'not an image')  # sorts last in its class
+    torch.manual_seed(0)
+    with_bad = validate('vit_ti16_moe_upcycled', None, str(data), batch_size=4, num_workers=2,
+                        model_kwargs=TRAIN_MOE)
+    assert (with_bad['num_samples'], with_bad['num_excluded']) == (15, 1)
+    assert with_bad['excluded'] == [str(data / 'val' / 'class_0' / 'zz_broken.png')]
+    assert with_bad['top1'] == clean['top1'] and with_bad['loss'] == pytest.approx(clean['loss'], rel=1e-6)

@@ -15,7 +15,7 @@ from .layers import (
 )
 from .models import (
     DENSE_SOURCES, CheckpointMismatchError, VisionTransformerMoE, convert_dense_to_moe, create_model_from_checkpoint,
-    is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, upcycle,
+    is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, save_trained_model, upcycle,
 )
 
 __version__ = '0.2.0'

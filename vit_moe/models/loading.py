@@ -1,30 +1,42 @@
 """ Build a timm model from a checkpoint through timm's own pretrained machinery.
 
-Accepted checkpoints: None (random init), 'default' (timm's Hub weights), 'hf-hub:org/name', a trainer output
-folder (`model.safetensors` + timm `config.json`), or a `.safetensors` / `.pth` file holding dense or MoE weights.
-A trainer folder's `config.json` supplies the model arguments, the data config and the label names.
+Accepted checkpoints: None (random init), 'default' (timm's Hub weights), 'hf-hub:org/name', a model folder written by
+`save_trained_model` (`model.safetensors` + timm `config.json`, also as 'local-dir:<folder>'), or a `.safetensors` /
+`.pth` file holding dense or MoE weights. A folder of the same architecture loads through timm's `local-dir:` source:
+its config.json restores the model arguments, the data config and the label names. A folder of another architecture
+(e.g. a dense model to upcycle) gives its weights, data config and label names.
 """
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
 
+from .conversion import CheckpointMismatchError
+from .saving import CONFIG_NAME, DATA_CONFIG_KEYS, WEIGHTS_NAME, interrupted_save_leftovers
+
 __all__ = ['create_model_from_checkpoint', 'checkpoint_num_classes', 'checkpoint_label_names', 'trainer_config']
 
-DATA_CONFIG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'crop_mode', 'interpolation', 'label_names')
+LOCAL_DIR = 'local-dir:'
+ACCEPTED = ('expected None, "default", "hf-hub:org/name", a model folder holding model.safetensors + config.json '
+            '(written by save_trained_model; also as "local-dir:<folder>"), or a .safetensors / .pth file')
 
 
 def trainer_config(path: Path) -> Dict[str, Any]:
-    """The timm config.json written beside a trainer's model.safetensors ({} when there is none)."""
-    path = Path(path)
-    config = (path if path.is_dir() else path.parent) / 'config.json'
-    return json.loads(config.read_text()) if config.is_file() else {}
+    """The timm config.json of a model folder, or beside a weights file ({} when there is none)."""
+    path = Path(str(path)[len(LOCAL_DIR):] if str(path).startswith(LOCAL_DIR) else path)
+    config = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        return json.loads(config.read_text(encoding='utf-8'))
+    except ValueError as e:
+        raise ValueError(f'{config} is not valid JSON ({e}); expected the config.json written with the weights') from e
 
 
 def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]:
-    """Output classes of a checkpoint's classifier, read from a trainer-written config.json or the file itself."""
+    """Output classes of a checkpoint's classifier, read from its config.json or the weights file itself."""
     path = Path(path)
     saved = trainer_config(path)
     if saved.get('num_classes'):
@@ -48,15 +60,81 @@ def checkpoint_num_classes(path: str, classifier: str = 'head') -> Optional[int]
     return int(weight.shape[0]) if weight is not None else None
 
 
+def _saved_label_names(saved: Dict[str, Any]) -> Optional[List[str]]:
+    names = saved.get('label_names') or saved.get('pretrained_cfg', {}).get('label_names')
+    return list(names) if isinstance(names, (list, tuple)) and names else None
+
+
 def checkpoint_label_names(checkpoint: Optional[str]) -> Optional[List[str]]:
-    """Label names saved by the trainer beside a checkpoint, or None."""
+    """Label names saved in a checkpoint's config.json (timm's top-level `label_names`, or its pretrained_cfg's)."""
     if not checkpoint or checkpoint in ('default', 'none') or checkpoint.startswith('hf-hub:'):
         return None
-    return trainer_config(Path(checkpoint)).get('pretrained_cfg', {}).get('label_names')
+    return _saved_label_names(trainer_config(Path(checkpoint)))
 
 
 def _with_classes(kwargs: Dict[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
     return dict(kwargs, num_classes=num_classes) if num_classes else kwargs
+
+
+def _leftover_hint(folder: Path) -> str:
+    leftovers = interrupted_save_leftovers(folder)
+    if not leftovers:
+        return ''
+    return (f'; a save interrupted between its two renames left the previous complete copy {str(leftovers[-1])!r}: '
+            f'rename it to {str(folder)!r} to use it')
+
+
+def _local_weights(checkpoint: str) -> Tuple[Optional[Path], Path]:
+    """(model folder or None, weights file) of a local checkpoint, or a clear error naming what is missing."""
+    path = Path(checkpoint[len(LOCAL_DIR):] if checkpoint.startswith(LOCAL_DIR) else checkpoint)
+    if path.is_dir():
+        missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f'checkpoint folder {checkpoint!r} lacks {" and ".join(missing)}; expected a model folder written by '
+                f'save_trained_model (model.safetensors + config.json){_leftover_hint(path)}')
+        return path, path / WEIGHTS_NAME
+    if path.is_file():
+        in_folder = path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file()
+        return (path.parent if in_folder else None), path
+    raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist; {ACCEPTED}{_leftover_hint(path)}')
+
+
+def _saved_data_config(saved: Dict[str, Any], keep_labels: bool) -> Dict[str, Any]:
+    """pretrained_cfg entries for the saved data config (and label names), as timm's registry writes them."""
+    cfg = saved.get('pretrained_cfg', {})
+    overlay = {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in DATA_CONFIG_KEYS if k in cfg}
+    labels = _saved_label_names(saved)
+    overlay['label_names'] = tuple(labels) if labels and keep_labels else None
+    return overlay
+
+
+def _record_args(model: torch.nn.Module, kwargs: Dict[str, Any]) -> torch.nn.Module:
+    """Keep the creation arguments on the model where timm < 1.0.31 does not, as timm >= 1.0.31 does itself."""
+    if not hasattr(model, '_model_args'):
+        model._model_args = {k: v for k, v in kwargs.items() if k not in ('device', 'dtype')}
+    return model
+
+
+def _create_from_local(model_name: str, checkpoint: str, num_classes: Optional[int], kwargs: Dict[str, Any]):
+    folder, weights = _local_weights(checkpoint)
+    saved = trainer_config(weights) if folder else {}
+    saved_classes = saved.get('num_classes') or checkpoint_num_classes(str(weights))
+    keep_labels = not num_classes or num_classes == saved_classes  # a new head: the saved names do not describe it
+    if folder and saved.get('architecture') == model_name:
+        kwargs = _with_classes(dict(saved.get('model_args', {}), **kwargs), num_classes)
+        overlay = _saved_data_config(saved, keep_labels)
+        model = timm.create_model(f'{LOCAL_DIR}{folder}', pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _record_args(model, kwargs)
+    # a bare weights file, or a folder of another architecture (e.g. dense weights to upcycle)
+    overlay = dict(file=str(weights), hf_hub_id=None, url=None, tag=None)  # the file's weights, not the registry's
+    if folder:
+        overlay.update(_saved_data_config(saved, keep_labels))
+    if saved_classes:
+        overlay['num_classes'] = saved_classes  # lets timm keep the head when the class counts agree
+    kwargs = dict(kwargs, num_classes=num_classes or saved_classes or 1000)
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return _record_args(model, kwargs)
 
 
 def create_model_from_checkpoint(
@@ -66,34 +144,28 @@ def create_model_from_checkpoint(
 
     Args:
         model_name: registered name.
-        checkpoint: None (random init), 'default' (timm's Hub weights), 'hf-hub:org/name', a trainer output folder
-            (holding model.safetensors + config.json), or a .safetensors / .pth file (dense or MoE).
-        num_classes: classes of the model to build; default: the checkpoint's.
+        checkpoint: None (random init), 'default' (timm's Hub weights), 'hf-hub:org/name', a model folder written by
+            `save_trained_model` (or 'local-dir:<folder>'), or a .safetensors / .pth file (dense or MoE).
+        num_classes: classes of the model to build; default: the checkpoint's. The saved label names are kept
+            (in `model.pretrained_cfg['label_names']`) only when the class count is the checkpoint's.
+        **kwargs: model arguments; for a model folder they override the saved ones.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without its files.
+        CheckpointMismatchError: weights that do not fit the model, naming `checkpoint` and the file.
     """
     if checkpoint in (None, '', 'none'):
-        return timm.create_model(model_name, num_classes=num_classes or 1000, **kwargs)
+        kwargs = dict(kwargs, num_classes=num_classes or 1000)
+        return _record_args(timm.create_model(model_name, **kwargs), kwargs)
     if checkpoint == 'default':
-        return timm.create_model(model_name, pretrained=True, **_with_classes(kwargs, num_classes))
+        kwargs = _with_classes(kwargs, num_classes)
+        return _record_args(timm.create_model(model_name, pretrained=True, **kwargs), kwargs)
     if checkpoint.startswith('hf-hub:'):
         overlay = dict(hf_hub_id=checkpoint[len('hf-hub:'):])
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
-                                 **_with_classes(kwargs, num_classes))
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / 'model.safetensors'
-    if not path.exists():
-        raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist; expected a .safetensors / .pth file, a '
-                                f'trainer output folder with model.safetensors, "default" or "hf-hub:org/name"')
-    overlay = dict(file=str(path))
-    saved = trainer_config(path)  # written with the weights by the trainer: reuse its model arguments and data config
-    if saved.get('architecture') == model_name:
-        saved_args = {k: v for k, v in saved.get('model_args', {}).items() if k != 'num_classes'}
-        kwargs = dict(saved_args, **kwargs)
-        saved_cfg = saved.get('pretrained_cfg', {})
-        overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_cfg.items()
-                        if k in DATA_CONFIG_KEYS})
-    file_classes = checkpoint_num_classes(str(path))
-    if file_classes:
-        overlay['num_classes'] = file_classes  # lets timm keep the head when the class counts agree
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay,
-                             num_classes=num_classes or file_classes or 1000, **kwargs)
+        kwargs = _with_classes(kwargs, num_classes)
+        return _record_args(timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs),
+                            kwargs)
+    try:
+        return _create_from_local(model_name, checkpoint, num_classes, kwargs)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f'checkpoint {checkpoint!r} given for {model_name}: {e}') from e

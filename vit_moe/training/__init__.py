@@ -3,7 +3,7 @@ from .._extras import require_extra
 
 require_extra('train', ('accelerate', 'torchmetrics', 'yaml', 'tqdm'), 'vit_moe.training')
 
-from .checkpoints import TrainState, latest_checkpoint  # noqa: E402
+from .checkpoints import TrainState, complete_checkpoints, latest_checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig, load_config, parse_train_args  # noqa: E402
 from .evaluation import evaluate, fresh_accelerator_state, validate  # noqa: E402
 from .loop import NonFiniteLossError, Trainer, train  # noqa: E402

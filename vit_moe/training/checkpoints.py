@@ -136,12 +136,16 @@ def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Pa
     return final
 
 
+def _erase(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def prune_checkpoints(output_dir, keep: int) -> List[Path]:
     """Remove all but the newest `keep` complete checkpoints (by step); return the removed folders."""
     removed = []
     for step, path in complete_checkpoints(output_dir)[:-keep]:
         doomed = path.with_name(f'.deleting_{path.name}')
         os.replace(path, doomed)  # no longer a checkpoint once renamed: a kill mid-delete leaves no half folder
-        shutil.rmtree(doomed, ignore_errors=True)
+        _erase(doomed)
         removed.append(path)
     return removed

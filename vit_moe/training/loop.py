@@ -28,14 +28,13 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models._hub import save_for_hf
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..data import BadImageLog, ImageFolderDataset, build_transforms, data_config_for, verify_images
 from ..layers import capture_routing
-from ..models import create_model_from_checkpoint
+from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
 from .checkpoints import (
     TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
     remove_leftovers, write_checkpoint,
@@ -138,6 +137,9 @@ class Trainer:
         self.log = RunLog(self.out / 'log.jsonl', self.accelerator, start_step=self.state.step, enabled=self.main)
         if resume_from is not None:
             self.log.write(dict(type='resume', step=self.state.step, checkpoint=str(resume_from)), self.state.step)
+        self.log.write(dict(type='start', step=self.state.step, num_processes=self.accelerator.num_processes,
+                            distributed_type=str(self.accelerator.distributed_type.value),
+                            mixed_precision=self.accelerator.mixed_precision), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
 
@@ -213,6 +215,7 @@ class Trainer:
         model = create_model_from_checkpoint(cfg.model, cfg.pretrained, num_classes=self.num_classes,
                                              **cfg.model_kwargs)
         self.data_config = data_config_for(model, cfg.input_size)
+        trained_model_config(model, data_config=self.data_config, model_args=cfg.model_kwargs)  # bad values fail here
         self.train_set.transform = build_transforms(self.data_config, cfg, is_training=True)
         self.train_set.seed = cfg.seed
         self.val_set.transform = build_transforms(self.data_config, cfg, is_training=False)
@@ -387,8 +390,10 @@ class Trainer:
         )
 
     def _save_model(self, model: torch.nn.Module, folder: Path) -> None:
-        save_for_hf(model, str(folder), safe_serialization=True,
-                    model_config=dict(pretrained_cfg=dict(label_names=list(self.train_set.class_to_idx))))
+        """model.safetensors + timm config.json (model args, data config, label names), written atomically."""
+        class_to_idx = self.train_set.class_to_idx
+        save_trained_model(model, folder, label_names=sorted(class_to_idx, key=class_to_idx.get),
+                           data_config=self.data_config, model_args=self.cfg.model_kwargs, source=self.cfg.pretrained)
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:

@@ -1,0 +1,233 @@
+"""Preemption as users meet it: SIGTERM / SIGKILL at any moment, resume in the same output folder, again and
+again; the run ends with exactly the weights of an uninterrupted one and loses no completed checkpoint."""
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vit_moe.training import ConfigError, complete_checkpoints, latest_checkpoint, train
+
+from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
+
+# dropout and mixup make every RNG (torch, numpy, the data order) matter for an exact resume
+RUN = dict(model='vit_ti16_moe_upcycled', model_kwargs=json.dumps(dict(TRAIN_MOE, drop_rate=0.1)), batch_size=6,
+           num_workers=0, steps=10, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=2,
+           trackers='none', progress='false', hflip=0.0, mixup=0.4)
+
+
+def _args(data, output_dir, **overrides):
+    values = dict(RUN, data_dir=str(data), output_dir=str(output_dir), **overrides)
+    return [f'--{k}={v}' for k, v in values.items()]
+
+
+
+
+def _weights(output_dir):
+    return load_file(str(Path(output_dir) / 'model' / 'model.safetensors'))
+
+
+def _assert_same_weights(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _assert_checkpoints_whole(output_dir):
+    """Every folder named like a checkpoint is complete and holds the model and the train state."""
+    for path in (Path(output_dir) / 'checkpoints').glob('checkpoint_step_*'):
+        assert (path / 'COMPLETE').is_file(), path
+        assert (path / 'model.safetensors').is_file() and (path / 'custom_checkpoint_0.pkl').is_file(), path
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('preemption') / 'data')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data, tmp_path_factory):
+    """The reference: the same run, never stopped (a subprocess, like the interrupted ones)."""
+    out = tmp_path_factory.mktemp('uninterrupted') / 'run'
+    result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(weights=_weights(out), losses=[r['loss'] for r in log_records(out)], output_dir=out)
+
+
+def test_resume_after_resume_after_resume_in_the_same_folder(tmp_path, data):
+    common = dict(data_dir=str(data), model_kwargs=dict(TRAIN_MOE, drop_rate=0.1), mixup=0.4, checkpoint_every=2,
+                  keep_checkpoints=2)
+    full = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'full'), steps=9, **common))
+    for steps in (3, 6, 9):  # a first run, then three resumes in place (the last one with nothing left to train)
+        summary = train(tiny_config(tmp_path, steps=steps, resume='auto', **common))
+        assert summary['step'] == steps
+    train(tiny_config(tmp_path, steps=9, resume='latest', **common))
+    records = log_records(tmp_path / 'run')
+    assert [r['step'] for r in records] == list(range(1, 10))  # each step once: log.jsonl reads as one run
+    np.testing.assert_allclose([r['loss'] for r in records], [r['loss'] for r in log_records(full['output_dir'])],
+                               rtol=1e-5, atol=1e-6)
+    assert [p.name for _, p in complete_checkpoints(tmp_path / 'run')] == ['checkpoint_step_8', 'checkpoint_step_9']
+    _assert_same_weights(_weights(tmp_path / 'run'), _weights(full['output_dir']))
+    resumes = log_records(tmp_path / 'run', 'resume')
+    assert [r['step'] for r in resumes] == [3, 6, 9]  # the first run started fresh
+
+
+def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp_path, data, uninterrupted):
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, 'train_scripts/train.py', *_args(data, out)], cwd=ROOT, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / 'log.jsonl').exists() and len(log_records(out)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    stopped_at = torch.load(latest_checkpoint(out) / 'custom_checkpoint_0.pkl', weights_only=True)['step']
+    assert 3 <= stopped_at < 10 and f'checkpoint_step_{stopped_at}' in stderr
+    result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'at step {stopped_at}' in result.stderr  # the resume line names the step
+    np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(_weights(out), uninterrupted['weights'])
+
+
+# A driver that SIGKILLs its own process at the n-th call of a function: inside a step, after a checkpoint's files
+# are written but before it is renamed into place, and while an old checkpoint is being deleted.
+_KILLER = '''
+import os, runpy, signal, sys
+import vit_moe.training.checkpoints as checkpoints, vit_moe.training.loop as loop
+target, n = sys.argv[1], int(sys.argv[2])
+owner, name = {'step': (loop.Trainer, 'train_step'), 'save': (checkpoints, '_fsync_tree'),
+               'prune': (checkpoints, '_erase')}[target]
+real, calls = getattr(owner, name), [0]
+def killer(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(owner, name, killer)
+sys.argv = ['train.py'] + sys.argv[3:]
+runpy.run_path('train_scripts/train.py', run_name='__main__')
+'''
+
+
+@pytest.mark.parametrize('target, n', [('step', 6), ('save', 2), ('prune', 1)])
+def test_sigkill_during_a_step_a_save_or_a_deletion_loses_nothing(tmp_path, data, uninterrupted, target, n):
+    out = tmp_path / 'run'
+    killed = run_script([sys.executable, '-c', _KILLER, target, str(n), *_args(data, out)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _assert_checkpoints_whole(out)
+    before = latest_checkpoint(out)
+    assert before is not None
+    leftover = {'save': '.partial_step_*', 'prune': '.deleting_*'}.get(target)
+    if leftover:  # what the kill left is not taken for a checkpoint, and is cleared on resume
+        assert list((out / 'checkpoints').glob(leftover))
+    resumed = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((out / 'checkpoints').glob('.*'))  # leftovers cleared
+    _assert_same_weights(_weights(out), uninterrupted['weights'])
+    np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
+
+
+def _last_step(output_dir) -> int:
+    path = Path(output_dir) / 'log.jsonl'
+    return max((r['step'] for r in log_records(output_dir)), default=0) if path.exists() else 0
+
+
+def test_sigkill_at_random_moments_again_and_again_ends_like_an_uninterrupted_run(tmp_path, data):
+    settings = dict(steps=40, checkpoint_every=3)
+    reference = run_script([sys.executable, 'train_scripts/train.py', *_args(data, tmp_path / 'full', **settings)])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out, rng = tmp_path / 'run', random.Random(0)
+    args = [sys.executable, 'train_scripts/train.py', *_args(data, out, resume='auto', **settings)]
+    for target in sorted(rng.sample(range(2, 38), 5)):  # kill once the log reaches these steps, plus a random delay
+        proc = subprocess.Popen(args, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while proc.poll() is None and _last_step(out) < target and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+        _assert_checkpoints_whole(out)
+    final = run_script(args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert len(log_records(out, 'resume')) >= 4  # most kills came after a checkpoint, so most launches resumed
+    _assert_same_weights(_weights(out), _weights(tmp_path / 'full'))
+    np.testing.assert_allclose([r['loss'] for r in log_records(out)], [r['loss'] for r in log_records(tmp_path / 'full')],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints_and_resume_refuses_changed_settings(tmp_path, data):
+    common = dict(data_dir=str(data), steps=2, checkpoint_every=2)
+    train(tiny_config(tmp_path, **common))
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(newest: checkpoint_step_2\).*resume=latest"):
+        train(tiny_config(tmp_path, **common))
+    with pytest.raises(ConfigError, match=r'different lr.*lr: 0.003 -> 0.01'):
+        train(tiny_config(tmp_path, resume='latest', **dict(common, lr=1e-2, steps=4)))
+    with pytest.raises(FileNotFoundError, match='resume=latest: no complete checkpoint'):
+        train(tiny_config(tmp_path, output_dir=str(tmp_path / 'empty'), resume='latest', **common))
+
+
+def test_latest_skips_an_incomplete_checkpoint_and_names_it(tmp_path, data, caplog):
+    train(tiny_config(tmp_path, data_dir=str(data), steps=2, checkpoint_every=2))
+    torn = tmp_path / 'run' / 'checkpoints' / 'checkpoint_step_7'
+    torn.mkdir()
+    (torn / 'model.safetensors').write_bytes(b'half a file')
+    summary = train(tiny_config(tmp_path, data_dir=str(data), steps=3, checkpoint_every=2, resume='latest'))
+    assert summary['step'] == 3
+    assert f'skipping incomplete checkpoint {torn}' in caplog.text
+    assert log_records(tmp_path / 'run', 'resume')[0]['step'] == 2
+    assert (torn / 'model.safetensors').read_bytes() == b'half a file'  # left for the user to inspect
+
+
+def test_two_processes_draw_different_masks_and_still_resume_exactly(tmp_path, data):
+    launch = launch_processes(2)
+    masks = '''
+import json, sys, numpy as np, torch
+from vit_moe.training import Trainer, load_config
+trainer = Trainer(load_config(None, json.loads(sys.argv[1])))
+rank = trainer.accelerator.process_index
+draws = dict(dropout=torch.nn.functional.dropout(torch.ones(256), 0.5).tolist(), beta=float(np.random.beta(1, 1)))
+open(f'{trainer.out}/draws_{rank}.json', 'w').write(json.dumps(draws))
+'''
+    cfg = json.dumps(dict(RUN, model_kwargs=json.loads(RUN['model_kwargs']), progress=False, data_dir=str(data),
+                          output_dir=str(tmp_path / 'draws')))
+    script = tmp_path / 'draws.py'
+    script.write_text(masks)
+    result = run_script([*launch, str(script), cfg])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert log_records(tmp_path / 'draws', 'start')[0]['num_processes'] == 2
+    draws = [json.loads((tmp_path / 'draws' / f'draws_{rank}.json').read_text()) for rank in (0, 1)]
+    assert draws[0]['dropout'] != draws[1]['dropout'] and draws[0]['beta'] != draws[1]['beta']
+
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    for out, extra in ((full, {}), (part, dict(steps=4)), (part, dict(resume='latest'))):
+        result = run_script([*launch, 'train_scripts/train.py', *_args(data, out, **dict(dict(steps=8), **extra))], timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose([r['loss'] for r in log_records(part)], [r['loss'] for r in log_records(full)],
+                               rtol=1e-5, atol=1e-6)
+    _assert_same_weights(_weights(part), _weights(full))
+
+
+def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, data):
+    from vit_moe.training import validate
+    common = dict(data_dir=str(data), ema_decay=0.8, checkpoint_every=4, model_kwargs=dict(TRAIN_MOE, drop_rate=0.1))
+    full = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'full'), steps=8, **common))
+    train(tiny_config(tmp_path, steps=4, **common))
+    resumed = train(tiny_config(tmp_path, steps=8, resume='latest', **common))
+    ema, ema_full = (load_file(str(Path(s['ema_model_dir']) / 'model.safetensors')) for s in (resumed, full))
+    _assert_same_weights(ema, ema_full)
+    raw = _weights(tmp_path / 'run')
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the EMA is not the raw model
+    final = log_records(tmp_path / 'run', 'eval')[-1]
+    assert {'ema_top1', 'ema_loss'} <= set(final)
+    reloaded = validate('vit_ti16_moe_upcycled', resumed['ema_model_dir'], str(data), batch_size=4, num_workers=0)
+    assert reloaded['top1'] == final['ema_top1'] and reloaded['loss'] == pytest.approx(final['ema_loss'], rel=1e-5)
