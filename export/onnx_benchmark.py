@@ -7,8 +7,10 @@
 Same inputs for every configuration; warm-up calls first; then `rounds` rounds, each timing one call of every
 (model, runtime) in turn (interleaved, so machine noise hits all alike). Reports the median and the spread
 (min-max) per call, images/s, and the ratios MoE / dense (per runtime) and ONNX Runtime / PyTorch (per model).
+
+A bad argument or model option exits with 2 and one line on stderr; --debug (or VIT_MOE_DEBUG=1) shows the
+traceback instead. --verbose shows the exporter's own INFO logs and other libraries' warnings.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,16 +19,19 @@ import timm
 import torch
 import yaml
 
-import vit_moe  # noqa: F401  registers the MoE models
-from vit_moe.onnx import benchmark_inference, format_benchmark
+from vit_moe import _cli  # importing vit_moe registers the MoE models
+
+MODEL_NAME = _cli.name_type(lambda name: ':' in name or timm.is_model(name), timm.list_models,
+                            'a registered timm / vit_moe model (see timm.list_models())')
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--moe', default='vit_b16_moe_upcycled')
-    parser.add_argument('--dense', default='vit_base_patch16_224')
-    parser.add_argument('--model-kwargs', type=yaml.safe_load, default=None, help='for both models')
-    parser.add_argument('--moe-kwargs', type=yaml.safe_load, default=None, help='MoE only, e.g. {num_experts: 8}')
+    parser = _cli.ArgumentParser(description=__doc__)
+    parser.add_argument('--moe', default='vit_b16_moe_upcycled', type=MODEL_NAME)
+    parser.add_argument('--dense', default='vit_base_patch16_224', type=MODEL_NAME)
+    parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None, help='for both models')
+    parser.add_argument('--moe-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None,
+                        help='MoE only, e.g. {num_experts: 8}')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8, 32])
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
@@ -35,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument('--json', default=None)
     parser.add_argument('--markdown', default=None)
     args = parser.parse_args(argv)
+    _cli.setup_logging(args.verbose)
+    from vit_moe.onnx import benchmark_inference, format_benchmark  # the [onnx] extra
 
     torch.manual_seed(0)
     kwargs = args.model_kwargs or {}
@@ -52,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(_cli.run(main))

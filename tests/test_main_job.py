@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'train_scripts'))
 
 import main_job  # noqa: E402
@@ -26,3 +28,18 @@ def test_main_job_trains_dense_upcycles_continues_both_and_reports(tmp_path, cap
     assert ort_top1 == torch_top1
     assert '| 32 | moe | onnxruntime |' in report and 'MoE / dense (ORT)' in report
     assert (tmp_path / 'onnx' / 'moe.onnx').is_file()
+
+
+def test_a_new_main_job_replaces_only_what_an_earlier_main_job_wrote(tmp_path, capsys):
+    (tmp_path / 'mine' / 'dense').mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds dense that the main job did not write"):
+        main_job.start_fresh(str(tmp_path / 'mine'))
+    assert (tmp_path / 'mine' / 'dense').is_dir()  # the user's folder is left alone
+    out = tmp_path / 'job'
+    main_job.start_fresh(str(out))  # a first main job marks the folder as its own
+    for name in ('dense', 'moe', 'data'):
+        (out / name).mkdir()
+        (out / name / 'x').write_text('x')
+    main_job.start_fresh(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ['.main_job', 'data']  # runs removed, the data kept
+    assert 'removed the previous main job' in capsys.readouterr().out

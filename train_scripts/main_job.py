@@ -8,14 +8,21 @@
 6. export the upcycled MoE to ONNX (static capacity, dynamic batch), check parity with PyTorch, evaluate it
    in ONNX Runtime on the same images, and benchmark dense vs MoE in PyTorch and ONNX Runtime.
 
-    python train_scripts/main_job.py [--output outputs/main_job] [--dense-steps 300] [--extra-steps 150]
+    python train_scripts/main_job.py [--output outputs/main_job] [--dense-steps 300] [--extra-steps 150] [--resume]
+
+Each call starts afresh in --output (removing that folder's previous main-job runs; the digits data is kept);
+--resume instead continues an interrupted main job in place, each run from its newest checkpoint.
+
+Exits with 2 and one line on stderr for a bad argument or path (--debug or VIT_MOE_DEBUG=1: the traceback);
+--verbose shows other libraries' INFO logs and warnings.
 """
-import argparse
 import json
-import logging
+import shutil
+import sys
 import time
 from pathlib import Path
 
+from vit_moe import _cli
 from vit_moe.data import write_digits_image_folder
 from vit_moe.models import create_model_from_checkpoint
 from vit_moe.onnx import benchmark_inference, check_onnx_parity, evaluate_onnx, export_onnx, format_benchmark
@@ -29,10 +36,36 @@ def _train_images_per_s(output_dir: str) -> float:
     return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]  # the first window holds start-up
 
 
-def run(output: str, dense_steps: int, extra_steps: int, progress: bool = True) -> dict:
+RUN_FOLDERS = ('dense', 'moe', 'dense_continued', 'onnx')
+
+
+MARKER = '.main_job'  # written in --output by the main job: only then are its run folders its own to remove
+
+
+def start_fresh(output: str) -> None:
+    """Remove the run folders and results a previous main job wrote in `output` (the digits data is kept)."""
     out = Path(output)
+    present = [name for name in RUN_FOLDERS if (out / name).exists()]
+    if present and not (out / MARKER).is_file():
+        raise FileExistsError(f'--output {str(out)!r} holds {", ".join(present)} that the main job did not write; '
+                              f'give an empty or new --output')
+    for name in present:
+        shutil.rmtree(out / name)
+    (out / 'results.md').unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text('written by train_scripts/main_job.py\n')
+    if present:
+        print(f'starting afresh: removed the previous main job\'s {", ".join(present)} in {out} '
+              f'(--resume continues an interrupted one instead)', flush=True)
+
+
+def run(output: str, dense_steps: int, extra_steps: int, progress: bool = True, resume: bool = False) -> dict:
+    """The three training runs; with `resume`, each continues in place from its newest checkpoint, if any."""
+    out = Path(output)
+    if not resume:
+        start_fresh(output)
     data_dir = str(write_digits_image_folder(str(out / 'data')))
-    common = dict(data_dir=data_dir, progress=progress)
+    common = dict(data_dir=data_dir, progress=progress, resume='auto' if resume else None)
     runs = {}
 
     def _run(label, config, **overrides):
@@ -85,16 +118,18 @@ def format_table(runs: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.ArgumentParser(description=__doc__)
     parser.add_argument('--output', default='outputs/main_job')
     parser.add_argument('--dense-steps', type=int, default=300)
     parser.add_argument('--extra-steps', type=int, default=150)
     parser.add_argument('--bench-rounds', type=int, default=5)
     parser.add_argument('--no-progress', action='store_true')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue an interrupted main job in place (default: start afresh in --output)')
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    _cli.setup_logging(args.verbose)
 
-    runs = run(args.output, args.dense_steps, args.extra_steps, progress=not args.no_progress)
+    runs = run(args.output, args.dense_steps, args.extra_steps, progress=not args.no_progress, resume=args.resume)
     table = format_table(runs)
     print('\n' + table + '\n', flush=True)
     onnx_report = export_and_benchmark(args.output, runs, rounds=args.bench_rounds)
@@ -105,4 +140,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(_cli.run(main))

@@ -9,43 +9,60 @@ per-expert routing statistics.
 
 --checkpoint: a trainer output folder (model.safetensors + config.json), a .safetensors / .pth file,
 'default' (timm's Hub weights) or 'hf-hub:org/name'.
+
+A bad argument, path, checkpoint or model file exits with 2 and one line on stderr; --debug (or VIT_MOE_DEBUG=1)
+shows the traceback instead. --verbose shows other libraries' INFO logs and warnings.
 """
-import argparse
 import json
 import sys
 
+import timm
 import yaml
 
-from vit_moe.training import validate
+from vit_moe import _cli
+
+MODEL_NAME = _cli.name_type(lambda name: ':' in name or timm.is_model(name), timm.list_models,
+                            'a registered timm / vit_moe model (see timm.list_models())')
+
+
+def _is_main_process() -> bool:
+    try:
+        from accelerate import PartialState
+    except ImportError:  # --onnx with the [onnx] extra alone: one process
+        return True
+    return PartialState().is_main_process
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', help='registered timm / vit_moe model name')
+    parser = _cli.ArgumentParser(description=__doc__)
+    parser.add_argument('--model', type=MODEL_NAME, help='registered timm / vit_moe model name')
     parser.add_argument('--onnx', help='evaluate this exported ONNX model in ONNX Runtime instead')
     parser.add_argument('--checkpoint', default=None)
     parser.add_argument('--data-dir', required=True)
     parser.add_argument('--split', default='val')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--num-workers', type=int, default=2)
-    parser.add_argument('--model-kwargs', type=yaml.safe_load, default=None, help="YAML mapping, e.g. '{img_size: 32}'")
+    parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None,
+                        help="YAML mapping, e.g. '{img_size: 32}'")
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'])
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     args = parser.parse_args(argv)
+    _cli.setup_logging(args.verbose)
 
-    if args.onnx:
+    if args.onnx:  # needs only the [onnx] extra
         from vit_moe.onnx import evaluate_onnx
         result = evaluate_onnx(args.onnx, args.data_dir, args.split, args.batch_size, args.num_workers)
         result['layers'] = {}
     elif args.model:
+        from vit_moe.training import validate
         result = validate(args.model, args.checkpoint, args.data_dir, args.split, args.batch_size, args.num_workers,
                           args.model_kwargs, args.mixed_precision)
     else:
         parser.error('give --model NAME (PyTorch) or --onnx FILE (ONNX Runtime)')
-    from accelerate import PartialState
-    if PartialState().is_main_process:
-        print(f'{args.onnx or args.model} on {result["split"]}: top-1 {result["top1"]:.2f}  top-5 {result["top5"]:.2f}  '
-              f'loss {result["loss"]:.4f}  {result["images_per_s"]:.0f} images/s  ({result["num_samples"]} images)')
+    if _is_main_process():
+        print(f'{args.onnx or args.model} on {result["split"]}: top-1 {result["top1"]:.2f}  '
+              f'top-5 {result["top5"]:.2f}  loss {result["loss"]:.4f}  {result["images_per_s"]:.0f} images/s  '
+              f'({result["num_samples"]} images)')
         for name, layer in result['layers'].items():
             print(f'  {name}: importance per expert {[round(v, 3) for v in layer["importance"]]}, '
                   f'tokens routed to no expert {layer["dropped_fraction"]:.1%}')
@@ -56,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(_cli.run(main))

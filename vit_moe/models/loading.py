@@ -6,6 +6,7 @@ Accepted checkpoints: None (random init), 'default' (timm's Hub weights), 'hf-hu
 its config.json restores the model arguments, the data config and the label names. A folder of another architecture
 (e.g. a dense model to upcycle) gives its weights, data config and label names.
 """
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -153,7 +154,12 @@ def create_model_from_checkpoint(
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without its files.
         CheckpointMismatchError: weights that do not fit the model, naming `checkpoint` and the file.
+        ValueError: a model name that neither timm nor vit_moe registers.
     """
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        raise ValueError(f'model {model_name!r} is not a registered timm / vit_moe model (see timm.list_models())'
+                         + (f'; similar names: {", ".join(close)}' if close else ''))
     if checkpoint in (None, '', 'none'):
         kwargs = dict(kwargs, num_classes=num_classes or 1000)
         return _record_args(timm.create_model(model_name, **kwargs), kwargs)

@@ -3,8 +3,8 @@
 Same inputs for every configuration; warm-up calls first; then `rounds` rounds that each time one call of
 every (model, runtime) in turn, so machine noise hits all alike. Medians, min-max spread and ratios.
 """
+import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +16,8 @@ from .export import export_onnx
 from .runtime import OnnxClassifier
 
 __all__ = ['benchmark_inference', 'format_benchmark']
+
+_logger = logging.getLogger(__name__)
 
 
 def benchmark_inference(
@@ -34,7 +36,7 @@ def benchmark_inference(
         model.eval()
         path = onnx_dir / f'{name}.onnx'
         if not (reuse_onnx and path.exists()):
-            print(f'exporting {name} ({type(model).__name__}) to {path}', file=sys.stderr, flush=True)
+            _logger.info(f'exporting {name} ({type(model).__name__}) to {path}')
             export_onnx(model, path, check=False)
         session = OnnxClassifier(path, threads=threads)
         providers = session.providers

@@ -6,7 +6,12 @@ with a dynamic batch axis and no NonZero or other data-dependent shapes.
 
 The timm data config (input size, mean, std, crop, interpolation) and label names are stored in the
 ONNX metadata, so `vit_moe.onnx.OnnxClassifier` preprocesses exactly as timm does.
+
+The exporter logs a few hundred INFO lines per model (onnxscript's optimizer and rewriter, onnx_ir's passes);
+`export_onnx` raises those loggers to WARNING for the call unless a level is set on one of them, e.g.
+`logging.getLogger('onnxscript').setLevel(logging.INFO)` to see them.
 """
+import contextlib
 import copy
 import json
 import logging
@@ -23,6 +28,7 @@ __all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD']
 _logger = logging.getLogger(__name__)
 
 DEFAULT_EXTERNAL_DATA_THRESHOLD = int(1.8e9)  # bytes; protobuf cannot hold a model over 2 GB
+EXPORTER_LOGGERS = ('torch.onnx', 'onnxscript', 'onnx_ir')  # quieted during export unless a level is set on them
 
 
 class OnnxExportError(RuntimeError):
@@ -42,6 +48,19 @@ def _input_size(model: torch.nn.Module, img_size: Optional[Union[int, Sequence[i
             f'input size {size} is not supported by this model, built for {tuple(built)} (fixed position '
             f'embedding); rebuild it with img_size={size[0]} or export at {tuple(built)}')
     return size
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """The exporter's loggers at WARNING for the duration, except those the caller set a level on."""
+    quieted = [lg for lg in map(logging.getLogger, EXPORTER_LOGGERS) if lg.level == logging.NOTSET]
+    for lg in quieted:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg in quieted:
+            lg.setLevel(logging.NOTSET)
 
 
 def export_onnx(
@@ -78,9 +97,10 @@ def export_onnx(
     example = torch.randn(2, 3, height, width, dtype=dtype)
     batch = torch.export.Dim('batch', min=1, max=4096)
     try:
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
-            output_names=['logits'], opset_version=opset, verbose=False)
+        with _quiet_exporter_logs():
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
+                output_names=['logits'], opset_version=opset, verbose=False)
     except Exception as e:
         raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
                               f'{str(e).splitlines()[0] if str(e) else e}') from e
@@ -90,5 +110,5 @@ def export_onnx(
     program.save(str(output), external_data=use_external)
     if check:
         onnx.checker.check_model(str(output), full_check=True)
-    _logger.info(f'exported {output} ({weight_bytes / 1e6:.0f} MB of weights, external data: {use_external})')
+    _logger.debug(f'exported {output} ({weight_bytes / 1e6:.0f} MB of weights, external data: {use_external})')
     return output

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +18,9 @@ from ..data import ImageFolderDataset
 from .metadata import METADATA_KEY
 
 __all__ = ['default_providers', 'OnnxClassifier', 'evaluate_onnx']
+
+_ACCEPTED = 'an .onnx file written by vit_moe.onnx.export_onnx / export/onnx_export.py'
+_NOT_A_MODEL = (ort_errors.InvalidProtobuf, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NoModel)
 
 
 def _gpu_present() -> bool:
@@ -33,6 +37,16 @@ def default_providers() -> List[str]:
     return ['CPUExecutionProvider']
 
 
+def _load_session(path: Path, options: 'ort.SessionOptions', providers: List[str]) -> 'ort.InferenceSession':
+    """An InferenceSession; a file ONNX Runtime cannot parse as a model is a ValueError naming it."""
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except _NOT_A_MODEL as e:
+        reason = str(e).split(' failed:', 1)[-1].strip()  # drop '[ONNXRuntimeError] : 7 : ... Load model from X'
+        raise ValueError(f'{str(path)!r} is not an ONNX model; expected {_ACCEPTED} '
+                         f'(ONNX Runtime: {reason[:200]})') from e
+
+
 class OnnxClassifier:
     """An exported classifier: `clf(batch)` -> logits; `clf.transform` is timm's eval transform for it.
 
@@ -45,16 +59,19 @@ class OnnxClassifier:
     def __init__(self, path: Union[str, Path], providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None):
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f'ONNX model {str(path)!r} is a folder; expected {_ACCEPTED}')
         if not path.is_file():
             raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist')
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+        self.session = _load_session(path, options, list(providers or default_providers()))
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise ValueError(f'{path} has no {METADATA_KEY!r} metadata; export it with vit_moe.export_onnx')
+            raise ValueError(f'ONNX model {str(path)!r} has no {METADATA_KEY!r} metadata (timm data config); '
+                             f'expected {_ACCEPTED}')
         self.data_config: Dict[str, Any] = json.loads(meta[METADATA_KEY])
         self.input = self.session.get_inputs()[0]
         self.dtype = np.float16 if 'float16' in self.input.type else np.float32

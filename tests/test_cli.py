@@ -1,0 +1,188 @@
+"""Command-line front ends as users run them: one stderr line and exit 2 for a user mistake, the traceback with
+--debug / VIT_MOE_DEBUG=1, a quiet successful export (more with --verbose); and vit_moe._cli in-process."""
+import argparse
+import sys
+
+import pytest
+
+from vit_moe import _cli
+
+from conftest import run_script
+
+TINY_KWARGS = '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}'
+
+
+@pytest.fixture(autouse=True)
+def _no_debug_env(monkeypatch):
+    monkeypatch.delenv(_cli.DEBUG_ENV, raising=False)
+
+
+def _user_mistakes(tmp_path):
+    """name -> (command line, text the one stderr line must hold)."""
+    missing = str(tmp_path / 'missing')
+    not_onnx = tmp_path / 'notes.onnx'
+    not_onnx.write_text('not a model\n')
+    return {
+        'train missing data_dir': (['train_scripts/train.py', '--data-dir', missing, '--output-dir',
+                                    str(tmp_path / 'run'), '--steps', '1'], f"data_dir '{missing}' does not exist"),
+        'train unknown key': (['train_scripts/train.py', '--not-a-key', '1'], 'unrecognized arguments: --not-a-key 1'),
+        'validate missing data_dir': (['train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--data-dir',
+                                       missing], f"data_dir '{missing}' does not exist"),
+        'export missing checkpoint': (['export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
+                                       str(tmp_path / 'x.onnx'), '--checkpoint', missing + '.safetensors'],
+                                      f"checkpoint '{missing}.safetensors' does not exist"),
+        'validate non-ONNX file': (['train_scripts/validate.py', '--onnx', str(not_onnx), '--data-dir', missing],
+                                   f"'{not_onnx}' is not an ONNX model; expected an .onnx file written by"),
+    }
+
+
+@pytest.mark.parametrize('case', ['train missing data_dir', 'train unknown key', 'validate missing data_dir',
+                                  'export missing checkpoint', 'validate non-ONNX file'])
+def test_a_user_mistake_is_one_stderr_line_naming_it_and_exit_2(tmp_path, case):
+    args, expected = _user_mistakes(tmp_path)[case]
+    result = run_script([sys.executable, *args], timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    script = args[0].split('/')[-1]
+    assert lines[0].startswith(f'{script}: error: ') and expected in lines[0]
+    assert 'Traceback' not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize('case, how', [('train missing data_dir', '--debug'),
+                                       ('export missing checkpoint', 'env')])
+def test_debug_flag_or_environment_variable_shows_the_traceback(tmp_path, monkeypatch, case, how):
+    args, expected = _user_mistakes(tmp_path)[case]
+    if how == 'env':
+        monkeypatch.setenv(_cli.DEBUG_ENV, '1')
+    result = run_script([sys.executable, *args, *(['--debug'] if how == '--debug' else [])], timeout=120)
+    assert result.returncode == 1
+    assert 'Traceback (most recent call last)' in result.stderr
+    assert 'FileNotFoundError: ' in result.stderr and expected in result.stderr
+
+
+def test_a_successful_export_is_quiet_and_verbose_shows_the_exporter_logs(tmp_path):
+    args = [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
+            str(tmp_path / 'x.onnx'), '--model-kwargs', TINY_KWARGS, '--num-classes', '10']
+    quiet = run_script(args)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert len(lines) <= 8, lines
+    assert lines[0].startswith(f'exported {tmp_path / "x.onnx"} (') and ' MB)' in lines[0]
+    assert quiet.stdout.count(' ok') == 3 and quiet.stderr == ''
+    verbose = run_script(args + ['--verbose'])
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert len((verbose.stdout + verbose.stderr).splitlines()) > 20
+    assert 'INFO onnx' in verbose.stderr
+
+
+def test_a_non_onnx_file_is_a_value_error_naming_it(tmp_path):
+    from vit_moe.onnx import OnnxClassifier
+    path = tmp_path / 'weights.safetensors'
+    path.write_bytes(b'\x00\x01 not protobuf')
+    accepted = r'an .onnx file written by vit_moe.onnx.export_onnx / export/onnx_export.py \(ONNX Runtime: '
+    with pytest.raises(ValueError, match=r"weights.safetensors' is not an ONNX model; expected " + accepted):
+        OnnxClassifier(path)
+    with pytest.raises(FileNotFoundError, match='missing.onnx'):
+        OnnxClassifier(tmp_path / 'missing.onnx')
+
+
+# vit_moe._cli in-process
+
+def _raising(error):
+    def main(argv):
+        raise error
+    return main
+
+
+def test_run_prints_one_line_for_user_errors_and_returns_2(capsys):
+    from vit_moe.models import CheckpointMismatchError
+    from vit_moe.training import ConfigError
+    for error in (FileNotFoundError("file '/x' does not exist"), ConfigError('lr=abc is not valid\nexpected a number'),
+                  CheckpointMismatchError('does not fit'), ImportError('install it with `pip install "vit-moe[onnx]"`'),
+                  _cli.UsageError('unrecognized arguments: --x')):
+        assert _cli.run(_raising(error), [], prog='tool') == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('tool: error: ') and 'Traceback' not in err
+    assert _cli.one_line(ConfigError('lr=abc\n  expected a number')) == 'lr=abc expected a number'
+
+
+def test_run_reraises_unexpected_errors_and_everything_with_debug(monkeypatch):
+    with pytest.raises(KeyError):
+        _cli.run(_raising(KeyError('bug')), [])
+    with pytest.raises(ImportError):  # not a missing extra
+        _cli.run(_raising(ImportError('cannot import name x')), [])
+    with pytest.raises(FileNotFoundError):
+        _cli.run(_raising(FileNotFoundError('x')), ['--debug'])
+    monkeypatch.setenv(_cli.DEBUG_ENV, '1')
+    with pytest.raises(ValueError):
+        _cli.run(_raising(ValueError('x')), [])
+
+
+def test_run_returns_130_quietly_on_keyboard_interrupt_and_passes_exit_codes(capsys):
+    assert _cli.run(_raising(KeyboardInterrupt()), []) == 130
+    assert capsys.readouterr().err == ''
+    assert _cli.run(lambda argv: 1, []) == 1 and _cli.run(lambda argv: None, []) == 0
+    with pytest.raises(SystemExit):  # --help and the like pass through
+        _cli.run(_raising(SystemExit(0)), [])
+
+
+def test_parsers_raise_usage_errors_with_suggestions_and_take_debug_and_verbose():
+    parser = _cli.ArgumentParser()
+    parser.add_argument('--model-kwargs', type=_cli.mapping_type(lambda text: eval(text)))  # a stand-in for YAML
+    parser.add_argument('--model', type=_cli.name_type(lambda n: n in ('vit_a', 'vit_b'), lambda: ['vit_a', 'vit_b'],
+                                                        'a registered model'))
+    assert vars(parser.parse_args(['--debug', '--verbose'])) == dict(model_kwargs=None, model=None, debug=True,
+                                                                     verbose=True)
+    with pytest.raises(_cli.UsageError, match=r'unrecognized arguments: --modle vit_a \(did you mean --model\?\)'):
+        parser.parse_args(['--modle', 'vit_a'])
+    with pytest.raises(_cli.UsageError, match=r"'vit_c' is not a registered model; did you mean vit_[ab], vit_[ab]\?"):
+        parser.parse_args(['--model', 'vit_c'])
+    with pytest.raises(_cli.UsageError, match=r"'\[1\]' is not a YAML mapping"):
+        parser.parse_args(['--model-kwargs', '[1]'])
+    plain = argparse.ArgumentParser()
+    with _cli.raise_usage_errors(), pytest.raises(_cli.UsageError, match='unrecognized arguments: --x'):
+        plain.parse_args(['--x'])
+    assert argparse.ArgumentParser.error is not _cli.ArgumentParser.error  # restored
+    assert _cli.pop_common_flags(['--lr', '1', '--debug', '--verbose']) == (['--lr', '1'], True, True)
+
+
+def test_setup_logging_keeps_vit_moe_at_info_and_the_rest_at_warning():
+    import logging
+    root = logging.getLogger()
+    saved = root.level, logging.getLogger('vit_moe').level
+    try:
+        _cli.setup_logging(verbose=False)
+        assert logging.getLogger('vit_moe.training.loop').isEnabledFor(logging.INFO)
+        assert not logging.getLogger('accelerate.checkpointing').isEnabledFor(logging.INFO)
+        _cli.setup_logging(verbose=True)
+        assert logging.getLogger('accelerate.checkpointing').isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(saved[0])
+        logging.getLogger('vit_moe').setLevel(saved[1])
+        for name in _cli.SELF_QUIETING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_export_is_quiet_for_library_users_unless_a_level_is_set(tmp_path, caplog):
+    import logging
+
+    import timm
+
+    from vit_moe.onnx import export_onnx
+    from vit_moe.onnx.export import EXPORTER_LOGGERS
+    assert _cli.SELF_QUIETING_LOGGERS == EXPORTER_LOGGERS  # --verbose sets these to INFO
+    model = timm.create_model('vit_ti16_moe_upcycled', img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                              num_experts=4, num_classes=10)
+    with caplog.at_level(logging.INFO):
+        export_onnx(model, tmp_path / 'a.onnx', check=False)
+    assert not [r for r in caplog.records if r.name.startswith(('onnxscript', 'onnx_ir'))]
+    assert logging.getLogger('onnxscript').level == logging.NOTSET  # restored
+    caplog.clear()
+    logging.getLogger('onnx_ir').setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO):
+            export_onnx(model, tmp_path / 'b.onnx', check=False)
+    finally:
+        logging.getLogger('onnx_ir').setLevel(logging.NOTSET)
+    assert [r for r in caplog.records if r.name.startswith('onnx_ir')]
