@@ -83,9 +83,12 @@ def test_onnx_accuracy_equals_pytorch_on_an_image_folder(tmp_path):
     from vit_moe.models import create_model_from_checkpoint
     model = create_model_from_checkpoint('vit_ti16_moe_upcycled', model_dir)
     path = export_onnx(model, tmp_path / 'trained.onnx')
+    bad = tmp_path / 'data' / 'val' / 'class_1' / 'broken.png'
+    bad.write_bytes(b'not an image')  # left out by both, never replaced by its neighbour
     onnx_result = evaluate_onnx(path, str(tmp_path / 'data'), num_workers=0, batch_size=4)
     torch_result = validate('vit_ti16_moe_upcycled', model_dir, str(tmp_path / 'data'), num_workers=0, batch_size=4)
     assert onnx_result['num_samples'] == torch_result['num_samples'] == 15
+    assert onnx_result['excluded'] == torch_result['excluded'] == [str(bad)]
     assert onnx_result['top1'] == torch_result['top1']
     assert onnx_result['loss'] == pytest.approx(torch_result['loss'], abs=1e-4)
     # the classifier's own preprocessing of PIL images matches timm's eval transform

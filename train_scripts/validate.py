@@ -63,6 +63,9 @@ def main(argv=None) -> int:
         print(f'{args.onnx or args.model} on {result["split"]}: top-1 {result["top1"]:.2f}  '
               f'top-5 {result["top5"]:.2f}  loss {result["loss"]:.4f}  {result["images_per_s"]:.0f} images/s  '
               f'({result["num_samples"]} images)')
+        if result.get('excluded'):
+            print(f'  {len(result["excluded"])} unreadable image(s) left out of the metrics: '
+                  + ', '.join(result['excluded']))
         for name, layer in result['layers'].items():
             print(f'  {name}: importance per expert {[round(v, 3) for v in layer["importance"]]}, '
                   f'tokens routed to no expert {layer["dropped_fraction"]:.1%}')

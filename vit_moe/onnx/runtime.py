@@ -103,26 +103,33 @@ class OnnxClassifier:
 
 def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val', batch_size: int = 64,
                   num_workers: int = 2, providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`."""
+    """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`.
+
+    An unreadable image is left out of the metrics (never replaced by another), counted in `num_excluded` and
+    named in `excluded`, as in PyTorch evaluation.
+    """
     from torchmetrics.classification import MulticlassAccuracy  # part of the [onnx] and [train] extras
 
     classifier = OnnxClassifier(onnx_path, providers=providers)
     labels = classifier.data_config.get('label_names')
     dataset = ImageFolderDataset(data_dir, split, class_map={n: i for i, n in enumerate(labels)} if labels else None,
-                                 transform=classifier.transform)
+                                 transform=classifier.transform, substitute_unreadable=False)
     num_classes = classifier.data_config.get('num_classes') or len(dataset.class_to_idx)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro')
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro')
-    loss_sum, count, elapsed = 0.0, 0, 0.0
-    for images, targets in loader:
+    loss_sum, count, excluded, elapsed = 0.0, 0, 0, 0.0
+    for images, targets, readable in loader:
         start = time.perf_counter()
         logits = torch.from_numpy(classifier(images).astype(np.float32))
         elapsed += time.perf_counter() - start
+        excluded += int((~readable).sum())
+        logits, targets = logits[readable], targets[readable]
         top1.update(logits, targets)
         top5.update(logits, targets)
         loss_sum += float(F.cross_entropy(logits, targets, reduction='sum'))
         count += len(targets)
     return dict(top1=float(top1.compute()) * 100, top5=float(top5.compute()) * 100, loss=loss_sum / max(1, count),
-                num_samples=count, images_per_s=count / elapsed if elapsed else float('nan'),
+                num_samples=count, num_excluded=excluded, excluded=dataset.skipped,
+                images_per_s=(count + excluded) / elapsed if elapsed else float('nan'),
                 providers=classifier.providers, onnx=str(onnx_path), split=str(dataset.reader.root))
