@@ -161,8 +161,8 @@ def _fsync_dir(path: Path) -> None:
         _fsync(path)
 
 
-def _write_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def _write_weights(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(state, str(path), metadata={'format': 'pt'})
     _fsync(path)
 
@@ -237,6 +237,7 @@ def save_trained_model(
         data_config: Optional[Mapping[str, Any]] = None,
         model_args: Optional[Mapping[str, Any]] = None,
         source: Optional[str] = None,
+        state_dict: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write `model.safetensors` + timm `config.json` to the folder `output_dir`, replacing it atomically.
 
@@ -244,6 +245,8 @@ def save_trained_model(
         model: a timm classifier (e.g. the trainer's unwrapped model).
         output_dir: the model folder; its parent is created if needed.
         label_names, data_config, model_args, source: see `trained_model_config`.
+        state_dict: the weights to write, default `model.state_dict()`; give the full state dict of a sharded
+            model (`accelerator.get_state_dict(model)` under FSDP).
 
     Returns:
         The folder written.
@@ -257,7 +260,7 @@ def save_trained_model(
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own failed attempt
     tmp.mkdir()
     try:
-        _write_weights(model, tmp / WEIGHTS_NAME)
+        _write_weights(model.state_dict() if state_dict is None else state_dict, tmp / WEIGHTS_NAME)
         _write_config(config, tmp / CONFIG_NAME)
         _fsync_dir(tmp)
         _install(tmp, final)

@@ -6,5 +6,6 @@ require_extra('train', ('accelerate', 'torchmetrics', 'yaml', 'tqdm'), 'vit_moe.
 from .checkpoints import TrainState, complete_checkpoints, latest_checkpoint  # noqa: E402
 from .config import ConfigError, TrainConfig, load_config, parse_train_args  # noqa: E402
 from .evaluation import evaluate, fresh_accelerator_state, validate  # noqa: E402
-from .loop import NonFiniteLossError, Trainer, train  # noqa: E402
+from .loop import NonFiniteLossError, Trainer, forward_loss, train  # noqa: E402
+from .optim import create_optimizer, param_groups  # noqa: E402
 from .schedule import learning_rate  # noqa: E402

@@ -47,6 +47,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     opt: str = 'adamw'  # any timm optimizer name
+    opt_betas: Optional[List[float]] = None  # Adam-type betas, e.g. [0.9, 0.999] (default: the optimizer's)
+    opt_eps: Optional[float] = None  # Adam-type eps (default: the optimizer's)
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm), e.g. 0.75; None = off
+    router_lr_mult: float = 1.0  # lr multiplier for the MoE routers
     grad_clip: Optional[float] = 1.0  # max global grad norm (None = off)
     grad_accum_steps: int = 1
     mixed_precision: str = 'no'  # 'no', 'bf16', 'fp16' (Accelerate)
@@ -56,6 +60,9 @@ class TrainConfig:
     cooldown_steps: int = 0  # rsqrt: linear decay to 0 over the last N steps (0 = off)
     min_lr: float = 0.0  # cosine floor
     find_unused_parameters: bool = False  # DDP; stacked experts always take part in the graph
+    grad_checkpointing: bool = False  # timm's set_grad_checkpointing: recompute blocks in the backward
+    torch_compile: Optional[str] = None  # torch.compile mode ('default', 'reduce-overhead', 'max-autotune'); None = off
+    torch_compile_backend: str = 'inductor'  # torch.compile backend (Accelerate's dynamo plugin)
     seed: int = 0  # model init and data order; dropout / drop-path / mixup draw from seed + process index
     # EMA of the weights (timm ModelEmaV3), evaluated beside the raw weights and saved as model_ema/
     ema_decay: Optional[float] = None  # e.g. 0.9998; None = off
@@ -76,6 +83,18 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.torch_compile in ('off', 'none', 'no', False):
+            self.torch_compile = None
+        compile_modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+        if self.torch_compile is not None and self.torch_compile not in compile_modes:
+            raise ConfigError(f'torch_compile={self.torch_compile!r} is not valid; accepted: {", ".join(compile_modes)} '
+                              f'or off')
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f'layer_decay={self.layer_decay!r} is not valid; expected a number in (0, 1] or null')
+        if self.opt_betas is not None and (len(self.opt_betas) != 2 or not all(0 <= b < 1 for b in self.opt_betas)):
+            raise ConfigError(f'opt_betas={self.opt_betas!r} is not valid; expected two numbers in [0, 1)')
+        if not self.router_lr_mult > 0:
+            raise ConfigError(f'router_lr_mult={self.router_lr_mult!r} is not valid; expected a number > 0')
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f'ema_decay={self.ema_decay!r} is not valid; expected a number in (0, 1) or null (off)')
         choices = dict(

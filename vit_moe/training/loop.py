@@ -25,10 +25,12 @@ from typing import Any, Dict, Optional
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, TorchDynamoPlugin,
+    set_seed,
+)
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
@@ -41,10 +43,12 @@ from .checkpoints import (
 )
 from .config import ConfigError, TrainConfig, resume_conflicts
 from .evaluation import evaluate, fresh_accelerator_state
+from .meters import StepMeter
+from .optim import create_optimizer
 from .run_log import RunLog
 from .schedule import learning_rate
 
-__all__ = ['train', 'Trainer', 'NonFiniteLossError']
+__all__ = ['train', 'Trainer', 'NonFiniteLossError', 'forward_loss']
 
 _logger = logging.getLogger(__name__)
 
@@ -92,11 +96,13 @@ def _loss_fn(cfg: TrainConfig) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-def _any(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process if it is true on any (keeps collective calls in step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), 'sum') > 0)
+def forward_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn):
+    """One forward: (task loss + MoE aux loss, task loss, aux loss, the routing capture)."""
+    with capture_routing() as routing:
+        logits = model(images)
+    task_loss = loss_fn(logits, targets)
+    aux_loss = routing.aux_loss.to(task_loss.device, task_loss.dtype)
+    return task_loss + aux_loss, task_loss, aux_loss, routing
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -142,6 +148,8 @@ class Trainer:
                             mixed_precision=self.accelerator.mixed_precision), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
+        self.stop_requested = False
+        self._finite: Optional[torch.Tensor] = None  # AND of the window's micro-batch losses being finite
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _checkpoint_to_resume(self) -> Optional[Path]:
@@ -190,16 +198,24 @@ class Trainer:
                               f'only steps, data_dir, logging, checkpointing and evaluation settings may change')
 
     def _make_accelerator(self) -> Accelerator:
+        """DDP, FSDP2 or a single process as `accelerate launch` configured it; torch.compile via Accelerate."""
         cfg, out = self.cfg, self.out
         fresh_accelerator_state()
-        return Accelerator(
+        dynamo = TorchDynamoPlugin(backend=cfg.torch_compile_backend.upper(), mode=cfg.torch_compile) \
+            if cfg.torch_compile else None
+        accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.grad_accum_steps,
             log_with=_trackers(cfg),
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / 'tensorboard')),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+            dynamo_plugin=dynamo,
         )
+        if accelerator.distributed_type == DistributedType.FSDP and cfg.ema_decay:
+            raise ConfigError('ema_decay is not supported with FSDP yet (the EMA would hold a full copy of the model '
+                              'on every process); train without it or with DDP')
+        return accelerator
 
     def _build_data_and_model(self) -> None:
         cfg = self.cfg
@@ -231,16 +247,19 @@ class Trainer:
             num_workers=cfg.num_workers)
         if len(train_loader) == 0:
             raise ValueError(f'train split has {len(self.train_set)} images, fewer than batch_size={cfg.batch_size}')
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = create_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
+                                     cfg.opt_betas, cfg.opt_eps)
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                            num_classes=self.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
         self.loss_fn = _loss_fn(cfg)
         # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
                               device=self.accelerator.device) if cfg.ema_decay else None
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader)
-        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _verify_images(self) -> None:
         bad = verify_images(self.train_set) + verify_images(self.val_set)
@@ -254,41 +273,39 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self.progress = tqdm(total=cfg.steps, initial=state.step, disable=not (self.main and cfg.progress),
                              desc='train')
+        self.meter = StepMeter(self.accelerator.device)
         self.window_start, self.window_images = time.perf_counter(), 0
         self.model.train()
-        with _StopSignal().installed() as stop:
+        with _StopSignal().installed() as self.stop_signal:
             while state.step < cfg.steps and not self.interrupted:
                 epoch, skip = divmod(state.batches, len(self.train_loader))
                 self.train_loader.set_epoch(epoch)
                 self.train_set.set_epoch(epoch)
                 loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
                 for images, targets in loader:
-                    step_output = self.train_step(images, targets)
+                    self.train_step(images, targets)
                     if not self.accelerator.sync_gradients:
                         continue  # accumulating: not an optimizer step yet
-                    if self.after_step(step_output, epoch, stop) or state.step >= cfg.steps:
+                    if self.after_step(epoch) or state.step >= cfg.steps:
                         break
         self.progress.close()
         return self.finish()
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> Dict[str, Any]:
-        """One micro-batch: forward (task + MoE aux loss), NaN guard, backward, clip, update."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """One micro-batch: forward (task + MoE aux loss), backward, and at an optimizer step the NaN guard, clip
+        and update. Numbers for the log stay on the device (`self.meter`)."""
         cfg, accelerator = self.cfg, self.accelerator
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
+        lr = learning_rate(self.state.step, cfg)
         for group in self.optimizer.param_groups:
-            group['lr'] = learning_rate(self.state.step, cfg)
+            group['lr'] = lr * group.get('lr_scale', 1.0)
         with accelerator.accumulate(self.model):
-            with capture_routing() as routing:
-                logits = self.model(images)
-            task_loss = self.loss_fn(logits, targets)
-            aux_loss = routing.aux_loss.to(task_loss.device, task_loss.dtype)
-            loss = task_loss + aux_loss
-            if _any(accelerator, not bool(torch.isfinite(loss.detach()))):
-                raise NonFiniteLossError(
-                    f'non-finite loss ({loss.item():.4g}) at step {self.state.step + 1}; stopped before the update '
-                    f'and saved nothing. Last good checkpoint: {latest_checkpoint(self.out) or "none"}. '
-                    f'Try a lower lr (was {cfg.lr}), grad_clip, or mixed_precision=no.')
+            loss, task_loss, aux_loss, routing = forward_loss(self.model, images, targets, self.loss_fn)
+            finite = torch.isfinite(loss.detach())
+            self._finite = finite if self._finite is None else self._finite & finite
+            if accelerator.sync_gradients:
+                self._check_before_update(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.grad_clip:
                 accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -296,9 +313,25 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.state.batches += 1
         self.window_images += cfg.batch_size * accelerator.num_processes
-        return dict(loss=loss.detach(), task_loss=task_loss.detach(), aux_loss=aux_loss.detach(), routing=routing)
+        self.meter.add(dict(loss=loss, task_loss=task_loss, aux_loss=aux_loss,
+                            dropped_fraction=routing.dropped_fraction), routing.layers)
 
-    def after_step(self, step_output: Dict[str, Any], epoch: int, stop: _StopSignal) -> bool:
+    def _check_before_update(self, loss: torch.Tensor) -> None:
+        """The optimizer step's one host synchronisation: any process's loss non-finite, or a stop signal."""
+        flags = torch.stack([(~self._finite).float(), torch.tensor(float(bool(self.stop_signal.signum)),
+                                                                   device=self._finite.device)])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, 'sum')
+        nonfinite, stop = (flags > 0).tolist()
+        self._finite = None
+        self.stop_requested = stop
+        if nonfinite:
+            raise NonFiniteLossError(
+                f'non-finite loss ({loss.item():.4g}) at step {self.state.step + 1}; stopped before the update and '
+                f'saved nothing. Last good checkpoint: {latest_checkpoint(self.out) or "none"}. '
+                f'Try a lower lr (was {self.cfg.lr}), grad_clip, or mixed_precision=no.')
+
+    def after_step(self, epoch: int) -> bool:
         """Count the optimizer step, update the EMA, then log / checkpoint / evaluate when due. True: stop now."""
         cfg, state = self.cfg, self.state
         state.step += 1
@@ -306,31 +339,31 @@ class Trainer:
             self.ema.update(self.unwrapped, step=state.step)
         self.progress.update(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            self._log_train(step_output, epoch)
+            self._log_train(epoch)
         if state.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
             self._log_evaluation()
             self.window_start, self.window_images = time.perf_counter(), 0
-        if _any(self.accelerator, bool(stop.signum)):
-            self.interrupted = stop.signum or signal.SIGTERM
+        if self.stop_requested:
+            self.interrupted = self.stop_signal.signum or signal.SIGTERM
             self.save_checkpoint()
             _logger.warning(f'stopped by signal {self.interrupted} at step {state.step}; checkpoint saved')
             return True
         return False
 
-    def _log_train(self, step_output: Dict[str, Any], epoch: int) -> None:
+    def _log_train(self, epoch: int) -> None:
+        """Window means of the step numbers (one synchronisation), to log.jsonl and the trackers."""
         elapsed = time.perf_counter() - self.window_start
-        loss = float(self.accelerator.reduce(step_output['loss'], 'mean'))
-        layers = step_output['routing'].layers
+        means = self.meter.means(self.accelerator)
+        layers = means.pop('layers')
+        self.meter.reset()
         self.log.write(dict(
-            type='train', step=self.state.step, epoch=epoch, loss=loss,
-            task_loss=float(step_output['task_loss']), aux_loss=float(step_output['aux_loss']),
-            lr=self.optimizer.param_groups[0]['lr'], images_per_s=self.window_images / elapsed,
-            dropped_fraction=float(step_output['routing'].dropped_fraction),
-            expert_load={n: m['expert_load'].tolist() for n, m in layers.items()},
-            importance={n: m['importance'].tolist() for n, m in layers.items()}), step=self.state.step)
-        self.progress.set_postfix(loss=f'{loss:.3f}')
+            type='train', step=self.state.step, epoch=epoch, **means,
+            lr=learning_rate(self.state.step - 1, self.cfg), images_per_s=self.window_images / elapsed,
+            expert_load={n: m['expert_load'] for n, m in layers.items()},
+            importance={n: m['importance'] for n, m in layers.items()}), step=self.state.step)
+        self.progress.set_postfix(loss=f'{means["loss"]:.3f}')
         self._log_bad_images()
         self.window_start, self.window_images = time.perf_counter(), 0
 
@@ -374,8 +407,10 @@ class Trainer:
             self.save_checkpoint()
             final_eval = self._log_evaluation()
             self.accelerator.wait_for_everyone()
+            # the full weights: gathered from every process's shard under FSDP (a collective: every process calls it)
+            full_state = self.accelerator.get_state_dict(self.model)
             if self.main:
-                self._save_model(self.unwrapped, self.out / 'model')
+                self._save_model(self.unwrapped, self.out / 'model', full_state)
                 if self.ema is not None:
                     self._save_model(self.ema.module, self.out / 'model_ema')
         self._log_bad_images()
@@ -389,11 +424,12 @@ class Trainer:
             params=sum(p.numel() for p in self.unwrapped.parameters()),
         )
 
-    def _save_model(self, model: torch.nn.Module, folder: Path) -> None:
+    def _save_model(self, model: torch.nn.Module, folder: Path, state_dict=None) -> None:
         """model.safetensors + timm config.json (model args, data config, label names), written atomically."""
         class_to_idx = self.train_set.class_to_idx
         save_trained_model(model, folder, label_names=sorted(class_to_idx, key=class_to_idx.get),
-                           data_config=self.data_config, model_args=self.cfg.model_kwargs, source=self.cfg.pretrained)
+                           data_config=self.data_config, model_args=self.cfg.model_kwargs, source=self.cfg.pretrained,
+                           state_dict=state_dict)
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
