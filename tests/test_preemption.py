@@ -216,6 +216,14 @@ open(f'{trainer.out}/draws_{rank}.json', 'w').write(json.dumps(draws))
                                rtol=1e-5, atol=1e-6)
     _assert_same_weights(_weights(part), _weights(full))
 
+    # the same checkpoint resumed by ONE process: it continues (not exactly, and it says so) from the same images
+    one = run_script([sys.executable, 'train_scripts/train.py', *_args(data, part, steps=10, resume='latest')])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert 'saved by 2 process(es) and is resumed by 1' in one.stderr
+    assert [r['step'] for r in log_records(part)] == list(range(1, 11))
+    state = torch.load(latest_checkpoint(part) / 'custom_checkpoint_0.pkl', weights_only=True)
+    assert state == dict(step=10, batches=16 + 2, num_processes=1)  # 8 steps x 2 processes x 6 images = 16 batches of 6
+
 
 def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, data):
     from vit_moe.training import validate

@@ -33,13 +33,15 @@ _NAME = re.compile(r'^checkpoint_step_(\d+)$')
 class TrainState:
     """Counters saved with every checkpoint (Accelerate `register_for_checkpointing`)."""
     step: int = 0  # optimizer steps done
-    batches: int = 0  # micro-batches consumed (positions the data order)
+    batches: int = 0  # micro-batches consumed per process (positions the data order)
+    num_processes: int = 1  # of the run that saved it
 
     def state_dict(self) -> Dict[str, int]:
-        return dict(step=self.step, batches=self.batches)
+        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes)
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         self.step, self.batches = int(state['step']), int(state['batches'])
+        self.num_processes = int(state.get('num_processes', 1))
 
 
 def checkpoint_root(output_dir) -> Path:

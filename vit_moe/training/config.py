@@ -53,7 +53,7 @@ class TrainConfig:
     router_lr_mult: float = 1.0  # lr multiplier for the MoE routers
     grad_clip: Optional[float] = 1.0  # max global grad norm (None = off)
     grad_accum_steps: int = 1
-    mixed_precision: str = 'no'  # 'no', 'bf16', 'fp16' (Accelerate)
+    mixed_precision: Optional[str] = None  # 'no', 'bf16', 'fp16'; None: as launched (accelerate config), else 'no'
     schedule: str = 'rsqrt'  # 'rsqrt' (the paper's inverse square root), 'cosine', 'constant'
     warmup_steps: int = 0
     step_offset: int = 0  # rsqrt: continue the dense run's schedule from this step count
@@ -98,11 +98,12 @@ class TrainConfig:
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f'ema_decay={self.ema_decay!r} is not valid; expected a number in (0, 1) or null (off)')
         choices = dict(
-            bad_image_policy=('skip', 'error'), mixed_precision=('no', 'bf16', 'fp16'),
+            bad_image_policy=('skip', 'error'), mixed_precision=(None, 'no', 'bf16', 'fp16'),
             schedule=('rsqrt', 'cosine', 'constant'))
         for key, accepted in choices.items():
             if getattr(self, key) not in accepted:
-                raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; accepted: {", ".join(accepted)}')
+                raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; accepted: '
+                                  f'{", ".join(str(a) for a in accepted if a is not None)}')
         positive = ('steps', 'batch_size', 'grad_accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every')
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:

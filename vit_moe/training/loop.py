@@ -136,7 +136,9 @@ class Trainer:
         if resume_from is not None:
             self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
             self.last_saved = self.state.step
+            self._adapt_to_process_count(resume_from)
             _logger.info(f'resumed from {resume_from} at step {self.state.step}')
+        self.state.num_processes = self.accelerator.num_processes
         if _trackers(cfg):
             self.accelerator.init_trackers('vit_moe', config={k: v for k, v in cfg.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
@@ -186,6 +188,16 @@ class Trainer:
         if resume_from is not None:
             self._check_resumable(resume_from)
         return resume_from
+
+    def _adapt_to_process_count(self, checkpoint: Path) -> None:
+        """Resuming on another number of processes: keep the images seen, say what is no longer exact."""
+        saved, now = self.state.num_processes, self.accelerator.num_processes
+        if saved == now:
+            return
+        self.state.batches = self.state.batches * saved // now  # the same number of images into the data order
+        _logger.warning(f'{checkpoint} was saved by {saved} process(es) and is resumed by {now}: the global batch is '
+                        f'now {self.cfg.batch_size * now * self.cfg.grad_accum_steps} images and the data order and '
+                        f'per-process randomness differ from an uninterrupted run from here on')
 
     def _check_resumable(self, checkpoint: Path) -> None:
         saved = checkpoint / 'config.yaml'
