@@ -31,9 +31,12 @@ class StackedLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # compute in the weights' dtype: casting the activations is cheaper than a copy of E experts' weights
+        # (under autocast both are cast to the autocast dtype anyway)
+        x = x.to(self.weight.dtype)  # [E, N, in]
         if self.bias is None:
-            return torch.bmm(x, self.weight.to(x.dtype))  # [E, N, out]
-        return torch.baddbmm(self.bias.unsqueeze(1).to(x.dtype), x, self.weight.to(x.dtype))  # [E, N, out]
+            return torch.bmm(x, self.weight)  # [E, N, out]
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)  # [E, N, out]
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, in_features={self.in_features}, ' \
