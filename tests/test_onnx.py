@@ -123,3 +123,27 @@ def test_export_command_line_names_a_missing_checkpoint(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"checkpoint '{tmp_path}/missing.safetensors' does not exist" in result.stderr
+
+
+def test_export_and_parity_leave_the_callers_model_in_its_mode(tmp_path):
+    model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE).train()
+    path = export_onnx(model, tmp_path / 'm.onnx')
+    assert model.training  # put back in train mode after an eval-mode export
+    results = check_onnx_parity(model, path, batch_sizes=(2,))
+    assert model.training and results[2]['max_abs_diff'] < 1e-4
+
+
+def test_provider_preference_and_session_options(monkeypatch):
+    from vit_moe.onnx import runtime
+    all_three = ['TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider']
+    monkeypatch.setattr(runtime.ort, 'get_available_providers', lambda: all_three)
+    monkeypatch.setattr(runtime, '_gpu_present', lambda: True)
+    assert runtime.default_providers() == all_three
+    assert runtime.default_providers(tensorrt=False) == all_three[1:]
+    monkeypatch.setattr(runtime, '_gpu_present', lambda: False)  # onnxruntime-gpu installed, no GPU
+    assert runtime.default_providers() == ['CPUExecutionProvider']
+    options = runtime.session_options(threads=3, optimization='extended')
+    assert options.intra_op_num_threads == 3
+    assert options.graph_optimization_level == runtime.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with pytest.raises(ValueError, match="optimization='fast' is not valid; accepted: disable, basic, extended, all"):
+        runtime.session_options(optimization='fast')

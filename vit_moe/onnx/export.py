@@ -63,6 +63,23 @@ def _quiet_exporter_logs():
             lg.setLevel(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def on_cpu_in_eval_mode(model: torch.nn.Module):
+    """The model on the CPU in eval mode for the duration; its device and train / eval mode are restored after."""
+    was_training = model.training
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device('cpu')
+    if device.type != 'cpu':
+        model.to('cpu')
+    model.eval()
+    try:
+        yield model
+    finally:
+        if device.type != 'cpu':
+            model.to(device)
+        model.train(was_training)
+
+
 def export_onnx(
         model: torch.nn.Module,
         output: Union[str, Path],
@@ -76,7 +93,8 @@ def export_onnx(
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
     Args:
-        model: a timm model (dense or MoE); exported in eval mode.
+        model: a timm model (dense or MoE) on any device; exported on the CPU in eval mode, then put back on its
+            device and in its mode.
         output: the .onnx path; with external data the weights go to `<output>.data` beside it.
         img_size: export size; must match the size the model was built for (fixed position embedding).
         opset: ONNX opset (default 18).
@@ -88,7 +106,12 @@ def export_onnx(
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     height, width = _input_size(model, img_size)
-    model = model.eval()
+    with on_cpu_in_eval_mode(model):
+        return _export(model, output, (height, width), opset, fp16, external_data, external_data_threshold, check)
+
+
+def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check):
+    height, width = size
     dtype = torch.float16 if fp16 else torch.float32
     if fp16:
         model = copy.deepcopy(model).half()  # leave the caller's model in float32

@@ -22,17 +22,21 @@ def check_onnx_parity(
     The inputs differ from the example used for export (another seed, other batch sizes).
     """
     classifier = OnnxClassifier(onnx_path, providers=providers)
-    model = model.eval()
-    dtype = next(model.parameters()).dtype
+    param = next(model.parameters())
+    dtype, device, was_training = param.dtype, param.device, model.training
+    model.eval()
     height, width = classifier.data_config['input_size'][1:]
     generator = torch.Generator().manual_seed(seed)
     results = {}
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, height, width, generator=generator).to(dtype)
-        with torch.no_grad():
-            expected = model(x).float().numpy()
-        got = classifier(x.numpy()).astype(np.float32)
-        results[batch] = dict(
-            max_abs_diff=float(np.abs(got - expected).max()),
-            top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()))
+    try:
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, height, width, generator=generator).to(dtype)
+            with torch.no_grad():
+                expected = model(x.to(device)).float().cpu().numpy()
+            got = classifier(x.numpy()).astype(np.float32)
+            results[batch] = dict(
+                max_abs_diff=float(np.abs(got - expected).max()),
+                top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()))
+    finally:
+        model.train(was_training)
     return results
