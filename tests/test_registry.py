@@ -57,7 +57,7 @@ def test_model_kwargs_override_the_defaults():
     (dict(capacity_factor=0), ValueError, 'capacity_factor must be > 0, got 0'),
     (dict(router='token_choice', top_k=5), ValueError, r'top_k must be an integer in \[1, num_experts=4\], got 5'),
     (dict(moe_blocks=[7]), ValueError, 'moe_blocks entry 7 is out of range for depth 4'),
-    (dict(expert_init='zeros'), ValueError, "expert_init must be 'copy' or 'random', got 'zeros'"),
+    (dict(expert_init='zeros'), ValueError, "expert_init='zeros' is not valid; accepted: copy, random, drop"),
 ])
 def test_impossible_options_raise_clear_errors(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -133,3 +133,41 @@ def test_upcycled_model_trains_with_grad_checkpointing(dense, images):
 
 def test_package_exports_upcycle():
     assert vit_moe.upcycle is upcycle
+
+
+@pytest.mark.parametrize('ratio', [0.25, 0.5, 1.0])
+def test_drop_upcycling_reinitialises_exactly_that_fraction_of_each_experts_hidden_units(dense, ratio):
+    torch.manual_seed(1)
+    moe = upcycle(dense, num_experts=4, expert_init='drop', drop_ratio=ratio)  # hidden 256, MoE in blocks 2, 3
+    for i in (2, 3):
+        fc1, fc2 = dense.blocks[i].mlp.fc1, dense.blocks[i].mlp.fc2
+        experts = moe.blocks[i].mlp.experts
+        hidden = fc1.out_features
+        dropped = []
+        for e in range(4):
+            w1, b1, w2 = experts.fc1.weight[e], experts.fc1.bias[e], experts.fc2.weight[e]  # [D, H], [H], [H, D]
+            kept = (w1 == fc1.weight.t()).all(0) & (b1 == fc1.bias) & (w2 == fc2.weight.t()).all(1)  # [H]
+            changed = (w1 != fc1.weight.t()).all(0) & (w2 != fc2.weight.t()).all(1)  # whole columns and rows
+            assert int((~kept).sum()) == round(ratio * hidden)  # exactly the fraction, nothing partially changed
+            assert bool((kept | changed).all())
+            torch.testing.assert_close(experts.fc2.bias[e], fc2.bias, rtol=0, atol=0)  # output bias untouched
+            dropped.append(~kept)
+        if ratio < 1:
+            assert not torch.equal(dropped[0], dropped[1])  # drawn independently per expert
+        new = experts.fc1.weight[0][:, dropped[0]]
+        assert abs(float(new.std()) - float(fc1.weight.std())) < 0.2 * float(fc1.weight.std())  # the dense statistics
+
+
+def test_drop_upcycling_through_timm_and_bad_ratio_is_named(dense, tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / 'dense.safetensors')
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, path)
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti16_moe_upcycled', pretrained=True, expert_init='drop', drop_ratio=0.5,
+                              pretrained_cfg_overlay=dict(file=path, num_classes=10), img_size=32, patch_size=8,
+                              embed_dim=64, depth=4, num_heads=2, num_experts=4, num_classes=10)
+    w = model.blocks[3].mlp.experts.fc1.weight  # [4, 64, 256]
+    same = (w == dense.blocks[3].mlp.fc1.weight.t()).all(1)  # [4, 256]
+    assert same.sum(1).tolist() == [128] * 4
+    with pytest.raises(ValueError, match=r'drop_ratio=1.5 is not valid; expected a fraction in \[0, 1\]'):
+        upcycle(dense, num_experts=4, expert_init='drop', drop_ratio=1.5)

@@ -5,6 +5,14 @@ applies only where its target exists in the MoE model (the MoE blocks); every ot
 must exist in the model with the same shape. Keys only the MoE model has (routers, and experts
 when `expert_init='random'`) are taken from the model's own fresh initialisation.
 
+Expert initialisation (`expert_init`):
+* 'copy': every expert is the dense MLP (Sparse Upcycling, Komatsuzaki et al., 2022),
+* 'random': the model's own random init (the paper's ablation),
+* 'drop': Drop-Upcycling (Nakamura et al., ICLR 2025, arXiv 2502.19261): copy, then in each expert re-initialise
+  a random fraction `drop_ratio` of the hidden units: the same hidden indices in fc1's columns (and fc1's bias)
+  and fc2's rows, drawn independently per expert from torch's global RNG, new values drawn from a normal with
+  the original matrix's (or bias's) mean and std.
+
 Used by both `vit_moe.upcycle` and the timm pretrained path (`checkpoint_filter_fn`).
 """
 import re
@@ -16,8 +24,17 @@ import torch.nn as nn
 
 __all__ = [
     'ConversionRule', 'UPCYCLE_RULES', 'CheckpointMismatchError', 'resolve_moe_blocks', 'is_moe_state_dict',
-    'convert_dense_to_moe',
+    'convert_dense_to_moe', 'drop_upcycle', 'EXPERT_INITS', 'check_expert_init',
 ]
+
+EXPERT_INITS = ('copy', 'random', 'drop')
+
+
+def check_expert_init(expert_init: str, drop_ratio: float = 0.5) -> None:
+    if expert_init not in EXPERT_INITS:
+        raise ValueError(f'expert_init={expert_init!r} is not valid; accepted: {", ".join(EXPERT_INITS)}')
+    if not 0.0 <= drop_ratio <= 1.0:
+        raise ValueError(f'drop_ratio={drop_ratio!r} is not valid; expected a fraction in [0, 1]')
 
 MoeBlocks = Union[int, str, Sequence[int]]
 
@@ -106,27 +123,53 @@ def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
 
 
+def drop_upcycle(state_dict: Dict[str, torch.Tensor], drop_ratio: float = 0.5) -> Dict[str, torch.Tensor]:
+    """Drop-Upcycling, in place on copied experts: re-initialise `drop_ratio` of each expert's hidden units.
+
+    For every MoE layer (`...experts.fc1.weight` [E, dim, hidden], `...fc1.bias` [E, hidden],
+    `...fc2.weight` [E, hidden, dim]) each expert draws its own round(drop_ratio * hidden) hidden indices; those
+    columns of fc1 (and entries of its bias) and rows of fc2 get values from a normal with the mean and std of
+    the original (dense) matrix. fc2's bias is per output unit and is left as copied.
+    """
+    for key in [k for k in state_dict if k.endswith('experts.fc1.weight')]:
+        prefix = key[:-len('fc1.weight')]
+        fc1, fc2, bias = state_dict[key], state_dict[prefix + 'fc2.weight'], state_dict.get(prefix + 'fc1.bias')
+        num_experts, hidden = fc1.shape[0], fc1.shape[2]
+        k = round(drop_ratio * hidden)
+        originals = (fc1, fc2) + ((bias,) if bias is not None else ())
+        stats = [(t[0].float().mean(), t[0].float().std()) for t in originals]  # expert 0 = the dense tensor
+        for e in range(num_experts):
+            idx = torch.randperm(hidden)[:k]  # [k] hidden units of expert e
+            fc1[e][:, idx] = torch.normal(stats[0][0].item(), stats[0][1].item(), (fc1.shape[1], k)).to(fc1.dtype)
+            fc2[e][idx, :] = torch.normal(stats[1][0].item(), stats[1][1].item(), (k, fc2.shape[2])).to(fc2.dtype)
+            if bias is not None:
+                bias[e][idx] = torch.normal(stats[2][0].item(), stats[2][1].item(), (k,)).to(bias.dtype)
+    return state_dict
+
+
 def convert_dense_to_moe(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
         expert_init: str = 'copy',
         rules: Sequence[ConversionRule] = UPCYCLE_RULES,
         ignore_shape_of: Sequence[str] = (),
+        drop_ratio: float = 0.5,
 ) -> Dict[str, torch.Tensor]:
     """Convert a dense ViT state dict to the state dict of `model` (an MoE ViT).
 
     Args:
         state_dict: dense (or already MoE) state dict.
         model: target MoE model; its own tensors fill the keys the dense model lacks.
-        expert_init: 'copy' (each expert = the dense MLP) or 'random' (keep the model's init; ablation).
+        expert_init: 'copy' (each expert = the dense MLP), 'random' (keep the model's init; ablation) or 'drop'
+            (Drop-Upcycling: copy, then re-initialise `drop_ratio` of each expert's hidden units).
         rules: conversion rules applied to the dense keys whose target exists in the model.
         ignore_shape_of: key prefixes whose shapes are not checked (a classifier timm will adapt).
+        drop_ratio: fraction of hidden units re-initialised per expert with expert_init='drop'.
 
     Raises:
         CheckpointMismatchError: naming missing/unexpected keys or both shapes of a mismatched tensor.
     """
-    if expert_init not in ('copy', 'random'):
-        raise ValueError(f"expert_init must be 'copy' or 'random', got {expert_init!r}")
+    check_expert_init(expert_init, drop_ratio)
     target = model.state_dict()
     out, unexpected, mismatched = {}, [], []
 
@@ -153,7 +196,7 @@ def convert_dense_to_moe(
             if new_key in target:
                 want = target[new_key].shape
                 if _check_shape(new_key, value.shape, rule.dense_shape(want), dense_key=key):
-                    out[new_key] = rule.transform(value, want) if expert_init == 'copy' else target[new_key]
+                    out[new_key] = target[new_key] if expert_init == 'random' else rule.transform(value, want)
                 break
         else:
             unexpected.append(key)
@@ -176,4 +219,6 @@ def convert_dense_to_moe(
         raise CheckpointMismatchError(
             f'Checkpoint does not fit {type(model).__name__} '
             f'({"MoE" if moe_input else "dense"} checkpoint): ' + ' | '.join(parts))
+    if expert_init == 'drop' and not moe_input:
+        drop_upcycle(out, drop_ratio)
     return out

@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers import MoeMlp
-from .conversion import MoeBlocks, convert_dense_to_moe, resolve_moe_blocks
+from .conversion import MoeBlocks, check_expert_init, convert_dense_to_moe, resolve_moe_blocks
 
 __all__ = ['upcycle', 'replace_mlps_with_moe']
 
@@ -27,6 +27,7 @@ def replace_mlps_with_moe(
         moe_blocks: Optional[MoeBlocks] = None,
         num_experts: int = 32,
         expert_init: str = 'copy',
+        drop_ratio: float = 0.5,
         **moe_kwargs,
 ) -> Dict[str, Any]:
     """Replace, in place, the MLP of the chosen blocks by a randomly initialised `MoeMlp`.
@@ -34,8 +35,7 @@ def replace_mlps_with_moe(
     Returns the MoE configuration, also stored as `model.moe_config` (block indices resolved).
     """
     _check_vit(model)
-    if expert_init not in ('copy', 'random'):
-        raise ValueError(f"expert_init must be 'copy' or 'random', got {expert_init!r}")
+    check_expert_init(expert_init, drop_ratio)
     indices = resolve_moe_blocks(moe_blocks, len(model.blocks))
     for i in indices:
         mlp = model.blocks[i].mlp
@@ -45,7 +45,8 @@ def replace_mlps_with_moe(
         moe = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
         moe.layer_name = f'blocks.{i}.mlp'
         model.blocks[i].mlp = moe
-    model.moe_config = dict(num_experts=num_experts, moe_blocks=indices, expert_init=expert_init, **moe_kwargs)
+    model.moe_config = dict(num_experts=num_experts, moe_blocks=indices, expert_init=expert_init,
+                            drop_ratio=drop_ratio, **moe_kwargs)
     return model.moe_config
 
 
@@ -59,6 +60,7 @@ def upcycle(
         router_norm: bool = False,
         expert_init: str = 'copy',
         capacity_multiple_of: Optional[int] = None,
+        drop_ratio: float = 0.5,
         **router_kwargs: Any,
 ) -> VisionTransformer:
     """Return a new MoE model upcycled from `dense_model` (which is left unchanged).
@@ -71,14 +73,16 @@ def upcycle(
         capacity_factor: C (2.0 in the paper).
         top_k: experts per token for 'token_choice'.
         router_norm: rescale each token's combine weights to sum to 1.
-        expert_init: 'copy' (every expert = the dense MLP) or 'random' (ablation).
+        expert_init: 'copy' (every expert = the dense MLP), 'random' (ablation) or 'drop' (Drop-Upcycling: copy,
+            then re-initialise `drop_ratio` of each expert's hidden units; Nakamura et al., 2025).
         capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
         router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
     """
     _check_vit(dense_model)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
-        moe_model, moe_blocks, num_experts, expert_init, router=router, capacity_factor=capacity_factor, top_k=top_k,
+        moe_model, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor, top_k=top_k,
         router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
-    moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init))
+    moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init,
+                                                   drop_ratio=drop_ratio))
     return moe_model

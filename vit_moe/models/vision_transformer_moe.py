@@ -42,7 +42,9 @@ class VisionTransformerMoE(VisionTransformer):
         capacity_factor: C; expert choice capacity = ceil(C * tokens / E).
         top_k: experts per token (token choice).
         router_norm: rescale each token's combine weights to sum to 1.
-        expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint) or 'random'.
+        expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint), 'random' or 'drop'
+            (Drop-Upcycling).
+        drop_ratio: fraction of each expert's hidden units re-initialised with expert_init='drop'.
         capacity_multiple_of: round capacity up to a multiple of this.
         batch_priority, aux_loss_weight, z_loss_weight: token choice options.
         **kwargs: timm VisionTransformer arguments.
@@ -61,14 +63,15 @@ class VisionTransformerMoE(VisionTransformer):
             batch_priority: bool = True,
             aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0,
+            drop_ratio: float = 0.5,
             **kwargs: Any,
     ):
         super().__init__(**kwargs)
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
         replace_mlps_with_moe(  # sets self.moe_config
-            self, moe_blocks, num_experts, expert_init, router=router, capacity_factor=capacity_factor, top_k=top_k,
-            router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+            self, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,
+            top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
 
 
 ACCEPTED_CHECKPOINTS = (
@@ -114,6 +117,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerMoE
     try:
         return convert_dense_to_moe(
             state_dict, model, expert_init=model.moe_config['expert_init'],
+            drop_ratio=model.moe_config.get('drop_ratio', 0.5),
             ignore_shape_of=tuple(c + '.' for c in classifiers) if adapting_head else ())
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(
