@@ -72,8 +72,6 @@ class MoeMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         routing = self.router(x)
-        if not torch.jit.is_scripting():
-            record_routing(self.layer_name, routing.aux_loss, routing.metrics)
         E, capacity = routing.token_index.shape[1:]
 
         # flat token index of every slot, expert-major so each expert's slots are contiguous
@@ -89,7 +87,10 @@ class MoeMlp(nn.Module):
         weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
         expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
         out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
-        return out.view(B, T, D).to(x.dtype)
+        out = out.view(B, T, D).to(x.dtype)
+        if not torch.jit.is_scripting():
+            record_routing(self.layer_name, routing, out)
+        return out
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}'

@@ -57,11 +57,13 @@ class Routing(NamedTuple):
             expert's slots that hold a token), `importance` [E] (mean router probability per
             expert, sums to 1), `dropped_fraction` (tokens routed to no expert for expert choice;
             token-expert assignments dropped over capacity for token choice).
+        probs: [B, T, E] router probabilities (float32): what the slots were chosen by.
     """
     token_index: torch.Tensor
     combine_weights: torch.Tensor
     aux_loss: torch.Tensor
     metrics: Dict[str, torch.Tensor]
+    probs: torch.Tensor
 
 
 def _check_router_args(dim: int, num_experts: int, capacity_factor: float, capacity_multiple_of: Optional[int]):
@@ -139,7 +141,7 @@ class ExpertChoiceRouter(_LinearRouter):
             importance=probs.detach().mean(dim=(0, 1)),  # [E]
             dropped_fraction=(picked.detach() == 0).float().mean(),
         )
-        return Routing(token_index, gates, probs.new_zeros(()), metrics)
+        return Routing(token_index, gates, probs.new_zeros(()), metrics, probs)
 
 
 class TokenChoiceRouter(_LinearRouter):
@@ -221,7 +223,7 @@ class TokenChoiceRouter(_LinearRouter):
             importance=probs.detach().mean(dim=(0, 1)),
             dropped_fraction=1.0 - kept.float().mean(),
         )
-        return Routing(token_index.view(B, E, capacity), combine.view(B, E, capacity), aux_loss, metrics)
+        return Routing(token_index.view(B, E, capacity), combine.view(B, E, capacity), aux_loss, metrics, probs)
 
 
 ROUTERS = {'expert_choice': ExpertChoiceRouter, 'token_choice': TokenChoiceRouter}

@@ -6,7 +6,9 @@
     routing.layers['blocks.11.mlp']['expert_load']
 
 Every MoE layer that runs inside the `with` block records its aux loss (with its autograd graph) and its
-detached metrics in the innermost open capture. Outside a capture a MoE layer records nothing (inference,
+detached metrics in the innermost open capture; `capture_routing(keep_tensors=True)` also keeps each layer's
+Routing (slot token indices, combine weights, router probabilities) and output, for routing reports and for
+exports that expose the routing. Outside a capture a MoE layer records nothing (inference,
 ONNX export, tracing). Nothing is kept on the modules, so a model deep-copies (EMA), pickles and compiles
 after any forward, and a capture holds exactly the layers that ran inside it: a forward that stops early
 reports no stale values for the layers it skipped.
@@ -17,24 +19,37 @@ recording is a side effect that dynamo will not replay inside a checkpointed reg
 open capture tells it (the `skip_fwd_side_effects_in_bwd_under_checkpoint` setting, for its duration).
 """
 import contextlib
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ['RoutingCapture', 'capture_routing', 'record_routing']
+__all__ = ['RoutingCapture', 'LayerRouting', 'capture_routing', 'record_routing']
 
 _OPEN: List['RoutingCapture'] = []  # innermost last
 
 
-class RoutingCapture:
-    """Aux losses and metrics of the MoE layers run while this capture was open, in call order."""
+class LayerRouting(NamedTuple):
+    """What one MoE layer decided and produced (kept with `keep_tensors=True`)."""
+    token_index: torch.Tensor  # [B, E, capacity]
+    combine_weights: torch.Tensor  # [B, E, capacity]
+    probs: torch.Tensor  # [B, T, E]
+    output: torch.Tensor  # [B, T, D]
 
-    def __init__(self):
+
+class RoutingCapture:
+    """Aux losses and metrics (and, with `keep_tensors`, routing tensors) of the MoE layers run while open."""
+
+    def __init__(self, keep_tensors: bool = False):
+        self.keep_tensors = keep_tensors
         self.records: List[Tuple[str, torch.Tensor, Dict[str, torch.Tensor]]] = []
+        self.tensors: List[Tuple[str, LayerRouting]] = []  # with keep_tensors, in call order
         self._stack = contextlib.ExitStack()
 
-    def record(self, name: str, aux_loss: torch.Tensor, metrics: Dict[str, torch.Tensor]) -> None:
-        self.records.append((name, aux_loss, metrics))
+    def record(self, name: str, routing, output: Optional[torch.Tensor] = None) -> None:
+        self.records.append((name, routing.aux_loss, routing.metrics))
+        if self.keep_tensors:
+            self.tensors.append((name, LayerRouting(routing.token_index, routing.combine_weights, routing.probs,
+                                                    output)))
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -77,12 +92,12 @@ class RoutingCapture:
         _OPEN.remove(self)
 
 
-def capture_routing() -> RoutingCapture:
+def capture_routing(keep_tensors: bool = False) -> RoutingCapture:
     """A context manager collecting the routing of every MoE layer run inside it (see the module docstring)."""
-    return RoutingCapture()
+    return RoutingCapture(keep_tensors)
 
 
-def record_routing(name: str, aux_loss: torch.Tensor, metrics: Dict[str, torch.Tensor]) -> None:
-    """Called by MoE layers in their forward: record into the innermost open capture, if any."""
+def record_routing(name: str, routing, output: Optional[torch.Tensor] = None) -> None:
+    """Called by MoE layers at the end of their forward: record into the innermost open capture, if any."""
     if _OPEN:
-        _OPEN[-1].record(name, aux_loss, metrics)
+        _OPEN[-1].record(name, routing, output)
