@@ -89,6 +89,9 @@ def export_onnx(
         external_data: Optional[bool] = None,
         external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
         check: bool = True,
+        quantize: Optional[str] = None,
+        optimize: bool = False,
+        unroll_experts: bool = True,
 ) -> Path:
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
@@ -101,13 +104,33 @@ def export_onnx(
         fp16: export with float16 weights and inputs (router logits stay float32).
         external_data: force external data on / off; default on when the weights exceed the threshold.
         external_data_threshold: bytes above which weights are written as external data.
-        check: run the full onnx.checker on the result.
+        check: run the full onnx.checker on the exported float graph.
+        quantize: 'int8' for dynamic int8 weights (every expert; routers float32; `vit_moe.onnx.quantize_onnx`).
+        optimize: save ONNX Runtime's graph optimisations (and the GELU fusion) in the file (`optimize_onnx`).
+        unroll_experts: with `quantize`, run the experts as per-expert 2-D matmuls in the graph (pre-packed).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     height, width = _input_size(model, img_size)
+    if quantize and fp16:
+        raise OnnxExportError('quantize and fp16 exclude each other: int8 weights are quantized from float32')
+    float_output = output.with_name(output.stem + '.float.onnx') if quantize or optimize else output
     with on_cpu_in_eval_mode(model):
-        return _export(model, output, (height, width), opset, fp16, external_data, external_data_threshold, check)
+        _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check)
+    if not (quantize or optimize):
+        return output
+    from .quantize import optimize_onnx, quantize_onnx
+    try:
+        if quantize:
+            quantize_onnx(float_output, output, quantize, unroll_experts=unroll_experts)
+            if optimize:
+                optimize_onnx(output, output)
+        else:
+            optimize_onnx(float_output, output)
+    finally:
+        for stale in (float_output, float_output.with_name(float_output.name + '.data')):
+            stale.unlink(missing_ok=True)
+    return output
 
 
 def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check):

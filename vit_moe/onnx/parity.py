@@ -35,7 +35,7 @@ def check_onnx_parity(
                 expected = model(x.to(device)).float().cpu().numpy()
             got = classifier(x.numpy()).astype(np.float32)
             results[batch] = dict(
-                max_abs_diff=float(np.abs(got - expected).max()),
+                max_abs_diff=float(np.abs(got - expected).max()), max_abs_logit=float(np.abs(expected).max()),
                 top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()))
     finally:
         model.train(was_training)

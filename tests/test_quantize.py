@@ -1,0 +1,113 @@
+"""Deployable variants: exact graph rewrites, int8 experts with float32 routers, optimised files."""
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+
+from vit_moe.onnx import OnnxClassifier, export_onnx, float_expert_weights, optimize_onnx, quantize_onnx
+from vit_moe.onnx.graph_rewrites import (
+    fuse_erf_gelu, merge_expert_branches, op_counts, router_node_names, unroll_expert_matmuls,
+)
+
+from conftest import ROOT, TINY_MOE
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE).eval()  # 4 experts in blocks 2, 3
+    path = export_onnx(model, tmp_path_factory.mktemp('quant') / 'moe.onnx')
+    return model, path
+
+
+def _run(model_or_path, x):
+    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    session = ort.InferenceSession(source, providers=['CPUExecutionProvider'])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _batched_expert_matmuls(model):
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == 'MatMul' and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 3]
+
+
+def test_graph_rewrites_are_exact_and_do_what_they_say(exported):
+    _, path = exported
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    original = onnx.load(str(path))
+    expected = _run(original, x)
+    model = onnx.load(str(path))
+    assert fuse_erf_gelu(model)[1] == 4  # the GELU of every MLP: 2 dense blocks + 2 MoE blocks
+    assert unroll_expert_matmuls(model)[1] == 4  # fc1 and fc2 of 2 MoE layers
+    assert merge_expert_branches(model)[1] == 2  # fc1 -> GELU -> fc2 per expert, no Concat / Split between
+    assert 'Erf' not in op_counts(model) and not _batched_expert_matmuls(model)
+    assert len(_batched_expert_matmuls(original)) == 4
+    np.testing.assert_allclose(_run(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_routers_are_found_by_the_exporters_module_paths(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    names = router_node_names(model)
+    assert len(names) == 2
+    scopes = [next(p.value for p in n.metadata_props if p.key == 'pkg.torch.onnx.name_scopes')
+              for n in model.graph.node if n.name in names]
+    assert all('router' in s for s in scopes)
+
+
+@pytest.mark.parametrize('unroll', [True, False])
+def test_int8_quantizes_every_expert_and_keeps_routers_float32(exported, tmp_path, unroll):
+    model, path = exported
+    report = quantize_onnx(path, tmp_path / 'int8.onnx', unroll_experts=unroll)
+    quantized = onnx.load(str(tmp_path / 'int8.onnx'))
+    assert report['float_expert_weights'] == [] == float_expert_weights(quantized)
+    assert float_expert_weights(onnx.load(str(path)))  # the check can fail: the float export has them
+    inits = {i.name: i for i in quantized.graph.initializer}
+    expert_ops = [n for n in quantized.graph.node if n.op_type == 'MatMulInteger' and 'experts' in n.input[1]]
+    assert len(expert_ops) == (2 * 2 * 4 if unroll else 2 * 2)  # (fc1, fc2) x 2 layers (x 4 experts unrolled)
+    for node in expert_ops:
+        assert inits[node.input[1]].data_type == onnx.TensorProto.INT8
+        scale = numpy_helper.to_array(inits[node.input[1][:-len('_quantized')] + '_scale'])
+        assert scale.size == inits[node.input[1]].dims[-1] * (1 if unroll else 4)  # per output column (per expert)
+    routers = [n for n in quantized.graph.node if n.name in report['routers']]
+    assert len(routers) == 2 and all(n.op_type == 'MatMul' for n in routers)  # float MatMul, float32 weights
+    for node in routers:
+        weight = node.input[1]
+        assert weight not in inits or inits[weight].data_type == onnx.TensorProto.FLOAT
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = OnnxClassifier(tmp_path / 'int8.onnx')(x)  # the timm metadata travelled with it
+    cosine = (got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected)
+    assert cosine > 0.999 and (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+    assert report['bytes'] < 0.5 * path.stat().st_size
+
+
+def test_optimised_file_matches_and_keeps_the_metadata(exported, tmp_path):
+    model, path = exported
+    optimised = optimize_onnx(path, tmp_path / 'opt.onnx')
+    ops = op_counts(onnx.load(str(optimised)))
+    assert 'Erf' not in ops and ops.get('Gelu', 0) + ops.get('BiasGelu', 0) == 4  # ORT fuses the dense biases in
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(OnnxClassifier(optimised)(x), model(x).numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_export_command_line_quantizes_optimises_and_checks_agreement(tmp_path):
+    out = tmp_path / 'cli.onnx'
+    result = subprocess.run(
+        [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output', str(out),
+         '--model-kwargs', '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
+         '--num-classes', '10', '--quantize', 'int8', '--optimize'], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'int8 weights, routers float32, optimised' in result.stdout and result.stdout.count(' ok') == 3
+    assert float_expert_weights(onnx.load(str(out))) == []
+    assert not list(tmp_path.glob('*.float.onnx*'))  # the float intermediate is removed
