@@ -1,12 +1,13 @@
 """Latency and throughput: PyTorch eager vs ONNX Runtime, an upcycled MoE vs its dense source, side by side.
 
     python export/onnx_benchmark.py [--moe vit_b16_moe_upcycled] [--dense vit_base_patch16_224]
-        [--batch-sizes 1 8 32] [--rounds 5] [--model-kwargs '{...}'] [--moe-kwargs '{num_experts: 8}']
-        [--onnx-dir DIR [--reuse]] [--json F] [--markdown F]
+        [--batch-sizes 1 8 32] [--rounds 5] [--variants fp32 int8] [--no-pytorch] [--gap-ms 50]
+        [--model-kwargs '{...}'] [--moe-kwargs '{num_experts: 8}'] [--onnx-dir DIR [--reuse]] [--json F] [--markdown F]
 
 Same inputs for every configuration; warm-up calls first; then `rounds` rounds, each timing one call of every
-(model, runtime) in turn (interleaved, so machine noise hits all alike). Reports the median and the spread
-(min-max) per call, images/s, and the ratios MoE / dense (per runtime) and ONNX Runtime / PyTorch (per model).
+(model, runtime) in turn (interleaved, so machine noise hits all alike), after a pause (--gap-ms) that lets ONNX
+Runtime's spinning worker threads settle. Reports the median and the spread (min-max) per call, images/s, the
+ratios MoE / dense (per runtime), MoE int8 / dense fp32 and ONNX Runtime / PyTorch (per model), and file sizes.
 
 A bad argument or model option exits with 2 and one line on stderr; --debug (or VIT_MOE_DEBUG=1) shows the
 traceback instead. --verbose shows the exporter's own INFO logs and other libraries' warnings.
@@ -37,6 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--onnx-dir', default=None, help='where to export (default: a temp folder)')
     parser.add_argument('--reuse', action='store_true', help='reuse ONNX files already in --onnx-dir')
+    parser.add_argument('--variants', nargs='+', choices=['fp32', 'int8'], default=['fp32', 'int8'],
+                        help='ONNX variants to time (int8: export_onnx(quantize="int8"))')
+    parser.add_argument('--no-pytorch', dest='pytorch', action='store_false', help='time ONNX Runtime only')
+    parser.add_argument('--gap-ms', type=float, default=50.0,
+                        help="pause before each timed call (ONNX Runtime's spinning threads otherwise skew the next)")
     parser.add_argument('--json', default=None)
     parser.add_argument('--markdown', default=None)
     args = parser.parse_args(argv)
@@ -47,7 +53,8 @@ def main(argv=None) -> int:
     kwargs = args.model_kwargs or {}
     models = {'dense': timm.create_model(args.dense, **kwargs),
               'moe': timm.create_model(args.moe, **kwargs, **(args.moe_kwargs or {}))}
-    result = benchmark_inference(models, args.batch_sizes, args.rounds, args.warmup, args.onnx_dir, args.reuse)
+    result = benchmark_inference(models, args.batch_sizes, args.rounds, args.warmup, args.onnx_dir, args.reuse,
+                                 variants=args.variants, pytorch=args.pytorch, gap_s=args.gap_ms / 1e3)
     result.update(moe=args.moe, dense=args.dense, model_kwargs=kwargs, moe_kwargs=args.moe_kwargs)
     text = format_benchmark(result, title=f'{args.moe} vs {args.dense}, ')
     print(text)

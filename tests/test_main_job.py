@@ -24,10 +24,14 @@ def test_main_job_trains_dense_upcycles_continues_both_and_reports(tmp_path, cap
     assert 'outputs in' in capsys.readouterr().out
     report = table.split('\n\n', 1)[1]
     assert report.count('top-1 agreement 1.00') == 3
-    ort_top1, torch_top1 = [float(v) for v in report.split('val top-1: ONNX Runtime ')[1].split(' (')[0].split(' vs PyTorch ')]
-    assert ort_top1 == torch_top1
-    assert '| 32 | moe | onnxruntime |' in report and 'MoE / dense (ORT)' in report
-    assert (tmp_path / 'onnx' / 'moe.onnx').is_file()
+    variants = {tuple(c.strip() for c in line.split('|')[1:3]): [c.strip() for c in line.split('|')[3:7]]
+                for line in report.splitlines() if line.startswith(('| dense | ', '| moe | '))}
+    assert set(variants) == {('dense', 'fp32'), ('dense', 'int8'), ('moe', 'fp32'), ('moe', 'int8')}
+    mb, ort_top1, torch_top1, agreement = variants['moe', 'fp32']
+    assert ort_top1 == torch_top1 and agreement == '100.00%'  # the float graph is exact on the 359 real images
+    assert float(variants['moe', 'int8'][0]) < 0.5 * float(mb)  # int8 weights
+    assert '| 32 | moe | onnxruntime int8 |' in report and 'moe / dense (onnxruntime int8)' in report
+    assert (tmp_path / 'onnx' / 'moe.int8.onnx').is_file()
 
 
 def test_a_new_main_job_replaces_only_what_an_earlier_main_job_wrote(tmp_path, capsys):

@@ -87,22 +87,31 @@ def run(output: str, dense_steps: int, extra_steps: int, progress: bool = True, 
 
 
 def export_and_benchmark(output: str, runs: dict, rounds: int = 5) -> str:
-    """ONNX export of the upcycled model, parity, ONNX Runtime accuracy, and the inference benchmark."""
+    """ONNX exports (fp32, int8) of both models, parity, accuracy of every variant in ONNX Runtime on the real
+    validation images against the fp32 PyTorch model, and the inference benchmark."""
     out = Path(output)
     dense_cfg = load_config(str(CONFIGS / 'digits_dense.yaml'))
     moe_cfg = load_config(str(CONFIGS / 'digits_moe.yaml'))
-    moe = create_model_from_checkpoint(moe_cfg.model, runs['MoE (upcycled)']['model_dir']).eval()
-    dense = create_model_from_checkpoint(dense_cfg.model, runs['dense (continued)']['model_dir']).eval()
-    path = export_onnx(moe, out / 'onnx' / 'moe.onnx')
-    lines = [f'ONNX export: {path} (onnx.checker full check passed)']
-    for batch, r in check_onnx_parity(moe, path, batch_sizes=(1, 3, 8)).items():
+    models = dict(dense=create_model_from_checkpoint(dense_cfg.model, runs['dense (continued)']['model_dir']).eval(),
+                  moe=create_model_from_checkpoint(moe_cfg.model, runs['MoE (upcycled)']['model_dir']).eval())
+    paths = {}
+    for name, model in models.items():
+        for variant in ('fp32', 'int8'):  # the names benchmark_inference reuses
+            paths[name, variant] = export_onnx(model, out / 'onnx' / f'{name}.{variant}.onnx',
+                                               quantize=None if variant == 'fp32' else variant)
+    lines = [f'ONNX export: {paths["moe", "fp32"]} (onnx.checker full check passed)']
+    for batch, r in check_onnx_parity(models['moe'], paths['moe', 'fp32'], batch_sizes=(1, 3, 8)).items():
         lines.append(f'  parity batch {batch}: max |logit diff| {r["max_abs_diff"]:.1e}, '
                      f'top-1 agreement {r["top1_agreement"]:.2f}')
-    ort_eval = evaluate_onnx(path, str(out / 'data'), num_workers=0)
-    torch_top1 = runs['MoE (upcycled)']['eval']['top1']
-    lines.append(f'  val top-1: ONNX Runtime {ort_eval["top1"]:.2f} vs PyTorch {torch_top1:.2f} '
-                 f'({ort_eval["num_samples"]} images, providers {ort_eval["providers"]})')
-    bench = benchmark_inference(dict(dense=dense, moe=moe), rounds=rounds, onnx_dir=str(out / 'onnx'))
+    lines += ['', 'Deployable variants on the validation images (ONNX Runtime vs the fp32 PyTorch model):', '',
+              '| model | variant | file MB | val top-1 (%) | PyTorch fp32 top-1 (%) | top-1 agreement |',
+              '|---|---|---|---|---|---|']
+    for (name, variant), path in paths.items():
+        r = evaluate_onnx(path, str(out / 'data'), num_workers=0, reference=models[name])
+        size = sum(p.stat().st_size for p in (path, path.with_name(path.name + '.data')) if p.exists()) / 1e6
+        lines.append(f'| {name} | {variant} | {size:.1f} | {r["top1"]:.2f} | {r["reference_top1"]:.2f} | '
+                     f'{r["top1_agreement"]:.2%} |')
+    bench = benchmark_inference(models, rounds=rounds, onnx_dir=str(out / 'onnx'), reuse_onnx=True)
     lines += ['', format_benchmark(bench, title='inference, trained digits models: ')]
     return '\n'.join(lines)
 

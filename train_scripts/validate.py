@@ -6,6 +6,7 @@ per-expert routing statistics.
     accelerate launch --num_processes N train_scripts/validate.py ...   (every sample counted once)
 
     python train_scripts/validate.py --onnx model.onnx --data-dir DIR   (ONNX Runtime, timm preprocessing)
+        [--model NAME --checkpoint C]   (also the PyTorch model it came from: top-1 agreement on the same images)
 
 --checkpoint: a trainer output folder (model.safetensors + config.json), a .safetensors / .pth file,
 'default' (timm's Hub weights) or 'hf-hub:org/name'.
@@ -51,7 +52,12 @@ def main(argv=None) -> int:
 
     if args.onnx:  # needs only the [onnx] extra
         from vit_moe.onnx import evaluate_onnx
-        result = evaluate_onnx(args.onnx, args.data_dir, args.split, args.batch_size, args.num_workers)
+        reference = None
+        if args.model:  # the PyTorch model it was exported from: top-1 agreement on the same images
+            from vit_moe.models import create_model_from_checkpoint
+            reference = create_model_from_checkpoint(args.model, args.checkpoint, **(args.model_kwargs or {})).eval()
+        result = evaluate_onnx(args.onnx, args.data_dir, args.split, args.batch_size, args.num_workers,
+                               reference=reference)
         result['layers'] = {}
     elif args.model:
         from vit_moe.training import validate
@@ -63,6 +69,9 @@ def main(argv=None) -> int:
         print(f'{args.onnx or args.model} on {result["split"]}: top-1 {result["top1"]:.2f}  '
               f'top-5 {result["top5"]:.2f}  loss {result["loss"]:.4f}  {result["images_per_s"]:.0f} images/s  '
               f'({result["num_samples"]} images)')
+        if 'top1_agreement' in result:
+            print(f'  PyTorch {args.model}: top-1 {result["reference_top1"]:.2f}; top-1 agreement with ONNX Runtime '
+                  f'{result["top1_agreement"]:.2%}')
         if result.get('excluded'):
             print(f'  {len(result["excluded"])} unreadable image(s) left out of the metrics: '
                   + ', '.join(result['excluded']))

@@ -136,11 +136,14 @@ class OnnxClassifier:
 
 
 def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val', batch_size: int = 64,
-                  num_workers: int = 2, providers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                  num_workers: int = 2, providers: Optional[Sequence[str]] = None,
+                  reference: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
     """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`.
 
     An unreadable image is left out of the metrics (never replaced by another), counted in `num_excluded` and
-    named in `excluded`, as in PyTorch evaluation.
+    named in `excluded`, as in PyTorch evaluation. With `reference` (the PyTorch model it was exported from), the
+    same preprocessed images also go through it: `reference_top1` and `top1_agreement` (fraction of images on
+    which both predict the same class) are added.
     """
     from torchmetrics.classification import MulticlassAccuracy  # part of the [onnx] and [train] extras
 
@@ -152,18 +155,27 @@ def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val'
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro')
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro')
-    loss_sum, count, excluded, elapsed = 0.0, 0, 0, 0.0
+    loss_sum, count, excluded, elapsed, agree, reference_correct = 0.0, 0, 0, 0.0, 0, 0
     for images, targets, readable in loader:
         start = time.perf_counter()
         logits = torch.from_numpy(classifier(images).astype(np.float32))
         elapsed += time.perf_counter() - start
         excluded += int((~readable).sum())
         logits, targets = logits[readable], targets[readable]
+        if reference is not None:
+            param = next(reference.parameters())
+            with torch.no_grad():
+                expected = reference(images[readable].to(param.device, param.dtype)).float().cpu()
+            agree += int((expected.argmax(-1) == logits.argmax(-1)).sum())
+            reference_correct += int((expected.argmax(-1) == targets).sum())
         top1.update(logits, targets)
         top5.update(logits, targets)
         loss_sum += float(F.cross_entropy(logits, targets, reduction='sum'))
         count += len(targets)
+    extra = {} if reference is None else dict(reference_top1=100.0 * reference_correct / max(1, count),
+                                              top1_agreement=agree / max(1, count))
     return dict(top1=float(top1.compute()) * 100, top5=float(top5.compute()) * 100, loss=loss_sum / max(1, count),
+                **extra,
                 num_samples=count, num_excluded=excluded, excluded=dataset.skipped,
                 images_per_s=(count + excluded) / elapsed if elapsed else float('nan'),
                 providers=classifier.providers, onnx=str(onnx_path), split=str(dataset.reader.root))
