@@ -16,6 +16,7 @@ ALLOWED = {
     'data': set(),
     'training': {'layers', 'models', 'data'},
     'onnx': {'layers', 'models', 'data'},
+    'analysis': {'layers', 'models', 'data'},
 }
 
 

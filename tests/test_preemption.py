@@ -222,7 +222,7 @@ open(f'{trainer.out}/draws_{rank}.json', 'w').write(json.dumps(draws))
     assert 'saved by 2 process(es) and is resumed by 1' in one.stderr
     assert [r['step'] for r in log_records(part)] == list(range(1, 11))
     state = torch.load(latest_checkpoint(part) / 'custom_checkpoint_0.pkl', weights_only=True)
-    assert state == dict(step=10, batches=16 + 2, num_processes=1)  # 8 steps x 2 processes x 6 images = 16 batches of 6
+    assert dict(state, elapsed_s=0) == dict(step=10, batches=16 + 2, num_processes=1, elapsed_s=0)  # 8 steps x 2 processes x 6 images = 16 batches of 6
 
 
 def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, data):

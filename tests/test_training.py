@@ -183,7 +183,7 @@ def test_gradient_accumulation_bf16_and_tensorboard(tmp_path, data):
     records = log_records(summary['output_dir'])
     assert [r['step'] for r in records] == [1, 2, 3]  # optimizer steps, each over 2 micro-batches
     state = torch.load(latest_checkpoint(summary['output_dir']) / 'custom_checkpoint_0.pkl', weights_only=True)
-    assert state == dict(step=3, batches=6, num_processes=1)
+    assert dict(state, elapsed_s=0) == dict(step=3, batches=6, num_processes=1, elapsed_s=0) and state['elapsed_s'] > 0
     assert all(np.isfinite(r['loss']) for r in records)
     assert list((tmp_path / 'run').rglob('events.out.tfevents*'))
 

@@ -35,13 +35,15 @@ class TrainState:
     step: int = 0  # optimizer steps done
     batches: int = 0  # micro-batches consumed per process (positions the data order)
     num_processes: int = 1  # of the run that saved it
+    elapsed_s: float = 0.0  # wall-clock seconds spent in the training loop, summed over resumes
 
-    def state_dict(self) -> Dict[str, int]:
-        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes)
+    def state_dict(self) -> Dict[str, float]:
+        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes, elapsed_s=self.elapsed_s)
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: Dict[str, float]) -> None:
         self.step, self.batches = int(state['step']), int(state['batches'])
         self.num_processes = int(state.get('num_processes', 1))
+        self.elapsed_s = float(state.get('elapsed_s', 0.0))
 
 
 def checkpoint_root(output_dir) -> Path:

@@ -287,6 +287,7 @@ class Trainer:
                              desc='train')
         self.meter = StepMeter(self.accelerator.device)
         self.window_start, self.window_images = time.perf_counter(), 0
+        self._clock = time.perf_counter()  # for state.elapsed_s
         self.model.train()
         with _StopSignal().installed() as self.stop_signal:
             while state.step < cfg.steps and not self.interrupted:
@@ -347,6 +348,9 @@ class Trainer:
         """Count the optimizer step, update the EMA, then log / checkpoint / evaluate when due. True: stop now."""
         cfg, state = self.cfg, self.state
         state.step += 1
+        now = time.perf_counter()
+        state.elapsed_s += now - self._clock
+        self._clock = now
         if self.ema is not None:
             self.ema.update(self.unwrapped, step=state.step)
         self.progress.update(1)
@@ -371,7 +375,7 @@ class Trainer:
         layers = means.pop('layers')
         self.meter.reset()
         self.log.write(dict(
-            type='train', step=self.state.step, epoch=epoch, **means,
+            type='train', step=self.state.step, epoch=epoch, elapsed_s=self.state.elapsed_s, **means,
             lr=learning_rate(self.state.step - 1, self.cfg), images_per_s=self.window_images / elapsed,
             expert_load={n: m['expert_load'] for n, m in layers.items()},
             importance={n: m['importance'] for n, m in layers.items()}), step=self.state.step)
@@ -408,7 +412,8 @@ class Trainer:
         result = self.evaluate()
         self._log_bad_images()
         excluded = [e['path'] for e in self.bad_images.entries() if e.get('split') == self.cfg.val_split]
-        self.log.write(dict(type='eval', step=self.state.step, excluded=excluded, **result), step=self.state.step)
+        self.log.write(dict(type='eval', step=self.state.step, elapsed_s=self.state.elapsed_s, excluded=excluded,
+                            **result), step=self.state.step)
         return dict(result, excluded=excluded)
 
     # ------------------------------------------------------------------------------------------ the end
