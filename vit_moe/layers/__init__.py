@@ -5,4 +5,4 @@ from .routers import (
     ROUTERS, ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity,
     token_choice_capacity,
 )
-from .routing_capture import LayerRouting, RoutingCapture, capture_routing
+from .routing_capture import LayerRouting, RoutingCapture, capture_routing, replay_routing

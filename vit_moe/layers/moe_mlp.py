@@ -16,7 +16,7 @@ from timm.layers import Mlp, register_notrace_module
 
 from .experts import ExpertMlps
 from .routers import create_router
-from .routing_capture import record_routing
+from .routing_capture import record_routing, replayed_routing
 
 __all__ = ['MoeMlp', 'moe_layers']
 
@@ -72,6 +72,12 @@ class MoeMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         routing = self.router(x)
+        if not torch.jit.is_scripting():
+            replay = replayed_routing(self.layer_name)
+            if replay is not None:  # another runtime's slot decisions (parity checks)
+                token_index, filled = replay
+                routing = routing._replace(token_index=token_index, combine_weights=self.router.replay(
+                    routing.probs, token_index, filled).to(routing.combine_weights.dtype))
         E, capacity = routing.token_index.shape[1:]
 
         # flat token index of every slot, expert-major so each expert's slots are contiguous

@@ -125,6 +125,14 @@ class ExpertChoiceRouter(_LinearRouter):
     def capacity(self, num_tokens: int) -> int:
         return expert_choice_capacity(num_tokens, self.num_experts, self.capacity_factor, self.capacity_multiple_of)
 
+    def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
+        gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
+        if self.router_norm:
+            picked = torch.zeros_like(probs[..., 0]).scatter_add(1, token_index.flatten(1), gates.flatten(1))  # [B, T]
+            gates = gates / picked.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
+        return gates * filled
+
     def forward(self, x: torch.Tensor) -> Routing:
         B, T, _ = x.shape
         capacity = self.capacity(T)
@@ -182,6 +190,14 @@ class TokenChoiceRouter(_LinearRouter):
     def capacity(self, num_tokens: int) -> int:
         return token_choice_capacity(
             num_tokens, self.num_experts, self.capacity_factor, self.top_k, self.capacity_multiple_of)
+
+    def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
+        gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
+        if self.router_norm:
+            topk_sum = probs.topk(self.top_k, dim=-1).values.sum(dim=-1)  # [B, T]
+            gates = gates / topk_sum.gather(1, token_index.flatten(1)).view_as(gates)
+        return gates * filled
 
     def forward(self, x: torch.Tensor) -> Routing:
         B, T, _ = x.shape

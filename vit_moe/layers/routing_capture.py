@@ -23,7 +23,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ['RoutingCapture', 'LayerRouting', 'capture_routing', 'record_routing']
+__all__ = ['RoutingCapture', 'LayerRouting', 'capture_routing', 'record_routing', 'replay_routing', 'replayed_routing']
 
 _OPEN: List['RoutingCapture'] = []  # innermost last
 
@@ -95,6 +95,29 @@ class RoutingCapture:
 def capture_routing(keep_tensors: bool = False) -> RoutingCapture:
     """A context manager collecting the routing of every MoE layer run inside it (see the module docstring)."""
     return RoutingCapture(keep_tensors)
+
+
+_REPLAYS: List[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = []  # innermost last
+
+
+@contextlib.contextmanager
+def replay_routing(decisions: Dict[str, Tuple[torch.Tensor, torch.Tensor]]):
+    """Make the named MoE layers use given slot decisions instead of their own top-k choices.
+
+    `decisions`: layer name -> (token_index [B, E, capacity], filled [B, E, capacity] bool). The routers still
+    compute their probabilities; the combine weights are those probabilities at the given slots. Used to check
+    another runtime's arithmetic on exactly its own routing (e.g. ONNX Runtime's choices among tied tokens).
+    """
+    _REPLAYS.append(decisions)
+    try:
+        yield
+    finally:
+        _REPLAYS.remove(decisions)
+
+
+def replayed_routing(name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The decisions an open `replay_routing` gives layer `name`, or None."""
+    return _REPLAYS[-1].get(name) if _REPLAYS else None
 
 
 def record_routing(name: str, routing, output: Optional[torch.Tensor] = None) -> None:

@@ -87,8 +87,8 @@ class TrainConfig:
             self.torch_compile = None
         compile_modes = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
         if self.torch_compile is not None and self.torch_compile not in compile_modes:
-            raise ConfigError(f'torch_compile={self.torch_compile!r} is not valid; accepted: {", ".join(compile_modes)} '
-                              f'or off')
+            raise ConfigError(f'torch_compile={self.torch_compile!r} is not valid; accepted: '
+                              f'{", ".join(compile_modes)} or off')
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f'layer_decay={self.layer_decay!r} is not valid; expected a number in (0, 1] or null')
         if self.opt_betas is not None and (len(self.opt_betas) != 2 or not all(0 <= b < 1 for b in self.opt_betas)):
