@@ -134,9 +134,13 @@ class ExpertChoiceRouter(_LinearRouter):
         return gates * filled
 
     def forward(self, x: torch.Tensor) -> Routing:
-        B, T, _ = x.shape
+        return self.route(self.logits(x))
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """Slots from router logits [B, T, E] (float32)."""
+        B, T, _ = logits.shape
         capacity = self.capacity(T)
-        probs = self.logits(x).softmax(dim=-1)  # [B, T, E]
+        probs = logits.softmax(dim=-1)  # [B, T, E]
         gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
         picked = torch.zeros_like(probs[..., 0]).scatter_add(
@@ -145,7 +149,7 @@ class ExpertChoiceRouter(_LinearRouter):
             gates = gates / picked.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
 
         metrics = dict(
-            expert_load=torch.ones(self.num_experts, device=x.device),  # every slot is filled
+            expert_load=torch.ones(self.num_experts, device=logits.device),  # every slot is filled
             importance=probs.detach().mean(dim=(0, 1)),  # [E]
             dropped_fraction=(picked.detach() == 0).float().mean(),
         )
@@ -200,10 +204,13 @@ class TokenChoiceRouter(_LinearRouter):
         return gates * filled
 
     def forward(self, x: torch.Tensor) -> Routing:
-        B, T, _ = x.shape
+        return self.route(self.logits(x))
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        """Slots from router logits [B, T, E] (float32)."""
+        B, T, _ = logits.shape
         E, k = self.num_experts, self.top_k
         capacity = self.capacity(T)
-        logits = self.logits(x)  # [B, T, E]
         probs = logits.softmax(dim=-1)  # [B, T, E]
         gates, experts = probs.topk(k, dim=-1)  # [B, T, k] each
         if self.router_norm:
@@ -213,7 +220,7 @@ class TokenChoiceRouter(_LinearRouter):
         if self.batch_priority:
             order = gates[..., 0].topk(T, dim=1).indices  # [B, T] (topk, not sort: exportable to ONNX TopK)
         else:
-            order = torch.arange(T, device=x.device).expand(B, T)  # [B, T]
+            order = torch.arange(T, device=logits.device).expand(B, T)  # [B, T]
         order_k = order.unsqueeze(-1).expand(B, T, k)  # [B, T, k]
         experts = experts.gather(1, order_k).transpose(1, 2).reshape(B, k * T)  # [B, k*T]
         gates = gates.gather(1, order_k).transpose(1, 2).reshape(B, k * T)  # [B, k*T]

@@ -21,9 +21,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import onnx
 import torch
 
-from .metadata import METADATA_KEY, model_metadata
+from ..layers import capture_routing
+from .metadata import METADATA_KEY, ROUTING_OUTPUTS_KEY, model_metadata
 
-__all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD']
+__all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD', 'RoutingProbe']
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +64,28 @@ def _quiet_exporter_logs():
             lg.setLevel(logging.NOTSET)
 
 
+class RoutingProbe(torch.nn.Module):
+    """A debug export's graph: the logits, then each MoE layer's slot token indices [B, E, capacity], combine
+    weights [B, E, capacity] and output [B, T, D], in call order (never the deployed file)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        with capture_routing(keep_tensors=True) as capture:
+            logits = self.model(x)
+        outputs = [logits]
+        for _, layer in capture.tensors:
+            outputs += [layer.token_index, layer.combine_weights, layer.output]
+        return tuple(outputs)
+
+    def layer_names(self, example: torch.Tensor):
+        with torch.no_grad(), capture_routing() as capture:
+            self.model(example)
+        return [name for name, _, _ in capture.records]
+
+
 @contextlib.contextmanager
 def on_cpu_in_eval_mode(model: torch.nn.Module):
     """The model on the CPU in eval mode for the duration; its device and train / eval mode are restored after."""
@@ -92,6 +115,7 @@ def export_onnx(
         quantize: Optional[str] = None,
         optimize: bool = False,
         unroll_experts: bool = True,
+        expose_routing: bool = False,
 ) -> Path:
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
@@ -108,6 +132,8 @@ def export_onnx(
         quantize: 'int8' for dynamic int8 weights (every expert; routers float32; `vit_moe.onnx.quantize_onnx`).
         optimize: save ONNX Runtime's graph optimisations (and the GELU fusion) in the file (`optimize_onnx`).
         unroll_experts: with `quantize`, run the experts as per-expert 2-D matmuls in the graph (pre-packed).
+        expose_routing: a debug export for parity checks (`RoutingProbe`): extra outputs `<layer>/token_index`,
+            `<layer>/combine_weights`, `<layer>/output` per MoE layer, listed in the metadata. Not for deployment.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +142,8 @@ def export_onnx(
         raise OnnxExportError('quantize and fp16 exclude each other: int8 weights are quantized from float32')
     float_output = output.with_name(output.stem + '.float.onnx') if quantize or optimize else output
     with on_cpu_in_eval_mode(model):
-        _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check)
+        _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check,
+                expose_routing)
     if not (quantize or optimize):
         return output
     from .quantize import optimize_onnx, quantize_onnx
@@ -133,7 +160,8 @@ def export_onnx(
     return output
 
 
-def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check):
+def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check,
+            expose_routing: bool = False):
     height, width = size
     dtype = torch.float16 if fp16 else torch.float32
     if fp16:
@@ -142,15 +170,24 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
     use_external = external_data if external_data is not None else weight_bytes > external_data_threshold
     example = torch.randn(2, 3, height, width, dtype=dtype)
     batch = torch.export.Dim('batch', min=1, max=4096)
+    graph, output_names, layers = model, ['logits'], []
+    if expose_routing:
+        graph = RoutingProbe(model).eval()
+        layers = graph.layer_names(example)
+        if not layers:
+            raise OnnxExportError(f'{type(model).__name__} has no MoE layer: there is no routing to expose')
+        output_names += [f'{n}/{kind}' for n in layers for kind in ('token_index', 'combine_weights', 'output')]
     try:
         with _quiet_exporter_logs():
             program = torch.onnx.export(
-                model, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
-                output_names=['logits'], opset_version=opset, verbose=False)
+                graph, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
+                output_names=output_names, opset_version=opset, verbose=False)
     except Exception as e:
         raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
                               f'{str(e).splitlines()[0] if str(e) else e}') from e
     program.model.metadata_props[METADATA_KEY] = json.dumps(model_metadata(model, (height, width)))
+    if expose_routing:
+        program.model.metadata_props[ROUTING_OUTPUTS_KEY] = json.dumps(layers)
     for stale in (output, output.with_name(output.name + '.data')):
         stale.unlink(missing_ok=True)
     program.save(str(output), external_data=use_external)

@@ -5,9 +5,10 @@ import torch
 
 from ..data import data_config_for
 
-__all__ = ['METADATA_KEY', 'model_metadata']
+__all__ = ['METADATA_KEY', 'ROUTING_OUTPUTS_KEY', 'model_metadata']
 
 METADATA_KEY = 'timm_data_config'  # ONNX metadata_props key holding the JSON below
+ROUTING_OUTPUTS_KEY = 'vit_moe_routing_outputs'  # a debug export's MoE layer names, in output order
 
 
 def model_metadata(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
