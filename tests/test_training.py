@@ -215,3 +215,9 @@ def test_evaluation_scores_distinct_images_only(tmp_path, data):
     assert (with_bad['num_samples'], with_bad['num_excluded']) == (15, 1)
     assert with_bad['excluded'] == [str(data / 'val' / 'class_0' / 'zz_broken.png')]
     assert with_bad['top1'] == clean['top1'] and with_bad['loss'] == pytest.approx(clean['loss'], rel=1e-6)
+
+
+def test_eval_at_start_scores_the_model_before_the_first_step(tmp_path, data):
+    summary = train(tiny_config(tmp_path, steps=2, eval_at_start=True))
+    evals = log_records(summary['output_dir'], 'eval')
+    assert [r['step'] for r in evals] == [0, 2] and evals[0]['num_samples'] == 15

@@ -164,10 +164,30 @@ def test_drop_upcycling_through_timm_and_bad_ratio_is_named(dense, tmp_path):
     save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, path)
     torch.manual_seed(0)
     model = timm.create_model('vit_ti16_moe_upcycled', pretrained=True, expert_init='drop', drop_ratio=0.5,
-                              pretrained_cfg_overlay=dict(file=path, num_classes=10), img_size=32, patch_size=8,
-                              embed_dim=64, depth=4, num_heads=2, num_experts=4, num_classes=10)
+                              output_scale=True, pretrained_cfg_overlay=dict(file=path, num_classes=10), img_size=32,
+                              patch_size=8, embed_dim=64, depth=4, num_heads=2, num_experts=4, num_classes=10)
+    assert float(model.blocks[3].mlp.output_scale) == 2.0  # new in the MoE model: from its own init (E / C)
     w = model.blocks[3].mlp.experts.fc1.weight  # [4, 64, 256]
     same = (w == dense.blocks[3].mlp.fc1.weight.t()).all(1)  # [4, 256]
     assert same.sum(1).tolist() == [128] * 4
     with pytest.raises(ValueError, match=r'drop_ratio=1.5 is not valid; expected a fraction in \[0, 1\]'):
         upcycle(dense, num_experts=4, expert_init='drop', drop_ratio=1.5)
+
+
+def test_output_scale_starts_the_upcycled_model_close_to_the_dense_function(dense, images):
+    torch.manual_seed(0)
+    plain = upcycle(dense, num_experts=4, capacity_factor=2.0)  # combine weights sum to about C / E = 0.5
+    torch.manual_seed(0)
+    scaled = upcycle(dense, num_experts=4, capacity_factor=2.0, output_scale=True)
+    assert float(scaled.blocks[3].mlp.output_scale) == 2.0  # E / C
+    with torch.no_grad():
+        reference = dense(images)
+        gap_plain = (plain(images) - reference).abs().mean()
+        gap_scaled = (scaled(images) - reference).abs().mean()
+    assert gap_scaled < 0.7 * gap_plain
+    scaled.train()
+    with capture_routing() as routing:
+        loss = scaled(images).logsumexp(-1).mean() + routing.aux_loss
+    loss.backward()
+    assert scaled.blocks[3].mlp.output_scale.grad is not None  # training can move it
+    assert 'blocks.3.mlp.output_scale' in scaled.state_dict()

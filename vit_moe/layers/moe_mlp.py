@@ -35,6 +35,9 @@ class MoeMlp(nn.Module):
         router_norm: rescale each token's combine weights to sum to 1.
         capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
         act_layer, bias, drop: as in timm's Mlp.
+        output_scale: a learnable scalar on the layer's output, initialised to E / C (expert choice; E / k for
+            top-k, 1 with router_norm): with a near-uniform router a token's combine weights sum to C / E on average,
+            so an upcycled layer starts close to the dense MLP's function instead of scaled down by about C / E.
         router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight).
     """
 
@@ -52,6 +55,7 @@ class MoeMlp(nn.Module):
             bias=True,
             drop=0.,
             experts: Optional[ExpertMlps] = None,
+            output_scale: bool = False,
             **router_kwargs,
     ):
         super().__init__()
@@ -62,6 +66,8 @@ class MoeMlp(nn.Module):
             num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
         self.num_experts = num_experts
         self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
+        expected_weight = 1.0 if router_norm else (top_k if router == 'token_choice' else capacity_factor) / num_experts
+        self.output_scale = nn.Parameter(torch.tensor(1.0 / expected_weight)) if output_scale else None
 
     @classmethod
     def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
@@ -94,6 +100,8 @@ class MoeMlp(nn.Module):
         expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
         out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
         out = out.view(B, T, D).to(x.dtype)
+        if self.output_scale is not None:
+            out = out * self.output_scale.to(out.dtype)
         if not torch.jit.is_scripting():
             record_routing(self.layer_name, routing, out)
         return out

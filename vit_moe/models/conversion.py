@@ -71,7 +71,7 @@ UPCYCLE_RULES = (
 
 
 _MOE_KEY = re.compile(r'(^|\.)mlp\.(experts|router)\.')
-_ROUTER_KEY = re.compile(r'(^|\.)mlp\.router\.')
+_ROUTER_KEY = re.compile(r'(^|\.)mlp\.(router\.|output_scale$)')  # new in an upcycled model: the model's init
 
 
 def resolve_moe_blocks(moe_blocks: Optional[MoeBlocks], depth: int) -> List[int]:

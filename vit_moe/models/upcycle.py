@@ -61,6 +61,7 @@ def upcycle(
         expert_init: str = 'copy',
         capacity_multiple_of: Optional[int] = None,
         drop_ratio: float = 0.5,
+        output_scale: bool = False,
         **router_kwargs: Any,
 ) -> VisionTransformer:
     """Return a new MoE model upcycled from `dense_model` (which is left unchanged).
@@ -76,13 +77,16 @@ def upcycle(
         expert_init: 'copy' (every expert = the dense MLP), 'random' (ablation) or 'drop' (Drop-Upcycling: copy,
             then re-initialise `drop_ratio` of each expert's hidden units; Nakamura et al., 2025).
         capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
+        drop_ratio: with expert_init='drop', the fraction of each expert's hidden units re-initialised.
+        output_scale: a learnable output scale per MoE layer initialised to E / C (a near function-preserving start).
         router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
     """
     _check_vit(dense_model)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
         moe_model, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,
-        top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+        top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
+        **router_kwargs)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init,
                                                    drop_ratio=drop_ratio))
     return moe_model

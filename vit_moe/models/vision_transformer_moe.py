@@ -45,6 +45,7 @@ class VisionTransformerMoE(VisionTransformer):
         expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint), 'random' or 'drop'
             (Drop-Upcycling).
         drop_ratio: fraction of each expert's hidden units re-initialised with expert_init='drop'.
+        output_scale: a learnable output scale per MoE layer initialised to E / C (see `vit_moe.layers.MoeMlp`).
         capacity_multiple_of: round capacity up to a multiple of this.
         batch_priority, aux_loss_weight, z_loss_weight: token choice options.
         **kwargs: timm VisionTransformer arguments.
@@ -64,6 +65,7 @@ class VisionTransformerMoE(VisionTransformer):
             aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0,
             drop_ratio: float = 0.5,
+            output_scale: bool = False,
             **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -71,7 +73,8 @@ class VisionTransformerMoE(VisionTransformer):
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
         replace_mlps_with_moe(  # sets self.moe_config
             self, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,
-            top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+            top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
+            **router_kwargs)
 
 
 ACCEPTED_CHECKPOINTS = (

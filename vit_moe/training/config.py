@@ -75,6 +75,7 @@ class TrainConfig:
     # else start), or a checkpoint folder. Without it a run refuses an output_dir that holds checkpoints.
     resume: Optional[str] = None
     eval_every: int = 0  # evaluate every N steps (0 = at the end only)
+    eval_at_start: bool = False  # also evaluate before the first step (e.g. right after upcycling)
     log_every: int = 10
     trackers: Optional[str] = 'auto'  # Accelerate trackers: 'auto' (tensorboard if installed), 'none', a name
     progress: bool = True  # tqdm progress bar
@@ -125,7 +126,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({
     'steps', 'resume', 'output_dir', 'data_dir', 'num_workers', 'verify_images', 'bad_image_policy',
     'eval_batch_size', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'log_every', 'trackers', 'progress',
-    'cooldown_steps',
+    'cooldown_steps', 'eval_at_start',
 })
 
 

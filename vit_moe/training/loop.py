@@ -288,6 +288,8 @@ class Trainer:
         self.meter = StepMeter(self.accelerator.device)
         self.window_start, self.window_images = time.perf_counter(), 0
         self._clock = time.perf_counter()  # for state.elapsed_s
+        if cfg.eval_at_start and state.step == 0:
+            self._log_evaluation()
         self.model.train()
         with _StopSignal().installed() as self.stop_signal:
             while state.step < cfg.steps and not self.interrupted:
