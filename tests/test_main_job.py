@@ -32,6 +32,8 @@ def test_main_job_trains_dense_upcycles_continues_both_and_reports(tmp_path, cap
     assert float(variants['moe', 'int8'][0]) < 0.5 * float(mb)  # int8 weights
     assert '| 32 | moe | onnxruntime int8 |' in report and 'moe / dense (onnxruntime int8)' in report
     assert (tmp_path / 'onnx' / 'moe.int8.onnx').is_file()
+    assert 'Routing report: ' in table and (tmp_path / 'routing_report' / 'report.md').is_file()
+    assert len(list((tmp_path / 'routing_report').glob('*.png'))) >= 4
 
 
 def test_a_new_main_job_replaces_only_what_an_earlier_main_job_wrote(tmp_path, capsys):

@@ -5,8 +5,10 @@
 3. upcycle it to an expert-choice MoE and continue training (configs/digits_moe.yaml),
 4. continue the dense model for the same number of extra steps (the baseline),
 5. evaluate both and print a comparison table,
-6. export the upcycled MoE to ONNX (static capacity, dynamic batch), check parity with PyTorch, evaluate it
-   in ONNX Runtime on the same images, and benchmark dense vs MoE in PyTorch and ONNX Runtime.
+6. write a routing report for the upcycled model (which patches each expert took, load per class, tokens left
+   unprocessed, start vs end; outputs/main_job/routing_report/report.md),
+7. export both models to ONNX (float32 and int8), check parity with PyTorch, score every variant in ONNX Runtime
+   on the same images against the PyTorch model, and benchmark them in PyTorch and ONNX Runtime.
 
     python train_scripts/main_job.py [--output outputs/main_job] [--dense-steps 300] [--extra-steps 150] [--resume]
 
@@ -36,7 +38,7 @@ def _train_images_per_s(output_dir: str) -> float:
     return sum(rates[1:]) / len(rates[1:]) if len(rates) > 1 else rates[0]  # the first window holds start-up
 
 
-RUN_FOLDERS = ('dense', 'moe', 'dense_continued', 'onnx')
+RUN_FOLDERS = ('dense', 'moe', 'dense_continued', 'onnx', 'routing_report')
 
 
 MARKER = '.main_job'  # written in --output by the main job: only then are its run folders its own to remove
@@ -116,6 +118,26 @@ def export_and_benchmark(output: str, runs: dict, rounds: int = 5) -> str:
     return '\n'.join(lines)
 
 
+def report_routing(output: str, runs: dict, progress: bool = True) -> str:
+    """The routing report of the upcycled model, compared with its upcycled start; returns the summary lines."""
+    from vit_moe.analysis import load_report_models, routing_report
+    out = Path(output)
+    cfg = load_config(str(CONFIGS / 'digits_moe.yaml'))
+    moe_dir, dense_dir = runs['MoE (upcycled)']['model_dir'], runs['dense']['model_dir']
+    model, start = load_report_models(cfg.model, moe_dir, start_checkpoint=dense_dir, seed=cfg.seed)
+    report = routing_report(model, str(out / 'data'), str(out / 'routing_report'), start_model=start,
+                            progress=progress, model_name=cfg.model, checkpoint=moe_dir, start_checkpoint=dense_dir)
+    lines = [f'Routing report: {out / "routing_report" / "report.md"}; tokens taken by no expert, upcycled start '
+             f'-> after training (background / object patches):']
+    start = report.get('start_layers') or {}
+    for name, layer in report['layers'].items():
+        before, after = start.get(name, {}).get('unprocessed_fraction', {}), layer['unprocessed_fraction']
+        parts = [f'{before[k]:.1%} -> {after[k]:.1%}' if k in before else f'{after[k]:.1%}'
+                 for k in ('all', 'background', 'object')]
+        lines.append(f'  {name}: {parts[0]} ({parts[1]} / {parts[2]})')
+    return '\n'.join(lines)
+
+
 def format_table(runs: dict) -> str:
     lines = ['| model | steps | params (M) | val top-1 (%) | val top-5 (%) | val loss | train img/s | eval img/s |',
              '|---|---|---|---|---|---|---|---|']
@@ -141,11 +163,13 @@ def main(argv=None):
     runs = run(args.output, args.dense_steps, args.extra_steps, progress=not args.no_progress, resume=args.resume)
     table = format_table(runs)
     print('\n' + table + '\n', flush=True)
+    routing = report_routing(args.output, runs, progress=not args.no_progress)
+    print(routing + '\n', flush=True)
     onnx_report = export_and_benchmark(args.output, runs, rounds=args.bench_rounds)
     print(onnx_report)
-    Path(args.output, 'results.md').write_text(table + '\n\n' + onnx_report + '\n')
+    Path(args.output, 'results.md').write_text(table + '\n\n' + routing + '\n\n' + onnx_report + '\n')
     print(f'\noutputs in {args.output}/: data/ (digits ImageFolder), dense/, moe/, dense_continued/ '
-          f'(each: config.yaml, log.jsonl, checkpoints/, model/), onnx/, results.md')
+          f'(each: config.yaml, log.jsonl, checkpoints/, model/), routing_report/, onnx/, results.md')
 
 
 if __name__ == '__main__':
