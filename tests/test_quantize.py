@@ -111,3 +111,15 @@ def test_export_command_line_quantizes_optimises_and_checks_agreement(tmp_path):
     assert 'int8 weights, routers float32, optimised' in result.stdout and result.stdout.count(' ok') == 3
     assert float_expert_weights(onnx.load(str(out))) == []
     assert not list(tmp_path.glob('*.float.onnx*'))  # the float intermediate is removed
+
+
+def test_models_over_the_protobuf_limit_go_through_external_data(exported, tmp_path, monkeypatch):
+    from vit_moe.onnx import quantize
+    monkeypatch.setattr(quantize, '_EXTERNAL_THRESHOLD', 10_000)  # as if the tiny model were over 2 GB
+    model, path = exported
+    report = quantize_onnx(path, tmp_path / 'int8.onnx')
+    assert (tmp_path / 'int8.onnx.data').is_file() and report['float_expert_weights'] == []
+    optimized = optimize_onnx(tmp_path / 'int8.onnx', tmp_path / 'opt.onnx')
+    x = torch.randn(2, 3, 32, 32)
+    np.testing.assert_allclose(OnnxClassifier(optimized)(x), OnnxClassifier(tmp_path / 'int8.onnx')(x), atol=1e-3)
+    assert not list(tmp_path.glob('*.prepared.onnx*')) and not list(tmp_path.glob('*.fused.onnx*'))

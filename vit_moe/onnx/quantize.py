@@ -61,9 +61,13 @@ def _fix_batched_per_channel(q_model: onnx.ModelProto, float_model: onnx.ModelPr
     return fixed
 
 
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (a model over 2 GB cannot be serialised to ask protobuf its size)."""
+    return sum(len(i.raw_data) if i.raw_data else int(np.prod(i.dims)) * 4 for i in model.graph.initializer)
+
+
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    big = model.ByteSize() > _EXTERNAL_THRESHOLD if not any(
-        i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer) else True
+    big = _weight_bytes(model) > _EXTERNAL_THRESHOLD
     for stale in (path, path.with_name(path.name + '.data')):
         stale.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=big, location=path.name + '.data' if big else None)
@@ -149,7 +153,7 @@ def optimize_onnx(src: Union[str, Path], dst: Union[str, Path], threads: int = 1
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(dst)
-        if model.ByteSize() > _EXTERNAL_THRESHOLD:
+        if _weight_bytes(model) > _EXTERNAL_THRESHOLD:
             options.add_session_config_entry('session.optimized_model_external_initializers_file_name',
                                              dst.name + '.data')
         ort.InferenceSession(str(fused), options, providers=['CPUExecutionProvider'])
