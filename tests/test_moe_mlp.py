@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 from timm.layers import Mlp
 
 from vit_moe import MoeMlp, capture_routing, convert_dense_to_moe
+from vit_moe.layers.moe_mlp import combine_by_matmul
 
 
 def _upcycled_layer(dense: Mlp, num_experts: int, **kwargs) -> MoeMlp:
@@ -110,3 +111,34 @@ def test_graph_has_static_shapes_and_no_data_dependent_ops(router):
     assert not [op for op in ops if op.startswith(data_dependent)]
     x = torch.randn(5, 10, 16)
     torch.testing.assert_close(program.module()(x), moe(x))
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 4), tokens=st.integers(2, 12), experts=st.integers(1, 5),
+       capacity=st.integers(1, 12), half=st.booleans())
+def test_matmul_combine_equals_index_add(seed, batch, tokens, experts, capacity, half):
+    """The exported graph's combine (a combine matrix) adds the same slots as eager's index_add, repeats included."""
+    g = torch.Generator().manual_seed(seed)
+    dim = 8
+    dtype = torch.float16 if half else torch.float32
+    expert_out = torch.randn(experts, batch * capacity, dim, generator=g).to(dtype)  # [E, B*capacity, D]
+    token_index = torch.randint(0, tokens, (batch, experts, capacity), generator=g)  # repeats across experts
+    weights = torch.rand(batch, experts, capacity, generator=g) * (torch.rand(batch, experts, capacity,
+                                                                                generator=g) > 0.2)  # empty slots
+    got = combine_by_matmul(expert_out, token_index, weights, tokens, torch.float32)  # [B, T, D]
+    expected = torch.zeros(batch, tokens, dim)
+    for b in range(batch):
+        for e in range(experts):
+            for c in range(capacity):
+                expected[b, token_index[b, e, c]] += weights[b, e, c] * expert_out[e, b * capacity + c].float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('router', ['expert_choice', 'token_choice'])
+def test_export_mode_combine_equals_eager(router, monkeypatch):
+    torch.manual_seed(0)
+    moe = MoeMlp(16, 32, num_experts=4, router=router).eval()
+    x = torch.randn(3, 10, 16)
+    eager = moe(x)
+    monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
+    torch.testing.assert_close(moe(x), eager, rtol=1e-5, atol=1e-6)

@@ -11,6 +11,8 @@ import timm
 import torch
 from onnx import numpy_helper
 
+import vit_moe
+
 from vit_moe.onnx import (
     OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx,
 )
@@ -147,3 +149,25 @@ def test_provider_preference_and_session_options(monkeypatch):
     assert options.graph_optimization_level == runtime.ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     with pytest.raises(ValueError, match="optimization='fast' is not valid; accepted: disable, basic, extended, all"):
         runtime.session_options(optimization='fast')
+
+
+def test_multithreaded_onnx_runtime_gives_every_token_all_its_experts(tmp_path):
+    """ONNX Runtime's CPU ScatterND(reduction='add') races on repeated indices with more than one thread
+    (microsoft/onnxruntime#18048): a graph combining experts with it loses updates at random. The exported combine
+    is a matmul: repeated multi-threaded runs equal each other and PyTorch."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti16_moe_upcycled', img_size=224, patch_size=16, embed_dim=64, depth=2,
+                              num_heads=2, num_classes=10, num_experts=8, moe_blocks=1,
+                              expert_init='random').eval()
+    path = export_onnx(model, tmp_path / 'moe.onnx', expose_routing=True)
+    assert 'ScatterND' not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    classifier = OnnxClassifier(path, threads=2)
+    x = torch.randn(16, 3, 224, 224)
+    runs = [classifier.session.run(None, {classifier.input.name: x.numpy()}) for _ in range(8)]
+    layer_outputs = [torch.from_numpy(r[3]) for r in runs]  # blocks.1.mlp/output [16, 197, 64]
+    for out in layer_outputs:
+        torch.testing.assert_close(out, layer_outputs[0], rtol=0, atol=1e-6)
+    with torch.no_grad(), vit_moe.capture_routing(keep_tensors=True) as routing:
+        model(x)
+    (_, layer), = routing.tensors
+    torch.testing.assert_close(layer_outputs[0], layer.output, rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ from .experts import ExpertMlps
 from .routers import create_router
 from .routing_capture import record_routing, replayed_routing
 
-__all__ = ['MoeMlp', 'moe_layers']
+__all__ = ['MoeMlp', 'moe_layers', 'combine_by_matmul']
 
 
 @register_notrace_module
@@ -96,9 +96,12 @@ class MoeMlp(nn.Module):
 
         # combine in float32 for half inputs: exact sums, and ONNX Runtime's CPU ScatterND-add has no float16
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
-        expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
-        out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
+        if torch.onnx.is_in_onnx_export():
+            out = combine_by_matmul(expert_out, routing.token_index, routing.combine_weights, T, acc_dtype)
+        else:
+            weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
+            expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
+            out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
         out = out.view(B, T, D).to(x.dtype)
         if self.output_scale is not None:
             out = out * self.output_scale.to(out.dtype)
@@ -108,6 +111,39 @@ class MoeMlp(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}'
+
+
+def combine_by_matmul(
+        expert_out: torch.Tensor,
+        token_index: torch.Tensor,
+        combine_weights: torch.Tensor,
+        num_tokens: int,
+        dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Add every slot's weighted output back to its token with a per-image [T, E*capacity] combine matrix.
+
+    The same sums as `index_add`, written for exported graphs: `index_add` exports to ScatterND(reduction='add'),
+    whose ONNX Runtime CPU kernel races when indices repeat (a token taken by several experts) and more than one
+    thread runs it (microsoft/onnxruntime#18048, still in 1.32): updates are lost, silently. A matmul has no race.
+    The combine matrix costs 2 * T * (E * capacity) * D FLOPs per image (about 3-6 % of the experts' for ViT-S/B).
+
+    Args:
+        expert_out: [E, B*capacity, D] expert outputs, slots expert-major then image-major.
+        token_index: [B, E, capacity] token of every slot.
+        combine_weights: [B, E, capacity] weight of every slot (0 for an empty slot).
+        num_tokens: T, tokens per image.
+        dtype: accumulation dtype.
+
+    Returns:
+        [B, T, D]
+    """
+    E, _, D = expert_out.shape
+    B, _, capacity = token_index.shape
+    slot_out = expert_out.view(E, B, capacity, D).transpose(0, 1).reshape(B, E * capacity, D)  # [B, E*capacity, D]
+    tokens = torch.arange(num_tokens, device=token_index.device).view(1, num_tokens, 1)  # [1, T, 1]
+    one_hot = token_index.reshape(B, 1, E * capacity) == tokens  # [B, T, E*capacity]
+    combine = one_hot.to(dtype) * combine_weights.reshape(B, 1, E * capacity).to(dtype)  # [B, T, E*capacity]
+    return torch.bmm(combine, slot_out.to(dtype))  # [B, T, D]
 
 
 def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:
