@@ -3,7 +3,7 @@ against PyTorch in ONNX Runtime.
 
     python export/onnx_export.py --model NAME [--checkpoint FILE_OR_FOLDER] --output model.onnx
         [--opset 18] [--img-size S] [--fp16 | --quantize int8] [--optimize] [--model-kwargs '{num_experts: 8}']
-        [--atol 1e-3] [--min-agreement 1.0] [--verbose] [--debug]
+        [--atol 1e-3] [--min-agreement 1.0] [--tie-rtol 1e-5] [--verbose] [--debug]
 
 --quantize int8: ONNX Runtime dynamic int8 weights for every MatMul with constant weights (every expert, per expert
 and output column), the routers kept float32, the experts unrolled into per-expert 2-D matmuls in the graph
@@ -12,7 +12,8 @@ Parity (fresh random batches of 1, 3 and 8 images) tells routing from arithmetic
 the same graph exposing each MoE layer's slot decisions (never the deployed file; --no-routing-check skips it) lets
 PyTorch replay ONNX Runtime's routing, so the logits are compared on the same routing (--atol), every MoE layer's
 output too (the first one off is named), and every slot the two runtimes fill differently must be a tie (router
-probabilities equal within 1e-5 relative) or the check fails naming layer, image, expert and slot. Printed as e.g.
+probabilities equal within --tie-rtol, default 1e-5 relative) or the check fails naming layer, image, expert and
+slot. Printed as e.g.
 `batch 8: max |logit diff| 3.5e-02 (2 routing ties of 1664 slots, gap <= 3e-07); with ONNX Runtime's routing
 replayed 2.1e-06; top-1 agreement 1.000: ok`. A quantized or fp16 model moves probabilities more than float noise:
 flips are reported, and the logits are judged relative to their scale (max |logit diff| <= --rtol x max |logit|,
@@ -66,11 +67,15 @@ def main(argv=None) -> int:
                         help='skip the debug export that tells routing ties from wrong arithmetic (MoE models)')
     parser.add_argument('--rtol', type=float, default=0.1,
                         help='with --quantize: max |logit diff| allowed as a fraction of max |logit|')
+    parser.add_argument('--tie-rtol', type=float, default=None,
+                        help='relative router-probability gap up to which a flipped slot is a tie (default 1e-5)')
     args = parser.parse_args(argv)
+    if args.tie_rtol is not None and not 0 <= args.tie_rtol < 1:
+        parser.error(f'--tie-rtol must be in [0, 1), got {args.tie_rtol}')
     _cli.setup_logging(args.verbose)
     from vit_moe.models import create_model_from_checkpoint
     from vit_moe.layers import moe_layers
-    from vit_moe.onnx import check_onnx_parity, export_onnx, format_parity  # the [onnx] extra
+    from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, export_onnx, format_parity  # the [onnx] extra
 
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                          **(args.model_kwargs or {})).eval()
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
                 print(f'the deployed file and its debug export differ by {same:.1e}: cannot vouch for it',
                       file=sys.stderr)
                 return 1
-        results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=args.rtol)
+        results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=args.rtol,
+                                    tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol)
     ok = True
     for batch, r in results.items():
         good = r['ok'] and r['top1_agreement'] >= min_agreement

@@ -33,11 +33,15 @@ def _user_mistakes(tmp_path):
                                       f"checkpoint '{missing}.safetensors' does not exist"),
         'validate non-ONNX file': (['train_scripts/validate.py', '--onnx', str(not_onnx), '--data-dir', missing],
                                    f"'{not_onnx}' is not an ONNX model; expected an .onnx file written by"),
+        'export impossible tie tolerance': (['export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
+                                             str(tmp_path / 'x.onnx'), '--tie-rtol', '2'],
+                                            '--tie-rtol must be in [0, 1), got 2.0'),
     }
 
 
 @pytest.mark.parametrize('case', ['train missing data_dir', 'train unknown key', 'validate missing data_dir',
-                                  'export missing checkpoint', 'validate non-ONNX file'])
+                                  'export missing checkpoint', 'validate non-ONNX file',
+                                  'export impossible tie tolerance'])
 def test_a_user_mistake_is_one_stderr_line_naming_it_and_exit_2(tmp_path, case):
     args, expected = _user_mistakes(tmp_path)[case]
     result = run_script([sys.executable, *args], timeout=120)
