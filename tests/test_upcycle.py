@@ -179,7 +179,7 @@ def test_output_scale_starts_the_upcycled_model_close_to_the_dense_function(dens
     plain = upcycle(dense, num_experts=4, capacity_factor=2.0)  # combine weights sum to about C / E = 0.5
     torch.manual_seed(0)
     scaled = upcycle(dense, num_experts=4, capacity_factor=2.0, output_scale=True)
-    assert float(scaled.blocks[3].mlp.output_scale) == 2.0  # E / C
+    assert float(scaled.blocks[3].mlp.output_scale.detach()) == 2.0  # E / C
     with torch.no_grad():
         reference = dense(images)
         gap_plain = (plain(images) - reference).abs().mean()
