@@ -115,6 +115,16 @@ class _LinearRouter(nn.Module):
         return f'num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, router_norm={self.router_norm}'
 
 
+def _weight_per_token(probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """[B, T] sum of the combine weights [B, E, capacity] each token received (0: taken by no expert)."""
+    return torch.zeros_like(probs[..., 0]).scatter_add(1, token_index.flatten(1), gates.flatten(1))
+
+
+def _normalise_per_token(gates: torch.Tensor, token_index: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+    """Combine weights [B, E, capacity] rescaled so that each token's sum to 1."""
+    return gates / per_token.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
+
+
 class ExpertChoiceRouter(_LinearRouter):
     """Expert Choice: each expert takes the `capacity` tokens of the image it prefers most.
 
@@ -129,8 +139,7 @@ class ExpertChoiceRouter(_LinearRouter):
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
         gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
         if self.router_norm:
-            picked = torch.zeros_like(probs[..., 0]).scatter_add(1, token_index.flatten(1), gates.flatten(1))  # [B, T]
-            gates = gates / picked.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
+            gates = _normalise_per_token(gates, token_index, _weight_per_token(probs, token_index, gates))
         return gates * filled
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -143,10 +152,9 @@ class ExpertChoiceRouter(_LinearRouter):
         probs = logits.softmax(dim=-1)  # [B, T, E]
         gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
-        picked = torch.zeros_like(probs[..., 0]).scatter_add(
-            1, token_index.flatten(1), gates.flatten(1))  # [B, T] combine weight sum per token
+        picked = _weight_per_token(probs, token_index, gates)  # [B, T]
         if self.router_norm:
-            gates = gates / picked.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
+            gates = _normalise_per_token(gates, token_index, picked)
 
         metrics = dict(
             expert_load=torch.ones(self.num_experts, device=logits.device),  # every slot is filled

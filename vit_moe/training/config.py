@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -161,17 +162,21 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f'{name}={value!r} is not valid; expected {"an integer" if base is int else "a number"}')
 
 
+def read_yaml(path, what: str, error: type) -> Any:
+    """The YAML document at `path`; a missing file or bad YAML raises `error` naming `what` and the path."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f'{what} {str(path)!r} does not exist') from None
+    except yaml.YAMLError as e:
+        raise error(f'{what} {str(path)!r} is not valid YAML: {e}') from None
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """TrainConfig from defaults, then the YAML file at `path`, then `overrides`."""
     values: Dict[str, Any] = {}
     if path:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f'config file {path!r} does not exist') from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f'config file {path!r} is not valid YAML: {e}') from None
+        loaded = read_yaml(path, 'config file', ConfigError) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f'config file {path!r} must hold a mapping of keys to values')
         _check_keys(loaded, path)

@@ -71,7 +71,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import yaml
 
 from .checkpoints import checkpoint_step, latest_checkpoint
-from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, resume_conflicts
+from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, read_yaml, resume_conflicts
 from .loop import NonFiniteLossError, train
 
 __all__ = [
@@ -254,12 +254,7 @@ def cell_name(assignment: Dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ loading
 def _read_yaml(path: Path) -> Dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f'sweep config {str(path)!r} does not exist') from None
-    except yaml.YAMLError as e:
-        raise SweepError(f'sweep config {str(path)!r} is not valid YAML: {e}') from None
+    loaded = read_yaml(path, 'sweep config', SweepError)
     if not isinstance(loaded, dict):
         raise SweepError(f'sweep config {str(path)!r} must hold a mapping (keys: {", ".join(SWEEP_KEYS)})')
     unknown = [k for k in loaded if k not in SWEEP_KEYS]
