@@ -1,30 +1,42 @@
 """Export a (MoE) ViT to ONNX with a dynamic batch axis and static capacity, check it, and check parity
-against PyTorch in ONNX Runtime.
+against PyTorch in ONNX Runtime, layer by layer.
 
     python export/onnx_export.py --model NAME [--checkpoint FILE_OR_FOLDER] --output model.onnx
-        [--opset 18] [--img-size S] [--fp16 | --quantize int8] [--optimize] [--model-kwargs '{num_experts: 8}']
-        [--atol 1e-3] [--min-agreement 1.0] [--tie-rtol 1e-5] [--verbose] [--debug]
+        [--opset 18] [--img-size S] [--fp16 | --quantize int8 [--int8-target auto|vnni|avx2]] [--optimize]
+        [--model-kwargs '{num_experts: 8}'] [--data-dir DIR [--split val] [--max-images 1000]]
+        [--atol 1e-3] [--tie-rtol 1e-5] [--expert-rtol R] [--min-agreement A] [--min-data-agreement A]
+        [--verbose] [--debug]
 
 --quantize int8: ONNX Runtime dynamic int8 weights for every MatMul with constant weights (every expert, per expert
 and output column), the routers kept float32, the experts unrolled into per-expert 2-D matmuls in the graph
-(--no-unroll-experts keeps them batched). --optimize: ONNX Runtime's graph optimisations saved in the file.
-Parity (fresh random batches of 1, 3 and 8 images) tells routing from arithmetic for MoE models: a debug export of
-the same graph exposing each MoE layer's slot decisions (never the deployed file; --no-routing-check skips it) lets
-PyTorch replay ONNX Runtime's routing, so the logits are compared on the same routing (--atol), every MoE layer's
-output too (the first one off is named), and every slot the two runtimes fill differently must be a tie (router
-probabilities equal within --tie-rtol, default 1e-5 relative) or the check fails naming layer, image, expert and
-slot. Printed as e.g.
-`batch 8: max |logit diff| 3.5e-02 (2 routing ties of 1664 slots, gap <= 3e-07); with ONNX Runtime's routing
-replayed 2.1e-06; top-1 agreement 1.000: ok`. A quantized or fp16 model moves probabilities more than float noise:
-flips are reported, and the logits are judged relative to their scale (max |logit diff| <= --rtol x max |logit|,
-default 0.1); its accuracy is measured on real images with validate.py --onnx --model ... (top-1 agreement).
+(--no-unroll-experts keeps them batched). The weight range suits the CPU the file is for (--int8-target): 'vnni'
+(x86 with AVX-512 VNNI / AVX-VNNI, and ARM: full range), 'avx2' (any x86 CPU: 7-bit weights, since without VNNI
+ONNX Runtime's int8 kernel saturates on full-range ones), 'auto' (default: the CPU running the export); the choice
+is stored in the file. --optimize: ONNX Runtime's graph optimisations saved in the file.
 
-Weights over 2 GB (vit_b16_moe_upcycled is 3.9 GB in fp32) go to <output>.data (ONNX external data).
-Prints the file(s) written and one parity line per batch size. Exits 1 when parity fails or top-1 agreement is below
---min-agreement; 2 with one line on stderr for a bad argument, checkpoint or model option (--debug or
-VIT_MOE_DEBUG=1: the traceback instead).
+Parity (fresh random batches of 1, 3 and 8 images): for MoE models a debug export of the same graph exposes every MoE
+layer's input, slot decisions, combine weights, expert outputs and output (never the deployed file, which must give
+the same logits; --no-routing-check skips it), and each MoE layer is checked on ONNX Runtime's own tensors: every
+slot filled differently from PyTorch's router on the same input must be a routing tie (probabilities equal within
+--tie-rtol, default 1e-5 relative), the combine weights must be the router's probabilities, each expert's outputs
+must match PyTorch's float32 expert on the same tokens within --expert-rtol (relative RMS error; default 1e-4 for
+float32, 2e-2 for --fp16, 0.25 for int8, where rounding gives 1-5 %), and the combine must be exact. The first layer
+that fails is named with the reason. A float32 graph's logits must also match PyTorch on ONNX Runtime's routing
+(--atol) with top-1 agreement >= --min-agreement (default 1.0). For int8 and fp16 the end-to-end logit difference and
+the slots PyTorch float32 fills differently are reported, not judged: e.g.
+`batch 8: max |logit diff| 8.4e-01 (0.11 of max |logit|; 6 of 432 slots filled differently from PyTorch float32);
+layer by layer on ONNX Runtime's own inputs: 0 routing ties, experts within 3.1e-02 (allowed 0.25): ok`.
+With --data-dir, the deployed file and the PyTorch model also classify real images (the --split folder, at most
+--max-images of them, evenly spaced) and their top-1 agreement must reach --min-data-agreement (default 0.999 for
+float32, 0.99 for fp16, 0.97 for int8: int8 may change the prediction of an image near a class boundary, and more
+than 3 in 100 means the quantization does not suit the model or the CPU).
+
+Weights over 1.8 GB (vit_b16_moe_upcycled is 3.9 GB in fp32) go to <output>.data (ONNX external data).
+Prints the file(s) written and one parity line per batch size. Exits 1 when a check fails; 2 with one line on
+stderr for a bad argument, checkpoint or model option (--debug or VIT_MOE_DEBUG=1: the traceback instead).
 --verbose shows the exporter's own INFO logs (onnxscript, onnx_ir) and other libraries' warnings.
 """
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -60,57 +72,99 @@ def main(argv=None) -> int:
     parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None)
     parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 3, 8])
+    parser.add_argument('--int8-target', default='auto', choices=['auto', 'vnni', 'avx2'],
+                        help='with --quantize: the CPU the file is for (weight range); auto: this one')
     parser.add_argument('--atol', type=float, default=None, help='float32 logits on the same routing (default 1e-3)')
     parser.add_argument('--min-agreement', type=float, default=None,
-                        help='top-1 agreement required (0-1); default 1.0, 0 (reported only) with --quantize')
+                        help='float32: top-1 agreement required on the random batches (0-1, default 1.0)')
     parser.add_argument('--no-routing-check', dest='routing_check', action='store_false',
-                        help='skip the debug export that tells routing ties from wrong arithmetic (MoE models)')
-    parser.add_argument('--rtol', type=float, default=0.1,
-                        help='with --quantize: max |logit diff| allowed as a fraction of max |logit|')
+                        help='skip the debug export that checks each MoE layer on its own inputs (MoE models)')
+    parser.add_argument('--rtol', type=float, default=None,
+                        help='also require max |logit diff| <= rtol x max |logit| (default: reported only)')
     parser.add_argument('--tie-rtol', type=float, default=None,
                         help='relative router-probability gap up to which a flipped slot is a tie (default 1e-5)')
+    parser.add_argument('--expert-rtol', type=float, default=None,
+                        help='relative RMS error allowed per expert on its own inputs (default by precision)')
+    parser.add_argument('--data-dir', default=None, help='also measure top-1 agreement with PyTorch on real images')
+    parser.add_argument('--split', default='val')
+    parser.add_argument('--max-images', type=int, default=1000)
+    parser.add_argument('--min-data-agreement', type=float, default=None,
+                        help='top-1 agreement required on --data-dir (default 0.999 fp32, 0.99 fp16, 0.97 int8)')
     args = parser.parse_args(argv)
-    if args.tie_rtol is not None and not 0 <= args.tie_rtol < 1:
-        parser.error(f'--tie-rtol must be in [0, 1), got {args.tie_rtol}')
+    for flag in ('tie_rtol', 'min_agreement', 'min_data_agreement'):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 1 or flag == 'tie_rtol' and value == 1:
+            parser.error(f'--{flag.replace("_", "-")} must be in [0, 1{")" if flag == "tie_rtol" else "]"}, got {value}')
+    for flag in ('atol', 'rtol', 'expert_rtol'):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f'--{flag.replace("_", "-")} must be > 0, got {getattr(args, flag)}')
+    if args.max_images < 1:
+        parser.error(f'--max-images must be >= 1, got {args.max_images}')
     _cli.setup_logging(args.verbose)
     from vit_moe.models import create_model_from_checkpoint
     from vit_moe.layers import moe_layers
     from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, export_onnx, format_parity  # the [onnx] extra
 
+    if args.data_dir:
+        from vit_moe.data import check_image_folder
+        check_image_folder(args.data_dir, args.split)  # a bad folder fails before the export
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
                                          **(args.model_kwargs or {})).eval()
-    path = export_onnx(model, args.output, img_size=args.img_size, opset=args.opset, fp16=args.fp16,
-                       quantize=args.quantize, optimize=args.optimize, unroll_experts=args.unroll_experts)
+    export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
+                         unroll_experts=args.unroll_experts, int8_target=args.int8_target)
+    path = export_onnx(model, args.output, optimize=args.optimize, **export_kwargs)
+    kind = 'int8' if args.quantize else 'fp16' if args.fp16 else 'fp32'
     done = ', '.join(['onnx.checker full check passed'] + (['int8 weights, routers float32'] if args.quantize else [])
                      + (['optimised'] if args.optimize else []))
-    print(f'exported {describe_files(path)}; {done}')
-    parity_model = model.half() if args.fp16 else model
-    exact = not (args.quantize or args.fp16)  # float32: every routing flip must be a tie, logits to atol
-    atol = args.atol if args.atol is not None else (1e-3 if exact else None)
-    min_agreement = args.min_agreement if args.min_agreement is not None else (1.0 if exact else 0.0)
+    print(f'exported {describe_files(path)}; {done}{_int8_note(path) if args.quantize else ""}')
+    parity_model = copy.deepcopy(model).half() if args.fp16 else model
+    atol = args.atol if args.atol is not None else 1e-3
+    min_agreement = args.min_agreement if args.min_agreement is not None else 1.0
     checked = path
     with tempfile.TemporaryDirectory(prefix='vit_moe_parity_') as tmp:
         if args.routing_check and moe_layers(model):
-            checked = export_onnx(model, Path(tmp) / 'debug.onnx', img_size=args.img_size, opset=args.opset,
-                                  fp16=args.fp16, quantize=args.quantize, unroll_experts=args.unroll_experts,
-                                  check=False, expose_routing=True)
+            checked = export_onnx(model, Path(tmp) / 'debug.onnx', check=False, expose_routing=True, **export_kwargs)
             same = same_logits(path, checked)
             if same > 1e-5:
                 print(f'the deployed file and its debug export differ by {same:.1e}: cannot vouch for it',
                       file=sys.stderr)
                 return 1
         results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=args.rtol,
-                                    tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol)
+                                    tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol,
+                                    expert_rtol=args.expert_rtol)
     ok = True
     for batch, r in results.items():
-        good = r['ok'] and r['top1_agreement'] >= min_agreement
+        good = r['ok'] and (kind != 'fp32' or r['top1_agreement'] >= min_agreement)
         ok &= good
         print(format_parity(batch, dict(r, ok=good)))
     if not ok:
-        limit = f'atol {atol}' if atol is not None else f'rtol {args.rtol} of max |logit|'
-        print(f'parity check failed ({limit}, min top-1 agreement {min_agreement})', file=sys.stderr)
+        limit = f'atol {atol}, min top-1 agreement {min_agreement}' if kind == 'fp32' else 'layer by layer'
+        print(f'parity check failed ({limit})', file=sys.stderr)
         return 1
+    if args.data_dir:
+        return _check_real_images(path, model, args, kind)
     return 0
+
+
+DATA_AGREEMENT = {'fp32': 0.999, 'fp16': 0.99, 'int8': 0.97}  # default --min-data-agreement
+
+
+def _int8_note(path: Path) -> str:
+    from vit_moe.onnx import OnnxClassifier
+    int8 = OnnxClassifier(path, providers=['CPUExecutionProvider']).int8 or {}
+    return f'; int8 target {int8.get("target")} ({int8.get("chosen")})'
+
+
+def _check_real_images(path: Path, model, args, kind: str) -> int:
+    """Top-1 agreement of the deployed file with the PyTorch model on real images, against the threshold."""
+    from vit_moe.onnx import evaluate_onnx
+    threshold = args.min_data_agreement if args.min_data_agreement is not None else DATA_AGREEMENT[kind]
+    r = evaluate_onnx(path, args.data_dir, args.split, num_workers=0, reference=model, max_images=args.max_images)
+    good = r['top1_agreement'] >= threshold
+    print(f'real images ({r["num_samples"]} of {r["split"]}): top-1 {r["top1"]:.2f} vs PyTorch float32 '
+          f'{r["reference_top1"]:.2f}, top-1 agreement {r["top1_agreement"]:.2%} (required {threshold:.1%}): '
+          f'{"ok" if good else "FAIL"}')
+    return 0 if good else 1
 
 
 def same_logits(a: Path, b: Path) -> float:

@@ -186,8 +186,8 @@ _KILLED_SAVE = textwrap.dedent('''
     if point == 'config':  # killed while writing config.json
         saving._write_config = kill
     else:  # killed between moving the previous folder aside and renaming the new one in
-        rename, calls = os.rename, []
-        os.rename = lambda *a: calls.append(a) or (kill() if len(calls) == 2 else rename(*a))
+        replace, calls = os.replace, []
+        os.replace = lambda *a: calls.append(a) or (kill() if len(calls) == 2 else replace(*a))
     saving.save_trained_model(model, folder, label_names=['a', 'b', 'c'])
 ''').format(args=repr(ARGS))
 

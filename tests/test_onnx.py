@@ -140,8 +140,11 @@ def test_provider_preference_and_session_options(monkeypatch):
     all_three = ['TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider']
     monkeypatch.setattr(runtime.ort, 'get_available_providers', lambda: all_three)
     monkeypatch.setattr(runtime, '_gpu_present', lambda: True)
-    assert runtime.default_providers() == all_three
-    assert runtime.default_providers(tensorrt=False) == all_three[1:]
+    monkeypatch.setattr(runtime, '_tensorrt_loadable', lambda: False)  # onnxruntime-gpu lists it regardless
+    assert runtime.default_providers() == all_three[1:] == runtime.default_providers(tensorrt=True)
+    monkeypatch.setattr(runtime, '_tensorrt_loadable', lambda: True)
+    assert runtime.default_providers() == all_three[1:]  # TensorRT only when asked for
+    assert runtime.default_providers(tensorrt=True) == all_three
     monkeypatch.setattr(runtime, '_gpu_present', lambda: False)  # onnxruntime-gpu installed, no GPU
     assert runtime.default_providers() == ['CPUExecutionProvider']
     options = runtime.session_options(threads=3, optimization='extended')
@@ -164,7 +167,8 @@ def test_multithreaded_onnx_runtime_gives_every_token_all_its_experts(tmp_path):
     classifier = OnnxClassifier(path, threads=2)
     x = torch.randn(16, 3, 224, 224)
     runs = [classifier.session.run(None, {classifier.input.name: x.numpy()}) for _ in range(8)]
-    layer_outputs = [torch.from_numpy(r[3]) for r in runs]  # blocks.1.mlp/output [16, 197, 64]
+    names = [o.name for o in classifier.session.get_outputs()]
+    layer_outputs = [torch.from_numpy(r[names.index('blocks.1.mlp/output')]) for r in runs]  # [16, 197, 64]
     for out in layer_outputs:
         torch.testing.assert_close(out, layer_outputs[0], rtol=0, atol=1e-6)
     with torch.no_grad(), vit_moe.capture_routing(keep_tensors=True) as routing:

@@ -102,9 +102,9 @@ def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp
 # are written but before it is renamed into place, and while an old checkpoint is being deleted.
 _KILLER = '''
 import os, runpy, signal, sys
-import vit_moe.training.checkpoints as checkpoints, vit_moe.training.loop as loop
+import vit_moe._files as files, vit_moe.training.checkpoints as checkpoints, vit_moe.training.loop as loop
 target, n = sys.argv[1], int(sys.argv[2])
-owner, name = {'step': (loop.Trainer, 'train_step'), 'save': (checkpoints, '_fsync_tree'),
+owner, name = {'step': (loop.Trainer, 'train_step'), 'save': (files, 'fsync_tree'),
                'prune': (checkpoints, '_erase')}[target]
 real, calls = getattr(owner, name), [0]
 def killer(*args, **kwargs):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,7 +28,8 @@ from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 
-__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError', 'BadImageLog']
+__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError', 'BadImageLog',
+           'ignore_stop_signals']
 
 _logger = logging.getLogger(__name__)
 
@@ -193,10 +195,12 @@ class ImageFolderDataset(ImageDataset):
         # Random augmentations seeded by (seed, epoch, index) without touching the global RNGs: a sample gets
         # the same augmentation whatever the loader's prefetching or worker count, so a resumed run (and
         # dropout after it) continues exactly as an uninterrupted one.
+        # Only the CPU generator is reseeded: torch.manual_seed would also reseed the CUDA generators, which
+        # fork_rng(devices=[]) does not restore (dropout on the GPU would then repeat across processes).
         sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed % 2 ** 32)
             try:
@@ -204,6 +208,18 @@ class ImageFolderDataset(ImageDataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT.
+
+    A preempted job (SLURM, `kill -TERM -<pgid>`) or Ctrl-C signals every process of the group, data-loader workers
+    included. A worker killed by it makes the main process raise "DataLoader worker ... is killed by signal" before
+    it can save; ignoring the signal lets the main process finish its step, save a checkpoint, then shut the workers
+    down as usual (they also exit on their own when the main process dies).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def verify_images(dataset: ImageFolderDataset) -> List[Tuple[str, str]]:

@@ -67,7 +67,8 @@ class MoeMlp(nn.Module):
         self.num_experts = num_experts
         self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
         expected_weight = 1.0 if router_norm else (top_k if router == 'token_choice' else capacity_factor) / num_experts
-        self.output_scale = nn.Parameter(torch.tensor(1.0 / expected_weight)) if output_scale else None
+        # shape [1], not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
+        self.output_scale = nn.Parameter(torch.full((1,), 1.0 / expected_weight)) if output_scale else None
 
     @classmethod
     def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
@@ -103,14 +104,20 @@ class MoeMlp(nn.Module):
             out = combine_by_matmul(expert_out, routing.token_index, routing.combine_weights, T, acc_dtype)
         else:
             weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
-            expert_out = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
-            out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, expert_out)  # [B*T, D]
+            weighted = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
+            out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, weighted)  # [B*T, D]
         out = out.view(B, T, D).to(x.dtype)
         if self.output_scale is not None:
             out = out * self.output_scale.to(out.dtype)
         if not torch.jit.is_scripting():
-            record_routing(self.layer_name, routing, out)
+            record_routing(self.layer_name, routing, out, x, expert_out)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scale = state_dict.get(prefix + 'output_scale')
+        if scale is not None and scale.dim() == 0:  # saved by vit-moe 0.2 as a 0-dim scalar
+            state_dict[prefix + 'output_scale'] = scale.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}'

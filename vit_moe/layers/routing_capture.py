@@ -7,8 +7,8 @@
 
 Every MoE layer that runs inside the `with` block records its aux loss (with its autograd graph) and its
 detached metrics in the innermost open capture; `capture_routing(keep_tensors=True)` also keeps each layer's
-Routing (slot token indices, combine weights, router probabilities) and output, for routing reports and for
-exports that expose the routing. Outside a capture a MoE layer records nothing (inference,
+Routing (slot token indices, combine weights, router probabilities), input, expert outputs and output, for routing
+reports and for exports that expose the routing. Outside a capture a MoE layer records nothing (inference,
 ONNX export, tracing). Nothing is kept on the modules, so a model deep-copies (EMA), pickles and compiles
 after any forward, and a capture holds exactly the layers that ran inside it: a forward that stops early
 reports no stale values for the layers it skipped.
@@ -34,6 +34,8 @@ class LayerRouting(NamedTuple):
     combine_weights: torch.Tensor  # [B, E, capacity]
     probs: torch.Tensor  # [B, T, E]
     output: torch.Tensor  # [B, T, D]
+    input: Optional[torch.Tensor] = None  # [B, T, D] the layer's input
+    expert_output: Optional[torch.Tensor] = None  # [E, B*capacity, D] every slot's expert output, before weighting
 
 
 class RoutingCapture:
@@ -45,11 +47,12 @@ class RoutingCapture:
         self.tensors: List[Tuple[str, LayerRouting]] = []  # with keep_tensors, in call order
         self._stack = contextlib.ExitStack()
 
-    def record(self, name: str, routing, output: Optional[torch.Tensor] = None) -> None:
+    def record(self, name: str, routing, output: Optional[torch.Tensor] = None, inputs: Optional[torch.Tensor] = None,
+               expert_output: Optional[torch.Tensor] = None) -> None:
         self.records.append((name, routing.aux_loss, routing.metrics))
         if self.keep_tensors:
             self.tensors.append((name, LayerRouting(routing.token_index, routing.combine_weights, routing.probs,
-                                                    output)))
+                                                    output, inputs, expert_output)))
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -120,7 +123,8 @@ def replayed_routing(name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     return _REPLAYS[-1].get(name) if _REPLAYS else None
 
 
-def record_routing(name: str, routing, output: Optional[torch.Tensor] = None) -> None:
+def record_routing(name: str, routing, output: Optional[torch.Tensor] = None, inputs: Optional[torch.Tensor] = None,
+                   expert_output: Optional[torch.Tensor] = None) -> None:
     """Called by MoE layers at the end of their forward: record into the innermost open capture, if any."""
     if _OPEN:
-        _OPEN[-1].record(name, routing, output)
+        _OPEN[-1].record(name, routing, output, inputs, expert_output)

@@ -187,6 +187,8 @@ def convert_dense_to_moe(
         if key not in target and any(key.startswith(p) for p in ignore_shape_of):
             out[key] = value  # e.g. a 1000-class head that timm drops for another num_classes
             continue
+        if key.endswith('mlp.output_scale') and value.dim() == 0:
+            value = value.reshape(1)  # saved by vit-moe 0.2 as a 0-dim scalar (FSDP2 cannot shard those)
         if key in target:
             if _check_shape(key, value.shape, target[key].shape):
                 out[key] = value

@@ -6,12 +6,13 @@ num_classes, num_features, global_pool, label_names, model_args, pretrained_cfg)
 the model. The saved pretrained_cfg describes the trained weights, not the dense source: the source's `tag`,
 `hf_hub_id`, `url`, license and test-time recommendations are dropped and `notes` name the source instead.
 
-The folder is replaced atomically: the files are written and fsynced in a sibling `<folder>.tmp-<pid>`, then a
-previous `<folder>` is renamed to `<folder>.old-<pid>`, the new one renamed in, and the old one deleted. A process
+The folder is replaced atomically (`vit_moe._files.install_folder`): the files are written and fsynced in a sibling
+`<folder>.tmp-<pid>`, then a previous `<folder>` is renamed to `<folder>.old-<pid>`, the new one renamed in, and the old one deleted. A process
 killed at any moment leaves the previous complete folder or the new complete one at `<folder>`, except in the window
 between the two renames (two metadata operations, microseconds), where `<folder>` is absent and the previous complete
 copy is `<folder>.old-<pid>`; `create_model_from_checkpoint` then names it in its error. The next successful save
-deletes the leftovers of dead processes. Call it from the main process only (it does not synchronise processes).
+deletes the leftovers of dead processes. Weights are saved with plain keys: the `_orig_mod.` / `module.` prefixes of
+a compiled or DDP-wrapped model's state dict are removed (timm's `clean_state_dict`). Call it from the main process only (it does not synchronise processes).
 """
 import glob
 import json
@@ -23,6 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 from timm.data import resolve_data_config
+from timm.models import clean_state_dict
+
+from .._files import install_folder
 
 __all__ = ['save_trained_model', 'trained_model_config', 'interrupted_save_leftovers', 'WEIGHTS_NAME', 'CONFIG_NAME',
            'DATA_CONFIG_KEYS']
@@ -148,48 +152,13 @@ def trained_model_config(
     return config
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != 'nt':  # Windows cannot open a folder to fsync it
-        _fsync(path)
-
-
 def _write_weights(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(dict(state_dict)).items()}
     save_file(state, str(path), metadata={'format': 'pt'})
-    _fsync(path)
 
 
 def _write_config(config: Dict[str, Any], path: Path) -> None:
-    with open(path, 'w', encoding='utf-8') as f:
-        json.dump(config, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Rename the complete folder `tmp` to `final`, replacing a previous `final`."""
-    old = None
-    if final.exists():
-        old = final.with_name(f'{final.name}.old-{os.getpid()}')
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)  # put the previous folder back
-        raise
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    path.write_text(json.dumps(config, indent=2), encoding='utf-8')
 
 
 def _pid_alive(pid: int) -> bool:
@@ -262,8 +231,7 @@ def save_trained_model(
     try:
         _write_weights(model.state_dict() if state_dict is None else state_dict, tmp / WEIGHTS_NAME)
         _write_config(config, tmp / CONFIG_NAME)
-        _fsync_dir(tmp)
-        _install(tmp, final)
+        install_folder(tmp, final)  # fsyncs the files, then two renames
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -112,7 +112,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: VisionTransformerMoE
         CheckpointMismatchError: naming the weights file (or Hub id), the model, the mismatched keys and shapes, and
             what is accepted.
     """
-    state_dict = vit_checkpoint_filter_fn(state_dict, model, **kwargs)
+    state_dict = vit_checkpoint_filter_fn(clean_state_dict(state_dict), model, **kwargs)  # no _orig_mod. / module.
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     classifiers = cfg.get('classifier') or ()
     classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
@@ -164,7 +164,7 @@ def _meta_state_dict(path: str) -> Dict[str, Any]:
     """The keys and shapes of a checkpoint file as meta tensors, selected as timm's load_state_dict selects them."""
     if path.endswith('.safetensors'):
         with safe_open(path, framework='pt') as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), device='meta') for k in f.keys()}
+            return clean_state_dict({k: torch.empty(f.get_slice(k).get_shape(), device='meta') for k in f.keys()})
     checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     if isinstance(checkpoint, dict):
         for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):

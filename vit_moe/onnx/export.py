@@ -24,7 +24,7 @@ import torch
 from ..layers import capture_routing
 from .metadata import METADATA_KEY, ROUTING_OUTPUTS_KEY, model_metadata
 
-__all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD', 'RoutingProbe']
+__all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD', 'RoutingProbe', 'ROUTING_KINDS']
 
 _logger = logging.getLogger(__name__)
 
@@ -64,9 +64,13 @@ def _quiet_exporter_logs():
             lg.setLevel(logging.NOTSET)
 
 
+ROUTING_KINDS = ('input', 'token_index', 'combine_weights', 'expert_output', 'output')
+
+
 class RoutingProbe(torch.nn.Module):
-    """A debug export's graph: the logits, then each MoE layer's slot token indices [B, E, capacity], combine
-    weights [B, E, capacity] and output [B, T, D], in call order (never the deployed file)."""
+    """A debug export's graph: the logits, then for each MoE layer in call order its input [B, T, D], slot token
+    indices [B, E, capacity], combine weights [B, E, capacity], expert outputs [E, B*capacity, D] (before weighting)
+    and output [B, T, D] (`ROUTING_KINDS`; never the deployed file)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -77,7 +81,7 @@ class RoutingProbe(torch.nn.Module):
             logits = self.model(x)
         outputs = [logits]
         for _, layer in capture.tensors:
-            outputs += [layer.token_index, layer.combine_weights, layer.output]
+            outputs += [getattr(layer, kind) for kind in ROUTING_KINDS]
         return tuple(outputs)
 
     def layer_names(self, example: torch.Tensor):
@@ -116,6 +120,7 @@ def export_onnx(
         optimize: bool = False,
         unroll_experts: bool = True,
         expose_routing: bool = False,
+        int8_target: str = 'auto',
 ) -> Path:
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
@@ -132,14 +137,20 @@ def export_onnx(
         quantize: 'int8' for dynamic int8 weights (every expert; routers float32; `vit_moe.onnx.quantize_onnx`).
         optimize: save ONNX Runtime's graph optimisations (and the GELU fusion) in the file (`optimize_onnx`).
         unroll_experts: with `quantize`, run the experts as per-expert 2-D matmuls in the graph (pre-packed).
-        expose_routing: a debug export for parity checks (`RoutingProbe`): extra outputs `<layer>/token_index`,
-            `<layer>/combine_weights`, `<layer>/output` per MoE layer, listed in the metadata. Not for deployment.
+        int8_target: with `quantize`, the CPU the file is for: 'auto' (this one), 'vnni' or 'avx2' (weight range;
+            `vit_moe.onnx.int8_target`).
+        expose_routing: a debug export for parity checks (`RoutingProbe`): extra outputs `<layer>/input`,
+            `<layer>/token_index`, `<layer>/combine_weights`, `<layer>/expert_output`, `<layer>/output` per MoE layer,
+            listed in the metadata. Not for deployment.
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     height, width = _input_size(model, img_size)
     if quantize and fp16:
         raise OnnxExportError('quantize and fp16 exclude each other: int8 weights are quantized from float32')
+    if quantize:
+        from .int8_target import resolve_int8_target
+        resolve_int8_target(int8_target)  # a bad target fails before the export
     float_output = output.with_name(output.stem + '.float.onnx') if quantize or optimize else output
     with on_cpu_in_eval_mode(model):
         _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check,
@@ -149,7 +160,7 @@ def export_onnx(
     from .quantize import optimize_onnx, quantize_onnx
     try:
         if quantize:
-            quantize_onnx(float_output, output, quantize, unroll_experts=unroll_experts)
+            quantize_onnx(float_output, output, quantize, unroll_experts=unroll_experts, target=int8_target)
             if optimize:
                 optimize_onnx(output, output)
         else:
@@ -176,7 +187,7 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
         layers = graph.layer_names(example)
         if not layers:
             raise OnnxExportError(f'{type(model).__name__} has no MoE layer: there is no routing to expose')
-        output_names += [f'{n}/{kind}' for n in layers for kind in ('token_index', 'combine_weights', 'output')]
+        output_names += [f'{n}/{kind}' for n in layers for kind in ROUTING_KINDS]
     try:
         with _quiet_exporter_logs():
             program = torch.onnx.export(

@@ -5,10 +5,11 @@ import torch
 
 from ..data import data_config_for
 
-__all__ = ['METADATA_KEY', 'ROUTING_OUTPUTS_KEY', 'model_metadata']
+__all__ = ['METADATA_KEY', 'ROUTING_OUTPUTS_KEY', 'INT8_KEY', 'model_metadata']
 
 METADATA_KEY = 'timm_data_config'  # ONNX metadata_props key holding the JSON below
 ROUTING_OUTPUTS_KEY = 'vit_moe_routing_outputs'  # a debug export's MoE layer names, in output order
+INT8_KEY = 'vit_moe_int8'  # an int8 file's target CPU: {target, reduce_range, chosen, onnxruntime}
 
 
 def model_metadata(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:

@@ -9,8 +9,13 @@
 4. batched (not unrolled) 3-D expert weights are re-quantized per expert and output column (scale [E, 1, M]):
    `quantize_dynamic` gives them one scale per column shared by all experts, which ONNX Runtime refuses.
 
+The weight range follows the CPU the file is for (`target`, `vit_moe.onnx.int8_target`): full int8 range for CPUs
+with VNNI (and ARM), `reduce_range` (7-bit weights) for x86 CPUs without VNNI, whose int8 kernel saturates on full
+range weights; 'auto' detects the exporting CPU. The choice is recorded in the file's metadata (`vit_moe_int8`), and
+`OnnxClassifier` warns when a full-range file runs on a CPU without VNNI.
+
 Measured choices (S/16, 2 threads): QUInt8 weights 1.5-1.8x slower than QInt8 on this CPU (u8u8 kernel);
-`reduce_range` doubles the error for no speed; per-channel is more accurate than per-tensor at the same speed.
+per-channel is more accurate than per-tensor at the same speed.
 Weight-only int4 (MatMulNBits) applies only to 2-D weights, so only after unrolling, and at ~13 tokens per expert
 ONNX Runtime 1.32's int4 kernels were slower than its int8 ones: not offered.
 
@@ -20,6 +25,7 @@ logits for an image move slightly (~0.05) with its batch-mates; the float graphs
 `optimize_onnx(src, dst)`: the GELU fusion, then ONNX Runtime's graph optimisations (EXTENDED level, the
 portable one) saved to a file: faster session start; tied to the ONNX Runtime version that wrote it.
 """
+import json
 import logging
 import os
 import re
@@ -31,9 +37,10 @@ import onnx
 from onnx import numpy_helper
 
 from .graph_rewrites import fuse_erf_gelu, merge_expert_branches, op_counts, router_node_names, unroll_expert_matmuls
-from .metadata import METADATA_KEY
+from .int8_target import resolve_int8_target
+from .metadata import INT8_KEY, METADATA_KEY
 
-__all__ = ['quantize_onnx', 'optimize_onnx', 'float_expert_weights', 'QUANTIZE_MODES']
+__all__ = ['quantize_onnx', 'optimize_onnx', 'float_expert_weights', 'QUANTIZE_MODES', 'int8_qmax']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,8 +48,14 @@ QUANTIZE_MODES = ('int8',)
 _EXTERNAL_THRESHOLD = int(1.8e9)
 
 
-def _fix_batched_per_channel(q_model: onnx.ModelProto, float_model: onnx.ModelProto) -> int:
+def int8_qmax(reduce_range: bool) -> int:
+    """Largest int8 weight magnitude ONNX Runtime's symmetric quantizer uses: 127, or 64 with reduce_range."""
+    return 64 if reduce_range else 127
+
+
+def _fix_batched_per_channel(q_model: onnx.ModelProto, float_model: onnx.ModelProto, reduce_range: bool) -> int:
     """Re-quantize the 3-D expert weights [E, K, M] symmetric int8 per expert and output column (scale [E, 1, M])."""
+    qmax = int8_qmax(reduce_range)
     q_inits = {i.name: i for i in q_model.graph.initializer}
     f_inits = {i.name: i for i in float_model.graph.initializer}
     fixed = 0
@@ -52,9 +65,9 @@ def _fix_batched_per_channel(q_model: onnx.ModelProto, float_model: onnx.ModelPr
         base = n.input[1][:-len('_quantized')]
         weight = numpy_helper.to_array(f_inits[base]).astype(np.float32)  # [E, K, M]
         amax = np.abs(weight).max(axis=1, keepdims=True)  # [E, 1, M]
-        scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
+        scale = np.where(amax == 0, 1.0, amax / qmax).astype(np.float32)
         q_inits[n.input[1]].CopyFrom(numpy_helper.from_array(
-            np.clip(np.round(weight / scale), -127, 127).astype(np.int8), n.input[1]))
+            np.clip(np.round(weight / scale), -qmax, qmax).astype(np.int8), n.input[1]))
         q_inits[n.input[3]].CopyFrom(numpy_helper.from_array(np.zeros(scale.shape, np.int8), n.input[3]))
         q_inits[base + '_scale'].CopyFrom(numpy_helper.from_array(scale, base + '_scale'))
         fixed += 1
@@ -95,16 +108,24 @@ def quantize_onnx(
         mode: str = 'int8',
         per_channel: bool = True,
         unroll_experts: bool = True,
+        target: str = 'auto',
 ) -> Dict[str, Any]:
     """Dynamic int8 quantization of an exported (MoE) ViT, routers kept float32 (see the module docstring).
 
+    Args:
+        target: the CPU the file is for: 'auto' (this one), 'vnni' (x86 with VNNI, ARM: full-range weights) or
+            'avx2' (any x86 CPU: reduced-range weights); see `vit_moe.onnx.int8_target`.
+
     Returns:
         {'routers': router node names kept float, 'ops_before' / 'ops_after': op type counts,
-         'float_expert_weights': expert weights left in floating point (empty), 'bytes': size of `dst`}.
+         'float_expert_weights': expert weights left in floating point (empty), 'bytes': size of `dst`,
+         'int8': the target record written to the metadata (target, reduce_range, how it was chosen)}.
     """
+    from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import QuantType, quantize_dynamic
     if mode not in QUANTIZE_MODES:
         raise ValueError(f'quantize={mode!r} is not valid; accepted: {", ".join(QUANTIZE_MODES)}')
+    int8 = resolve_int8_target(target)
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))  # external data included
     ops_before = op_counts(model)
@@ -119,23 +140,26 @@ def quantize_onnx(
     advice = _DropPreprocessingAdvice()
     logging.getLogger().addFilter(advice)
     try:
-        quantize_dynamic(str(prepared), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=['MatMul'], nodes_to_exclude=routers,
+        quantize_dynamic(str(prepared), str(dst), per_channel=per_channel, reduce_range=int8['reduce_range'],
+                         weight_type=QuantType.QInt8, op_types_to_quantize=['MatMul'], nodes_to_exclude=routers,
                          extra_options={'MatMulConstBOnly': True})
         quantized = onnx.load(str(dst))
         if per_channel:
-            _fix_batched_per_channel(quantized, model)
+            _fix_batched_per_channel(quantized, model, int8['reduce_range'])
     finally:
         logging.getLogger().removeFilter(advice)
         for stale in (prepared, prepared.with_name(prepared.name + '.data')):
             stale.unlink(missing_ok=True)
-    present = {p.key for p in quantized.metadata_props}
+    metadata[INT8_KEY] = json.dumps(dict(int8, onnxruntime=ort_version))
+    present = {p.key: p for p in quantized.metadata_props}
     for key, value in metadata.items():  # the timm data config travels with the model
-        if key not in present:
+        if key in present:
+            present[key].value = value
+        else:
             quantized.metadata_props.add(key=key, value=value)
     _save(quantized, dst)
     return dict(routers=routers, ops_before=ops_before, ops_after=op_counts(quantized),
-                float_expert_weights=float_expert_weights(quantized), bytes=_file_bytes(dst))
+                float_expert_weights=float_expert_weights(quantized), bytes=_file_bytes(dst), int8=int8)
 
 
 def optimize_onnx(src: Union[str, Path], dst: Union[str, Path], threads: int = 1) -> Path:

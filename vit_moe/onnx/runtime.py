@@ -1,10 +1,15 @@
 """ ONNX Runtime inference for exported models, with timm's preprocessing and torchmetrics evaluation.
 
 Providers are chosen up front from what is installed and usable here, so that no failed-provider errors are
-printed: TensorRT then CUDA (when onnxruntime-gpu and a GPU are both present), then the CPU. On CUDA, torch
-tensors already on the GPU can be bound directly (IO binding: no copy through the host).
+printed: CUDA (when onnxruntime-gpu and a GPU are both present), then the CPU; TensorRT first only when asked for
+(`tensorrt=True`) and its libraries load (onnxruntime-gpu lists the TensorRT provider whether or not TensorRT is
+installed). On CUDA, torch tensors already on the GPU are bound in place (IO binding: no copy through the host),
+after torch's stream has finished writing them.
 """
+import ctypes.util
+import importlib.util
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -16,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageFolderDataset
-from .metadata import METADATA_KEY
+from .int8_target import int8_target_warning
+from .metadata import INT8_KEY, METADATA_KEY
 
 __all__ = ['default_providers', 'session_options', 'OnnxClassifier', 'evaluate_onnx', 'GPU_PROVIDERS']
 
+_logger = logging.getLogger(__name__)
 _ACCEPTED = 'an .onnx file written by vit_moe.onnx.export_onnx / export/onnx_export.py'
 _NOT_A_MODEL = (ort_errors.InvalidProtobuf, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.NoModel)
 
@@ -38,10 +45,17 @@ OPTIMIZATION_LEVELS = {
 }
 
 
-def default_providers(tensorrt: bool = True) -> List[str]:
-    """The usable providers in order of preference: [TensorRT,] CUDA (with a GPU present), then the CPU."""
+def _tensorrt_loadable() -> bool:
+    """TensorRT's runtime library is installed (the `tensorrt` wheels, or libnvinfer on the library path)."""
+    return importlib.util.find_spec('tensorrt_libs') is not None or ctypes.util.find_library('nvinfer') is not None
+
+
+def default_providers(tensorrt: bool = False) -> List[str]:
+    """The usable providers in order of preference: [TensorRT (when asked for and loadable),] CUDA (with a GPU
+    present), then the CPU."""
     available = ort.get_available_providers()
-    gpu = [p for p in GPU_PROVIDERS if p in available and (tensorrt or p != 'TensorrtExecutionProvider')]
+    gpu = [p for p in GPU_PROVIDERS if p in available
+           and (p != 'TensorrtExecutionProvider' or tensorrt and _tensorrt_loadable())]
     return (gpu if gpu and _gpu_present() else []) + ['CPUExecutionProvider']
 
 
@@ -72,22 +86,31 @@ class OnnxClassifier:
 
     Args:
         path: .onnx file written by `vit_moe.onnx.export_onnx` (its metadata holds the timm data config).
-        providers: ONNX Runtime providers in order of preference; default `default_providers()` (TensorRT, CUDA,
-            CPU: those usable here).
+        providers: ONNX Runtime providers in order of preference; default `default_providers()` (CUDA, CPU: those
+            usable here; TensorRT only when given here or via `default_providers(tensorrt=True)`).
         threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
         optimization: graph optimisation level: 'all' (default), 'extended', 'basic' or 'disable'.
         io_binding: bind CUDA torch inputs and outputs in place (default: on when the CUDA provider runs).
+        device_id: the GPU the CUDA / TensorRT providers run on (default: torch's current device); CUDA inputs on
+            another GPU are copied to it.
     """
 
     def __init__(self, path: Union[str, Path], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None, optimization: str = 'all', io_binding: Optional[bool] = None):
+                 threads: Optional[int] = None, optimization: str = 'all', io_binding: Optional[bool] = None,
+                 device_id: Optional[int] = None):
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f'ONNX model {str(path)!r} is a folder; expected {_ACCEPTED}')
         if not path.is_file():
             raise FileNotFoundError(f'ONNX model {str(path)!r} does not exist')
         options = session_options(threads, optimization)
-        self.session = _load_session(path, options, list(providers or default_providers()))
+        providers = list(providers or default_providers())
+        if device_id is None:
+            device_id = torch.cuda.current_device() if any(p in GPU_PROVIDERS for p in providers) and _gpu_present() \
+                else 0
+        self.device_id = device_id
+        providers = [(p, {'device_id': device_id}) if p in GPU_PROVIDERS else p for p in providers]
+        self.session = _load_session(path, options, providers)
         on_cuda = self.session.get_providers()[0] in GPU_PROVIDERS
         self.io_binding = on_cuda if io_binding is None else (io_binding and on_cuda)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -95,6 +118,10 @@ class OnnxClassifier:
             raise ValueError(f'ONNX model {str(path)!r} has no {METADATA_KEY!r} metadata (timm data config); '
                              f'expected {_ACCEPTED}')
         self.data_config: Dict[str, Any] = json.loads(meta[METADATA_KEY])
+        self.int8: Optional[Dict[str, Any]] = json.loads(meta[INT8_KEY]) if INT8_KEY in meta else None
+        warning = int8_target_warning(self.int8) if self.session.get_providers()[0] == 'CPUExecutionProvider' else None
+        if warning:
+            _logger.warning(f'{path}: {warning}')
         self.input = self.session.get_inputs()[0]
         self.dtype = np.float16 if 'float16' in self.input.type else np.float32
         self._transform = None
@@ -121,12 +148,16 @@ class OnnxClassifier:
         return self.session.run(None, {self.input.name: np.ascontiguousarray(images, dtype=self.dtype)})[0]
 
     def _run_bound(self, images: torch.Tensor) -> np.ndarray:
-        """CUDA input bound in place (IO binding), output left on the device then copied once."""
-        images = images.detach().to(torch.float16 if self.dtype == np.float16 else torch.float32).contiguous()
+        """CUDA input bound in place (IO binding), output left on the session's GPU then copied once."""
+        device = torch.device('cuda', self.device_id)
+        images = images.detach().to(device, torch.float16 if self.dtype == np.float16 else torch.float32)
+        images = images.contiguous()
+        # ONNX Runtime reads the buffer on its own stream: torch's pending work on it must be done first
+        torch.cuda.current_stream(device).synchronize()
         binding = self.session.io_binding()
-        binding.bind_input(self.input.name, 'cuda', images.device.index or 0, self.dtype, tuple(images.shape),
+        binding.bind_input(self.input.name, 'cuda', self.device_id, self.dtype, tuple(images.shape),
                            images.data_ptr())
-        binding.bind_output(self.session.get_outputs()[0].name, 'cuda', images.device.index or 0)
+        binding.bind_output(self.session.get_outputs()[0].name, 'cuda', self.device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -137,13 +168,14 @@ class OnnxClassifier:
 
 def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val', batch_size: int = 64,
                   num_workers: int = 2, providers: Optional[Sequence[str]] = None,
-                  reference: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+                  reference: Optional[torch.nn.Module] = None, max_images: Optional[int] = None) -> Dict[str, Any]:
     """top-1 / top-5 (torchmetrics), loss and images/s of an exported model on `data_dir/split`.
 
     An unreadable image is left out of the metrics (never replaced by another), counted in `num_excluded` and
     named in `excluded`, as in PyTorch evaluation. With `reference` (the PyTorch model it was exported from), the
     same preprocessed images also go through it: `reference_top1` and `top1_agreement` (fraction of images on
-    which both predict the same class) are added.
+    which both predict the same class) are added. `max_images`: at most this many images, evenly spaced over the
+    split (every class represented in a class-sorted folder).
     """
     from torchmetrics.classification import MulticlassAccuracy  # part of the [onnx] and [train] extras
 
@@ -152,7 +184,10 @@ def evaluate_onnx(onnx_path: Union[str, Path], data_dir: str, split: str = 'val'
     dataset = ImageFolderDataset(data_dir, split, class_map={n: i for i, n in enumerate(labels)} if labels else None,
                                  transform=classifier.transform, substitute_unreadable=False)
     num_classes = classifier.data_config.get('num_classes') or len(dataset.class_to_idx)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    subset = dataset
+    if max_images is not None and max_images < len(dataset):
+        subset = torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, max_images).round().astype(int).tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     top1 = MulticlassAccuracy(num_classes, top_k=1, average='micro')
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average='micro')
     loss_sum, count, excluded, elapsed, agree, reference_correct = 0.0, 0, 0, 0.0, 0, 0

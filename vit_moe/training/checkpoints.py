@@ -5,7 +5,7 @@ RNG states of every process, the registered train state and EMA) plus `config.ya
 `COMPLETE` (written last).
 
 A checkpoint is written into `checkpoints/.partial_step_<N>`, completed with `COMPLETE`, flushed to disk, and
-only then renamed to its final name, so a folder named `checkpoint_step_<N>` is always whole. Old checkpoints
+only then renamed to its final name (`vit_moe._files.install_folder`), so a folder named `checkpoint_step_<N>` is always whole. Old checkpoints
 are renamed to `.deleting_*` before they are removed. A process killed at any point therefore leaves every
 completed checkpoint intact; the leftovers (`.partial_*`, `.deleting_*`) are removed, with a warning, when
 the next run starts in the same folder.
@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from .._files import install_folder
 
 __all__ = [
     'TrainState', 'checkpoint_root', 'checkpoint_step', 'complete_checkpoints', 'latest_checkpoint',
@@ -96,25 +98,6 @@ def remove_leftovers(output_dir) -> List[Path]:
     return leftovers
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob('*')):
-        if path.is_file():
-            with open(path, 'rb') as f:
-                os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Path:
     """Save the Accelerate state as `checkpoint_step_<step>`, atomically. Call on every process."""
     root = checkpoint_root(output_dir)
@@ -130,12 +113,8 @@ def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Pa
     if accelerator.is_main_process:
         (partial / 'config.yaml').write_text(config_text)
         (partial / COMPLETE).write_text(f'step {step}\n')
-        _fsync_tree(partial)
-        if final.exists():  # the same step saved again (e.g. re-run after a resume): keep one, whole
-            os.replace(final, root / f'.deleting_step_{step}')
-        os.replace(partial, final)
-        _fsync_dir(root)
-        shutil.rmtree(root / f'.deleting_step_{step}', ignore_errors=True)
+        # fsync everything, then rename; the same step saved again (a re-run after a resume) replaces the old one
+        install_folder(partial, final, aside=root / f'.deleting_step_{step}')
     accelerator.wait_for_everyone()
     return final
 

@@ -26,15 +26,18 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, TorchDynamoPlugin,
-    set_seed,
+    DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+    ProjectConfiguration, TorchDynamoPlugin, set_seed,
 )
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
-from ..data import BadImageLog, ImageFolderDataset, build_transforms, data_config_for, verify_images
+from .._files import atomic_write
+from ..data import (
+    BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, verify_images,
+)
 from ..layers import capture_routing
 from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
 from .checkpoints import (
@@ -105,12 +108,6 @@ def forward_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Te
     return task_loss + aux_loss, task_loss, aux_loss, routing
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + '.partial')
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 class Trainer:
     """One training run as `cfg` says. `Trainer(cfg).fit()` returns a summary (final eval, paths, interruption)."""
 
@@ -123,7 +120,7 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.out)
-            _write_atomically(self.out / 'config.yaml', cfg.to_yaml())
+            atomic_write(self.out / 'config.yaml', cfg.to_yaml())
         self.accelerator.wait_for_everyone()
         set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()
@@ -217,7 +214,11 @@ class Trainer:
             if cfg.torch_compile else None
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.grad_accum_steps,
+            # every optimizer step sums exactly grad_accum_steps micro-batches: accumulation runs on across the end of
+            # an epoch (Accelerate's default, sync_with_dataloader=True, would step early with fewer micro-batches
+            # while each loss is still divided by grad_accum_steps)
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps,
+                                                                    sync_with_dataloader=False),
             log_with=_trackers(cfg),
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / 'tensorboard')),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -253,10 +254,11 @@ class Trainer:
         train_loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
             persistent_workers=False,  # fresh workers each epoch see train_set.epoch
-            generator=torch.Generator().manual_seed(cfg.seed))  # iterator seeds must not draw from the global RNG
+            generator=torch.Generator().manual_seed(cfg.seed),  # iterator seeds must not draw from the global RNG
+            worker_init_fn=ignore_stop_signals)  # SIGTERM to the process group: the main process saves first
         val_loader = torch.utils.data.DataLoader(
             self.val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-            num_workers=cfg.num_workers)
+            num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals)
         if len(train_loader) == 0:
             raise ValueError(f'train split has {len(self.train_set)} images, fewer than batch_size={cfg.batch_size}')
         optimizer = create_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
@@ -406,7 +408,8 @@ class Trainer:
         """The raw model's evaluation, with `ema_` keys for the EMA weights' when EMA is on."""
         result = evaluate(self.model, self.val_loader, self.accelerator, self.num_classes)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.val_loader, self.accelerator, self.num_classes)
+            with self.accelerator.autocast():  # the raw model's forward is wrapped in it by `prepare`; the EMA's is not
+                ema = evaluate(self.ema.module, self.val_loader, self.accelerator, self.num_classes)
             result.update({f'ema_{k}': v for k, v in ema.items() if k not in ('layers', 'num_excluded')})
         return result
 

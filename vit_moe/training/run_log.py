@@ -5,9 +5,10 @@ of steps after N, which a killed process wrote after its last checkpoint, and an
 to `log.rolled_back.jsonl`; `log.jsonl` then reads as one uninterrupted run.
 """
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict
+
+from .._files import atomic_write
 
 __all__ = ['RunLog']
 
@@ -31,9 +32,7 @@ def roll_back(path: Path, step: int) -> int:
     if moved:
         with open(path.with_name(path.stem + '.rolled_back.jsonl'), 'a') as f:
             f.write(''.join(line + '\n' for line in moved))
-        partial = path.with_name(path.name + '.partial')
-        partial.write_text(''.join(line + '\n' for line in keep))
-        os.replace(partial, path)
+        atomic_write(path, ''.join(line + '\n' for line in keep))
     return len(moved)
 
 

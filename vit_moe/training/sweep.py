@@ -54,6 +54,7 @@ training anything. A run whose loss became non-finite is recorded as diverged an
 import csv
 import difflib
 import inspect
+import io
 import itertools
 import json
 import math
@@ -70,6 +71,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import yaml
 
+from .._files import atomic_write
 from .checkpoints import checkpoint_step, latest_checkpoint
 from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, read_yaml, resume_conflicts
 from .loop import NonFiniteLossError, train
@@ -511,9 +513,8 @@ def plan(sweep: Sweep, only: Optional[Sequence[str]] = None) -> List[Tuple[Run, 
 def _write_result(run: Run, **values) -> None:
     out = Path(run.cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / (RESULT_FILE + '.partial')
-    partial.write_text(json.dumps(dict(cell=run.cell, seed=run.seed, steps=run.cfg.steps, **values), indent=1))
-    os.replace(partial, out / RESULT_FILE)
+    atomic_write(out / RESULT_FILE, json.dumps(dict(cell=run.cell, seed=run.seed, steps=run.cfg.steps, **values),
+                                               indent=1))
 
 
 def _prepare_data(sweep: Sweep) -> None:
@@ -544,7 +545,7 @@ def _train_in_subprocess(run: Run, command: Sequence[str]) -> Dict[str, Any]:
     reach the run, which saves a checkpoint; a non-finite loss is its one-line error naming it."""
     out = Path(run.cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG).write_text(run.cfg.to_yaml())
+    atomic_write(out / RUN_CONFIG, run.cfg.to_yaml())
     process = subprocess.Popen(list(command) + ['--config', str(out / RUN_CONFIG)], stderr=subprocess.PIPE,
                                text=True, errors='replace', start_new_session=True)
     received = []
@@ -594,7 +595,7 @@ def run_sweep(sweep: Sweep, only: Optional[Sequence[str]] = None,
     if changed:
         raise _changed_error(*changed[0], others=len(changed) - 1)
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    (sweep.output_dir / 'sweep.yaml').write_text(sweep.path.read_text())
+    atomic_write(sweep.output_dir / 'sweep.yaml', sweep.path.read_text())
     _prepare_data(sweep)
     ran, skipped = [], []
     for index, (run, _) in enumerate(planned, 1):
@@ -755,26 +756,26 @@ CSV_COLUMNS = ('cell', 'baseline', 'settings', 'n_seeds', 'planned_seeds', 'step
                'train_images_per_s', 'train_time_s', 'params_m', 'diverged_seeds')
 
 
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def _write_csv(path: Path, rows: Sequence[Dict[str, Any]], settings: Dict[str, Dict[str, Any]]) -> None:
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for r in rows:
-            writer.writerow([
-                r['cell'], int(r['baseline']), json.dumps(settings.get(r['cell'], {})), r['n'], r['planned'],
-                r['steps'], r['top1_mean'], r['top1_std'], r['top1_min'], r['top1_max'], r['vs_baseline'],
-                r['top5_mean'], r['val_loss_mean'], r['train_loss_mean'], r['images_per_s'], r['train_time_s'],
-                r['params'] / 1e6 if r['params'] else None, ' '.join(map(str, r['diverged']))])
+    atomic_write(path, _csv_text(CSV_COLUMNS, ([
+        r['cell'], int(r['baseline']), json.dumps(settings.get(r['cell'], {})), r['n'], r['planned'],
+        r['steps'], r['top1_mean'], r['top1_std'], r['top1_min'], r['top1_max'], r['vs_baseline'],
+        r['top5_mean'], r['val_loss_mean'], r['train_loss_mean'], r['images_per_s'], r['train_time_s'],
+        r['params'] / 1e6 if r['params'] else None, ' '.join(map(str, r['diverged']))] for r in rows)))
 
 
 def _write_runs_csv(path: Path, results: Sequence[Dict[str, Any]]) -> None:
     keys = ('cell', 'seed', 'status', 'top1', 'top5', 'val_loss', 'train_loss', 'images_per_s', 'train_time_s',
             'params', 'steps')
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(keys)
-        for r in results:
-            writer.writerow([r.get(k) for k in keys])
+    atomic_write(path, _csv_text(keys, ([r.get(k) for k in keys] for r in results)))
 
 
 def plot_curves(rows: Sequence[Dict[str, Any]], path, x: str = 'step', title: str = '') -> Path:
@@ -828,7 +829,7 @@ def write_report(sweep: Sweep, plots: bool = True) -> Dict[str, Any]:
     if changed:
         markdown += f'\n\nLeft out (made with other settings than the config now gives): {", ".join(changed)}'
     paths = dict(markdown=out / 'results.md', csv=out / 'results.csv', runs=out / 'runs.csv')
-    paths['markdown'].write_text(markdown + '\n')
+    atomic_write(paths['markdown'], markdown + '\n')
     _write_csv(paths['csv'], rows, {c.name: c.settings for c in sweep.cells})
     _write_runs_csv(paths['runs'], [dict(r, curve=None) for r in results])
     if plots:
