@@ -3,8 +3,11 @@
 Two model sizes: TINY_VIT / TINY_MOE (32 px, patch 8 -> 16 patches + class token, dim 64, depth 4) for model
 tests, TRAIN_MOE (16 px, patch 4, dim 32, depth 2) for training runs, which are timed end to end.
 """
+import contextlib
+import io
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -70,6 +73,16 @@ def run_script(args, timeout=240, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def run_front_end(script: str, *args: str):
+    """(exit code, stdout, stderr) of a command-line front end's `main`, run in this process (no interpreter start-up)
+    through the same `_cli.run` wrapper as on the command line."""
+    namespace = runpy.run_path(str(ROOT / script), run_name='front_end')
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = namespace['_cli'].run(namespace['main'], list(args), prog=Path(script).name)
+    return rc, out.getvalue(), err.getvalue()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
@@ -103,4 +116,5 @@ def data(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    torch.set_num_threads(2)
+    # one thread per pytest-xdist worker (the workers share the cores), two when run alone
+    torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else 2)

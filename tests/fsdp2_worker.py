@@ -20,30 +20,13 @@ from types import SimpleNamespace
 import timm
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import save_file
 
 import vit_moe  # noqa: F401  registers the models
 from vit_moe.training import create_optimizer, forward_loss
 
-ROOT = Path(__file__).resolve().parent.parent
-# accelerate config `fsdp_config` keys -> FullyShardedDataParallelPlugin arguments (as `accelerate launch` maps them)
-PLUGIN_ARGS = {
-    'fsdp_version': 'fsdp_version', 'fsdp_auto_wrap_policy': 'auto_wrap_policy',
-    'fsdp_transformer_layer_cls_to_wrap': 'transformer_cls_names_to_wrap',
-    'fsdp_reshard_after_forward': 'reshard_after_forward', 'fsdp_state_dict_type': 'state_dict_type',
-    'fsdp_cpu_ram_efficient_loading': 'cpu_ram_efficient_loading', 'fsdp_offload_params': 'cpu_offload',
-    'fsdp_activation_checkpointing': 'activation_checkpointing',
-}
-
-
-def plugin_from_config(path: Path):
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    fsdp = yaml.safe_load(path.read_text())['fsdp_config']
-    kwargs = {PLUGIN_ARGS[k]: v for k, v in fsdp.items()}  # a KeyError here: a config key this test does not map
-    kwargs['auto_wrap_policy'] = kwargs['auto_wrap_policy'].lower()
-    kwargs['transformer_cls_names_to_wrap'] = kwargs['transformer_cls_names_to_wrap'].split(',')
-    return FullyShardedDataParallelPlugin(**kwargs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fsdp_on_cpu import ROOT, plugin_from_config  # noqa: E402
 
 
 def shard(model: torch.nn.Module, rank: int) -> torch.nn.Module:

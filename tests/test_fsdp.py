@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, launch_processes, run_script
 
+pytestmark = pytest.mark.xdist_group('fsdp')  # one pytest-xdist worker: the module fixtures are built once
+
 SETTINGS = dict(model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, num_experts=4,
                                   num_classes=5, router='token_choice'),  # token choice: the aux loss is trained too
                 steps=4, global_batch=8, lr=1e-3)
@@ -56,7 +58,7 @@ def test_gathered_full_model_equals_the_single_process_one_and_loads_in_one_proc
 
 def test_shipped_fsdp_configs_wrap_every_transformer_block(runs):
     sys.path.insert(0, str(ROOT / 'tests'))
-    from fsdp2_worker import plugin_from_config
+    from fsdp_on_cpu import plugin_from_config
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
     model = timm.create_model('vit_ti16_moe_upcycled', **SETTINGS['model_kwargs'])
     for name in ('fsdp2.yaml', 'fsdp2_bf16.yaml'):

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
 from vit_moe import CheckpointMismatchError
@@ -256,3 +256,30 @@ def test_saving_and_loading_do_not_import_accelerate():
     run = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_compiled_models_state_dict_is_saved_with_plain_keys_and_prefixed_files_still_load(tmp_path, images):
+    """accelerator.get_state_dict keeps torch.compile's wrapper: its keys start with `_orig_mod.`. Saved, they are
+    plain; a file saved with them (vit-moe 0.2's compiled runs) loads through every loader."""
+    model = _trained()
+    compiled_keys = {f'_orig_mod.{k}': v for k, v in model.state_dict().items()}
+    folder = _save(model, tmp_path / 'model', state_dict=compiled_keys)
+    assert not any(k.startswith('_orig_mod.') for k in load_file(str(folder / 'model.safetensors')))
+    save_file({f'_orig_mod.{k}': v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / 'model.safetensors'))  # as the old trainer wrote it
+    for checkpoint in (str(folder), f'local-dir:{folder}', str(folder / 'model.safetensors')):
+        reloaded = create_model_from_checkpoint(NAME, checkpoint).eval()
+        torch.testing.assert_close(reloaded(images), model(images), rtol=0, atol=0, msg=checkpoint)
+
+
+def test_a_scalar_output_scale_saved_by_older_versions_loads_as_shape_one(tmp_path, images):
+    model = _trained(output_scale=True)
+    assert model.blocks[3].mlp.output_scale.shape == (1,)  # FSDP2's fully_shard refuses 0-dim parameters
+    state = {k: (v.reshape(()) if k.endswith('output_scale') else v).contiguous() for k, v in model.state_dict().items()}
+    folder = _save(model, tmp_path / 'model')
+    save_file(state, str(folder / 'model.safetensors'))
+    reloaded = create_model_from_checkpoint(NAME, str(folder)).eval()
+    torch.testing.assert_close(reloaded(images), model(images), rtol=0, atol=0)
+    fresh = timm.create_model(NAME, **dict(ARGS, num_classes=3, output_scale=True))
+    fresh.load_state_dict(state)  # plain load_state_dict too
+    assert torch.equal(fresh.blocks[3].mlp.output_scale, model.blocks[3].mlp.output_scale)

@@ -1,5 +1,7 @@
 """Parity that tells a routing tie from a wrong graph: ties pass and are reported, an altered expert fails and is
 named, and the tie classification itself is checked on constructed decisions."""
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +14,8 @@ from onnx import numpy_helper
 from vit_moe.onnx import check_onnx_parity, compare_slots, export_onnx, format_parity
 
 from conftest import TINY_MOE
+
+pytestmark = pytest.mark.xdist_group('parity')  # one pytest-xdist worker: the module fixtures are built once
 
 
 @pytest.fixture(scope='module')
@@ -98,3 +102,46 @@ def test_a_swap_between_tied_tokens_is_a_tie_and_any_other_swap_is_not(seed, cap
     assert by_image[0]['tie'] and by_image[0]['gap'] == 0.0 and by_image[0]['expert'] == 1
     assert not by_image[1]['tie'] and by_image[1]['expert'] == 2 and by_image[1]['slot'] == 0
     assert compare_slots(probs, reference, reference, filled, filled) == []
+
+
+@pytest.fixture(scope='module')
+def int8_debug_export(model, tmp_path_factory):
+    return export_onnx(model, tmp_path_factory.mktemp('parity_int8') / 'debug_int8.onnx', quantize='int8',
+                       expose_routing=True)
+
+
+def test_a_correct_int8_graph_passes_layer_by_layer_and_reports_its_error(model, int8_debug_export):
+    for batch, r in check_onnx_parity(model, int8_debug_export, batch_sizes=(1, 5)).items():
+        assert r['kind'] == 'int8' and r['ok'] and r['num_non_ties'] == 0, format_parity(batch, r)
+        assert 0 < r['max_expert_error'] < 0.1  # int8 rounding, measured on each expert's own inputs
+        assert 'layer by layer on ONNX Runtime\'s own inputs' in format_parity(batch, r)
+        assert 'top-1 agreement' not in format_parity(batch, r)  # meaningless on random inputs: not printed
+
+
+@pytest.mark.parametrize('layer, expert, factor', [('blocks.2.mlp', 5, 1.5), ('blocks.3.mlp', 0, 0.5)])
+def test_one_experts_wrong_int8_scale_fails_naming_its_layer_and_expert(model, int8_debug_export, tmp_path, layer,
+                                                                         expert, factor):
+    graph = onnx.load(str(int8_debug_export))
+    scale = next(i for i in graph.graph.initializer if i.name.endswith(f'{layer}.experts.fc2.weight.{expert}_scale'))
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name))
+    onnx.save(graph, str(tmp_path / 'wrong_scale.onnx'))
+    r = check_onnx_parity(model, tmp_path / 'wrong_scale.onnx', batch_sizes=(5,))[5]
+    assert not r['ok'] and r['first_bad_layer']['layer'] == layer and r['first_bad_layer']['expert'] == expert
+    assert f'FAIL - {layer}: expert {expert} output differs by' in format_parity(5, r)
+    assert r['relative_diff'] < 0.1  # the logits alone would not have told: the scale is off by 50 % in 1 of 8
+
+
+def test_the_real_image_check_fails_below_the_required_agreement(model, tmp_path):
+    import argparse
+    import runpy
+    from conftest import ROOT, make_image_folder
+    data = make_image_folder(tmp_path / 'data', per_class=(1, 12), classes=3, size=32)
+    other = copy.deepcopy(model)  # its classes rolled by one: every prediction differs from the model's
+    with torch.no_grad():
+        other.head.weight.copy_(model.head.weight.roll(1, 0))
+        other.head.bias.copy_(model.head.bias.roll(1, 0))
+    path = export_onnx(other, tmp_path / 'other.onnx')
+    check = runpy.run_path(str(ROOT / 'export' / 'onnx_export.py'), run_name='front_end')['_check_real_images']
+    args = argparse.Namespace(data_dir=str(data), split='val', max_images=1000, min_data_agreement=None)
+    assert check(path, other, args, 'fp32') == 0  # the model it came from: 100 % agreement
+    assert check(path, model, args, 'int8') == 1  # another model: far below the 97 % int8 threshold

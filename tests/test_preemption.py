@@ -17,6 +17,8 @@ from vit_moe.training import ConfigError, complete_checkpoints, latest_checkpoin
 
 from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
 
+pytestmark = pytest.mark.xdist_group('preemption')  # one pytest-xdist worker: the module fixtures are built once
+
 # dropout and mixup make every RNG (torch, numpy, the data order) matter for an exact resume
 RUN = dict(model='vit_ti16_moe_upcycled', model_kwargs=json.dumps(dict(TRAIN_MOE, drop_rate=0.1)), batch_size=6,
            num_workers=0, steps=10, lr=3e-3, warmup_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=2,

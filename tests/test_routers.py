@@ -106,6 +106,29 @@ def test_load_balancing_loss_is_its_weight_for_a_uniform_router():
     assert math.isclose(routing.aux_loss.item(), 0.01, rel_tol=1e-5)
 
 
+def test_load_balancing_loss_rewards_spreading_the_first_choices():
+    """Every token's first choice is expert 0 with probability p: f = (1, 0, 0, 0), so the loss is w * E * p, far
+    above its weight (any assignment of a uniform router gives exactly the weight)."""
+    router = TokenChoiceRouter(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0]).expand(2, 6, 4)  # [B, T, E]
+    p = logits[0, 0].softmax(-1)[0].item()
+    assert math.isclose(router.route(logits).aux_loss.item(), 0.01 * 4 * p, rel_tol=1e-5) and p > 0.8
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), tokens=st.integers(1, 9), experts=st.integers(2, 6), k=st.integers(1, 2))
+def test_load_balancing_loss_is_experts_times_first_choice_fraction_dot_mean_probability(seed, tokens, experts, k):
+    logits = torch.randn(3, tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3  # [B, T, E]
+    router = TokenChoiceRouter(8, experts, 1.0, top_k=k, aux_loss_weight=0.5)
+    expected = 0.0
+    for image in logits:  # Switch / GShard: E * sum_e (fraction of tokens whose first choice is e) * (mean prob of e)
+        probs = image.softmax(-1).tolist()
+        first = [max(range(experts), key=lambda e: row[e]) for row in probs]
+        expected += experts * sum(first.count(e) / tokens * sum(row[e] for row in probs) / tokens
+                                  for e in range(experts)) / len(logits)
+    assert math.isclose(router.route(logits).aux_loss.item(), 0.5 * expected, rel_tol=1e-5)
+
+
 def test_z_loss_adds_log_sum_exp_squared():
     router = TokenChoiceRouter(8, 4, 2.0, aux_loss_weight=0.0, z_loss_weight=1e-3)
     torch.nn.init.zeros_(router.gate.weight)

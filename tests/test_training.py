@@ -1,4 +1,5 @@
 """Training with Accelerate: learning, reload, exact resume, SIGTERM, NaN guard, two processes, bad data."""
+import copy
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import timm
 import torch
@@ -16,7 +18,7 @@ from PIL import Image
 
 from vit_moe.data import BadImageError
 from vit_moe.layers import RoutingCapture
-from vit_moe.training import NonFiniteLossError, latest_checkpoint, train, validate
+from vit_moe.training import NonFiniteLossError, Trainer, latest_checkpoint, train, validate
 
 from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
 
@@ -88,48 +90,41 @@ def _cli_args(tmp_path, **overrides):
     return [f'--{k}={v}' for k, v in values.items()]
 
 
-def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, data):
-    env = script_env()
-    proc = subprocess.Popen([sys.executable, 'train_scripts/train.py', *_cli_args(tmp_path, steps=100000,
-                            checkpoint_every=100000)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    log = tmp_path / 'run' / 'log.jsonl'
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count('\n') >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+@pytest.mark.parametrize('processes', [1, 2])
+def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp_path, data, processes):
+    """As a preempted job meets it (SLURM's scancel, `kill -TERM -<pgid>`): SIGTERM reaches every process at once,
+    the launcher and the DataLoader workers included."""
+    launch = [sys.executable] if processes == 1 else launch_processes(2)
+    proc = subprocess.Popen([*launch, 'train_scripts/train.py', *_cli_args(
+        tmp_path, steps=100000, checkpoint_every=100000, num_workers=2)], cwd=ROOT, env=script_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log, deadline = tmp_path / 'run' / 'log.jsonl', time.time() + 180
+    job, trainers, workers = psutil.Process(proc.pid), [], []
+    while time.time() < deadline and not (log.exists() and log.read_text().count('\n') >= 3
+                                          and len(trainers) == processes and len(workers) >= 2 * processes):
+        time.sleep(0.1)  # training, and every trainer's two DataLoader workers running (they restart each epoch)
+        trainers = [job] if processes == 1 else job.children()
+        workers = [worker for trainer in trainers for worker in trainer.children()]
+    everyone = workers + trainers + [job]  # the workers first: the worst order for the trainers
+    assert len(trainers) == processes and len(workers) >= 2 * processes
+    for p in dict.fromkeys(everyone):
+        p.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert stderr.count('stopped by signal 15 at step') == processes, stderr[-3000:]
+    assert 'is killed by signal' not in stderr  # no DataLoader worker died of it
+    # the trainers exit quietly; torchrun's own agent reports the signal it got with one traceback of its own
+    assert stderr.count('Traceback (most recent call last)') == (processes == 2) and ('SignalException' in stderr) == (
+        processes == 2)
+    if processes == 1:
+        assert proc.returncode == 128 + signal.SIGTERM
     checkpoint = latest_checkpoint(str(tmp_path / 'run'))
     assert checkpoint is not None and (checkpoint / 'model.safetensors').is_file()
-    state = torch.load(checkpoint / 'custom_checkpoint_0.pkl', weights_only=True)
-    assert state['step'] >= 2
-    assert 'interrupted at step' in stderr
-
-
-def test_two_processes_train_and_count_every_validation_sample_once(tmp_path):
-    make_image_folder(tmp_path / 'data', per_class=(8, 5))  # 15 val images: not a multiple of 2 x batch 4
-    launch = launch_processes(2)
-    result = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    start = log_records(tmp_path / 'run', 'start')[0]
-    assert (start['num_processes'], start['distributed_type']) == (2, 'MULTI_CPU')  # not two independent runs
-    evals = log_records(tmp_path / 'run', 'eval')
-    assert evals[-1]['num_samples'] == 15
-    train_records = log_records(tmp_path / 'run')
-    assert [r['step'] for r in train_records] == list(range(1, 7))
-    assert train_records[-1]['images_per_s'] > 0
-
-    out = tmp_path / 'two.json'
-    result = run_script([*launch, 'train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint',
-                          str(tmp_path / 'run' / 'model'), '--data-dir', str(tmp_path / 'data'), '--batch-size', '4',
-                          '--num-workers', '0', '--json', str(out)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads(out.read_text())
-    one = validate('vit_ti16_moe_upcycled', str(tmp_path / 'run' / 'model'), str(tmp_path / 'data'), batch_size=4,
-                   num_workers=0)
-    assert two['num_samples'] == one['num_samples'] == 15
-    assert two['top1'] == pytest.approx(one['top1']) and two['loss'] == pytest.approx(one['loss'], rel=1e-5)
+    step = torch.load(checkpoint / 'custom_checkpoint_0.pkl', weights_only=True)['step']
+    assert step >= 2
+    resumed = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path, steps=step + 2, num_workers=2,
+                                                                         resume='latest')])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r['step'] for r in log_records(tmp_path / 'run')] == list(range(1, step + 3))
 
 
 def test_missing_data_dir_and_split_are_named(tmp_path, data):
@@ -177,14 +172,45 @@ def test_verify_images_reports_corrupt_files_before_training(tmp_path, corrupt):
     assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
-def test_gradient_accumulation_bf16_and_tensorboard(tmp_path, data):
-    summary = train(tiny_config(tmp_path, steps=3, grad_accum_steps=2, mixed_precision='bf16',
-                                trackers='tensorboard', checkpoint_every=100))
-    records = log_records(summary['output_dir'])
-    assert [r['step'] for r in records] == [1, 2, 3]  # optimizer steps, each over 2 micro-batches
+def test_every_accumulated_step_is_the_mean_gradient_of_exactly_grad_accum_steps_batches(tmp_path, data):
+    """36 images / batch 4 = 9 micro-batches per epoch, accumulated in pairs under bf16: the 5th optimizer step spans
+    the end of the first epoch. Each step's gradient must be that of the mean loss over its two micro-batches (not a
+    short step over one micro-batch at the epoch end, whose loss Accelerate still divides by 2)."""
+    trainer = Trainer(tiny_config(tmp_path, steps=6, grad_accum_steps=2, mixed_precision='bf16', grad_clip=None,
+                                  batch_size=4, trackers='tensorboard', checkpoint_every=100))
+    model, windows, window = trainer.unwrapped, [], []
+    reference = copy.deepcopy(model)  # before the recording hook
+    model.register_forward_pre_hook(lambda module, args: window[-1].update(images=args[0].detach().clone())
+                                    if module.training else None)
+    real_step, real_optimizer_step = trainer.train_step, trainer.optimizer.optimizer.step
+
+    def train_step(images, targets):
+        if not window:
+            window.append(dict(params={k: v.detach().clone() for k, v in model.state_dict().items()}))
+        else:
+            window.append({})
+        window[-1]['targets'] = targets.clone()
+        real_step(images, targets)
+
+    def optimizer_step(*args, **kwargs):
+        windows.append((list(window), {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+        window.clear()
+        return real_optimizer_step(*args, **kwargs)
+
+    trainer.train_step, trainer.optimizer.optimizer.step = train_step, optimizer_step
+    summary = trainer.fit()
+    assert [len(w) for w, _ in windows] == [2] * 6 and summary['step'] == 6
+    for micro_batches, grads in windows:
+        reference.load_state_dict(micro_batches[0]['params'])
+        reference.zero_grad()
+        for m in micro_batches:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(reference(m['images']), m['targets'])
+            (loss / 2).backward()
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-6, msg=name)
     state = torch.load(latest_checkpoint(summary['output_dir']) / 'custom_checkpoint_0.pkl', weights_only=True)
-    assert dict(state, elapsed_s=0) == dict(step=3, batches=6, num_processes=1, elapsed_s=0) and state['elapsed_s'] > 0
-    assert all(np.isfinite(r['loss']) for r in records)
+    assert dict(state, elapsed_s=0) == dict(step=6, batches=12, num_processes=1, elapsed_s=0) and state['elapsed_s'] > 0
     assert list((tmp_path / 'run').rglob('events.out.tfevents*'))
 
 
@@ -221,3 +247,25 @@ def test_eval_at_start_scores_the_model_before_the_first_step(tmp_path, data):
     summary = train(tiny_config(tmp_path, steps=2, eval_at_start=True))
     evals = log_records(summary['output_dir'], 'eval')
     assert [r['step'] for r in evals] == [0, 2] and evals[0]['num_samples'] == 15
+
+
+def test_per_sample_augmentations_are_seeded_without_touching_the_cuda_generators(data, monkeypatch):
+    """The augmentation of a sample depends on (seed, epoch, index) only, and drawing it neither moves the global CPU
+    generator nor reseeds the CUDA ones (torch.manual_seed would, and fork_rng(devices=[]) would not restore them:
+    GPU dropout would then repeat the same masks on every process)."""
+    from vit_moe.data import ImageFolderDataset, build_transforms
+    from vit_moe.training import load_config
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, 'manual_seed_all', lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, 'manual_seed', lambda seed: reseeded.append(seed))
+    cfg = load_config(None, dict(scale=[0.2, 1.0], hflip=0.5, color_jitter=0.4))
+    dataset = ImageFolderDataset(str(data), 'train')
+    dataset.transform = build_transforms(dict(input_size=(3, 16, 16), interpolation='bilinear', mean=(0.5,) * 3,
+                                              std=(0.5,) * 3, crop_pct=1.0), cfg, is_training=True)
+    dataset.seed = 7
+    cpu_state = torch.get_rng_state()
+    first, again = dataset[3][0], dataset[3][0]
+    dataset.set_epoch(1)
+    other_epoch = dataset[3][0]
+    assert torch.equal(first, again) and not torch.equal(first, other_epoch)
+    assert torch.equal(torch.get_rng_state(), cpu_state) and reseeded == []

@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     with _cli.raise_usage_errors():
         cfg = parse_train_args(argv, description=__doc__)
     summary = train(cfg)
+    if not summary['main_process']:
+        return 128 + summary['interrupted'] if summary['interrupted'] else 0  # the main process reports
     if summary['interrupted']:
         print(f'interrupted at step {summary["step"]}; checkpoint: {summary["checkpoint"]}', file=sys.stderr)
         return 128 + summary['interrupted']

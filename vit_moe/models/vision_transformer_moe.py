@@ -164,7 +164,7 @@ def _meta_state_dict(path: str) -> Dict[str, Any]:
     """The keys and shapes of a checkpoint file as meta tensors, selected as timm's load_state_dict selects them."""
     if path.endswith('.safetensors'):
         with safe_open(path, framework='pt') as f:
-            return clean_state_dict({k: torch.empty(f.get_slice(k).get_shape(), device='meta') for k in f.keys()})
+            return {k: torch.empty(f.get_slice(k).get_shape(), device='meta') for k in f.keys()}
     checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     if isinstance(checkpoint, dict):
         for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):

@@ -440,6 +440,7 @@ class Trainer:
         self.log.close()
         return dict(
             step=self.state.step, interrupted=int(self.interrupted), eval=final_eval, output_dir=str(self.out),
+            main_process=self.main,
             model_dir=str(self.out / 'model'), ema_model_dir=str(self.out / 'model_ema') if self.ema else None,
             checkpoint=str(latest_checkpoint(self.out)), num_classes=self.num_classes,
             skipped_images=sorted(e['path'] for e in self.bad_images.entries()),

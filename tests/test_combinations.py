@@ -1,0 +1,159 @@
+"""The combination matrix: every training option meets every other one (pairwise), on trained weights, through every
+documented loader and both exports.
+
+Each cell upcycles a tiny dense model folder, trains it a few steps (single process, 2-process DDP, or 2-process
+FSDP2 through `Accelerator.prepare` with the shipped fsdp2 config), then reloads the saved model through
+`create_model_from_checkpoint`, timm's `local-dir:`, `validate()`, `train_scripts/validate.py`, and exports it with
+`export/onnx_export.py` in float32 and int8 (layer-by-layer parity, then top-1 agreement on the validation images).
+The reloaded model must score exactly what the trainer logged for its final evaluation (EMA weights too).
+
+The cells cover every pair of option values (a pairwise covering array; EMA is refused under FSDP, so that pair is
+absent): torch_compile (inductor in one process; aot_eager under DDP / FSDP2, where two processes compiling with
+inductor cost a minute of this CI's two cores: dynamo, the wrappers and the saved keys are the same), grad_checkpointing, ema_decay, output_scale, router, expert_init (copy / drop),
+grad_accum_steps (2, with an epoch of 5 batches per process: not a multiple), mixed_precision (no / bf16).
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from vit_moe.models import create_model_from_checkpoint, save_trained_model
+from vit_moe.training import load_config, train, validate
+
+from conftest import ROOT, launch_processes, log_records, make_image_folder, run_front_end, run_script
+
+NAME = 'vit_ti16_moe_upcycled'
+ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # 16 patches + class token
+MOE = dict(ARCH, num_experts=4, moe_blocks=1)
+
+# (mode, options): every pair of option values appears in at least one cell
+CELLS = {
+    'single-compile-ema-scale-drop-accum-bf16': ('single', dict(
+        torch_compile='default', ema_decay=0.9, output_scale=True, expert_init='drop', grad_accum_steps=2,
+        mixed_precision='bf16')),
+    'single-ckpt-drop': ('single', dict(grad_checkpointing=True, expert_init='drop')),
+    'single-ema-scale-tokenchoice': ('single', dict(ema_decay=0.9, output_scale=True, router='token_choice')),
+    'ddp-ema-tokenchoice-drop-bf16': ('ddp', dict(ema_decay=0.9, router='token_choice', expert_init='drop',
+                                                  mixed_precision='bf16')),
+    'ddp-scale-accum-bf16': ('ddp', dict(output_scale=True, grad_accum_steps=2, mixed_precision='bf16')),
+    'ddp-compile-ckpt-ema-tokenchoice-accum': ('ddp', dict(
+        torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True, ema_decay=0.9,
+        router='token_choice', grad_accum_steps=2)),
+    'fsdp-ckpt-scale-tokenchoice-accum-bf16': ('fsdp', dict(grad_checkpointing=True, output_scale=True,
+                                                            router='token_choice', grad_accum_steps=2,
+                                                            mixed_precision='bf16')),
+    'fsdp-compile-drop': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager', expert_init='drop')),
+}
+MODEL_KEYS = ('output_scale', 'expert_init', 'router')
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+    """Image folders (3 classes; 21 training images: 5 batches of 4 per epoch in one process) and a dense model
+    folder to upcycle."""
+    root = tmp_path_factory.mktemp('combinations')
+    data = make_image_folder(root / 'data', per_class=(7, 3), size=16)
+    torch.manual_seed(0)
+    dense = timm.create_model('vit_tiny_patch16_224', num_classes=3, **ARCH)
+    save_trained_model(dense, root / 'dense', label_names=['class_0', 'class_1', 'class_2'])
+    return data, root / 'dense'
+
+
+def _config(data: Path, dense: Path, out: Path, options: dict, processes: int):
+    model_kwargs = dict(MOE, **{k: v for k, v in options.items() if k in MODEL_KEYS})
+    trainer = {k: v for k, v in options.items() if k not in MODEL_KEYS}
+    return load_config(None, dict(
+        model=NAME, pretrained=str(dense), model_kwargs=model_kwargs, data_dir=str(data), output_dir=str(out),
+        batch_size=4 if processes == 1 else 2, num_workers=0, steps=4, lr=3e-3, warmup_steps=1, log_every=1,
+        checkpoint_every=100, trackers='none', progress=False, hflip=0.0, scale=[0.8, 1.0], color_jitter=0.0,
+        eval_batch_size=4, **trainer))
+
+
+def _train(cfg, mode: str) -> dict:
+    """Train as `mode` says; return the final evaluation the trainer logged."""
+    if mode == 'single':
+        return train(cfg)['eval']
+    path = Path(cfg.output_dir).with_suffix('.yaml')
+    path.write_text(cfg.to_yaml())
+    shim = ['tests/fsdp_on_cpu.py'] if mode == 'fsdp' else []
+    result = run_script([*launch_processes(2), *shim, 'train_scripts/train.py', '--config', str(path)], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    start, = log_records(cfg.output_dir, 'start')
+    assert start['num_processes'] == 2 and start['distributed_type'] == ('FSDP' if mode == 'fsdp' else 'MULTI_CPU')
+    return log_records(cfg.output_dir, 'eval')[-1]
+
+
+def _assert_same_metrics(got: dict, logged: dict, bf16: bool, prefix: str = ''):
+    # every image is scored exactly once either way; per-image routing makes a model's logits independent of its
+    # batch-mates, up to bf16 rounding under autocast (another batch size can change a bf16 kernel's blocking)
+    assert got['num_samples'] == logged['num_samples'] == 9
+    assert abs(got['top1'] - logged[prefix + 'top1']) <= (100 / 9 if bf16 else 1e-9)
+    assert got['loss'] == pytest.approx(logged[prefix + 'loss'], rel=2e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize('cell', list(CELLS))
+def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_path, cell):
+    data, dense = sources
+    mode, options = CELLS[cell]
+    cfg = _config(data, dense, tmp_path / 'run', options, 1 if mode == 'single' else 2)
+    logged = _train(cfg, mode)
+    folder = Path(cfg.output_dir) / 'model'
+    bf16 = options.get('mixed_precision') == 'bf16'
+    precision = 'bf16' if bf16 else 'no'
+
+    # the trained model through every loader scores what the trainer logged
+    model = create_model_from_checkpoint(NAME, str(folder)).eval()
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in model.state_dict())
+    for key in MODEL_KEYS:  # the options are in the saved model, not just in the config
+        assert model.moe_config[key] == cfg.model_kwargs.get(key, {'output_scale': False, 'expert_init': 'copy',
+                                                                   'router': 'expert_choice'}[key])
+    experts = model.blocks[-1].mlp.experts.fc1.weight
+    assert not torch.equal(experts[0], experts[1])  # trained (and, with drop, re-initialised) apart
+    local = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(local(x), model(x), rtol=0, atol=0)
+    reloaded = validate(NAME, str(folder), str(data), num_workers=0, batch_size=4, mixed_precision=precision)
+    _assert_same_metrics(reloaded, logged, bf16)
+    rc, _, err = run_front_end('train_scripts/validate.py', '--model', NAME, '--checkpoint', str(folder),
+                               '--data-dir', str(data), '--num-workers', '0', '--batch-size', '4',
+                               '--mixed-precision', precision, '--json', str(tmp_path / 'validate.json'))
+    assert rc == 0, err
+    from_cli = json.loads((tmp_path / 'validate.json').read_text())
+    assert from_cli['top1'] == reloaded['top1'] and from_cli['loss'] == pytest.approx(reloaded['loss'], rel=1e-6)
+    if options.get('ema_decay'):
+        ema = validate(NAME, str(Path(cfg.output_dir) / 'model_ema'), str(data), num_workers=0, batch_size=4,
+                       mixed_precision=precision)
+        _assert_same_metrics(ema, logged, bf16, prefix='ema_')
+
+    # both exports pass the layer-by-layer parity and agree with PyTorch on the validation images
+    for variant in ([], ['--quantize', 'int8']):
+        rc, out, err = run_front_end(
+            'export/onnx_export.py', '--model', NAME, '--checkpoint', str(folder), '--output',
+            str(tmp_path / f'model{"_int8" if variant else ""}.onnx'), '--batch-sizes', '3', '--data-dir', str(data),
+            *variant)
+        assert rc == 0, out + err
+        assert 'real images (9 of' in out and out.count(': ok') == 2
+
+
+def test_the_matrix_covers_every_pair_of_option_values():
+    values = dict(mode=('single', 'ddp', 'fsdp'), torch_compile=(None, 'default'), grad_checkpointing=(False, True),
+                  ema_decay=(None, 0.9), output_scale=(False, True), router=('expert_choice', 'token_choice'),
+                  expert_init=('copy', 'drop'), grad_accum_steps=(1, 2), mixed_precision=(None, 'bf16'))
+    defaults = {k: v[0] for k, v in values.items()}
+    rows = [dict(defaults, mode=mode, **options) for mode, options in CELLS.values()]
+    keys = list(values)
+    missing = []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            for va in values[a]:
+                for vb in values[b]:
+                    if {a: va, b: vb} in ({'mode': 'fsdp', 'ema_decay': 0.9}, {'ema_decay': 0.9, 'mode': 'fsdp'}):
+                        continue  # refused: the EMA would hold a full model copy on every process
+                    if not any(r[a] == va and r[b] == vb for r in rows):
+                        missing.append(f'{a}={va} with {b}={vb}')
+    assert not missing, missing
