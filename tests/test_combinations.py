@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.training import load_config, train, validate
@@ -87,12 +88,14 @@ def _train(cfg, mode: str) -> dict:
     return log_records(cfg.output_dir, 'eval')[-1]
 
 
-def _assert_same_metrics(got: dict, logged: dict, bf16: bool, prefix: str = ''):
-    # every image is scored exactly once either way; per-image routing makes a model's logits independent of its
-    # batch-mates, up to bf16 rounding under autocast (another batch size can change a bf16 kernel's blocking)
+def _assert_same_metrics(got: dict, logged: dict, bf16_rounding: bool, prefix: str = ''):
+    """Every image is scored exactly once either way. The same eager arithmetic on the same batches gives the same
+    numbers; per-image routing keeps an image's logits independent of its batch-mates, so float32 evaluations on other
+    batches (DDP's per-process ones) or compiled agree to float noise. bf16 on other batches or compiled kernels
+    rounds differently (`bf16_rounding`): one image may flip, the loss moves by up to 2 %."""
     assert got['num_samples'] == logged['num_samples'] == 9
-    assert abs(got['top1'] - logged[prefix + 'top1']) <= (100 / 9 if bf16 else 1e-9)
-    assert got['loss'] == pytest.approx(logged[prefix + 'loss'], rel=2e-2 if bf16 else 1e-5)
+    assert abs(got['top1'] - logged[prefix + 'top1']) <= (100 / 9 if bf16_rounding else 1e-9)
+    assert got['loss'] == pytest.approx(logged[prefix + 'loss'], rel=2e-2 if bf16_rounding else 1e-5)
 
 
 @pytest.mark.parametrize('cell', list(CELLS))
@@ -104,10 +107,13 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
     folder = Path(cfg.output_dir) / 'model'
     bf16 = options.get('mixed_precision') == 'bf16'
     precision = 'bf16' if bf16 else 'no'
+    other_kernels = mode != 'single' or bool(options.get('torch_compile'))  # than validate()'s eager batches of 4
 
     # the trained model through every loader scores what the trainer logged
+    saved = load_file(str(folder / 'model.safetensors'))
+    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in saved)  # plain keys, whatever wrapped the model
     model = create_model_from_checkpoint(NAME, str(folder)).eval()
-    assert not any(k.startswith(('_orig_mod.', 'module.')) for k in model.state_dict())
+    assert saved.keys() == model.state_dict().keys()
     for key in MODEL_KEYS:  # the options are in the saved model, not just in the config
         assert model.moe_config[key] == cfg.model_kwargs.get(key, {'output_scale': False, 'expert_init': 'copy',
                                                                    'router': 'expert_choice'}[key])
@@ -118,7 +124,7 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(local(x), model(x), rtol=0, atol=0)
     reloaded = validate(NAME, str(folder), str(data), num_workers=0, batch_size=4, mixed_precision=precision)
-    _assert_same_metrics(reloaded, logged, bf16)
+    _assert_same_metrics(reloaded, logged, bf16 and other_kernels)
     rc, _, err = run_front_end('train_scripts/validate.py', '--model', NAME, '--checkpoint', str(folder),
                                '--data-dir', str(data), '--num-workers', '0', '--batch-size', '4',
                                '--mixed-precision', precision, '--json', str(tmp_path / 'validate.json'))
@@ -128,7 +134,7 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
     if options.get('ema_decay'):
         ema = validate(NAME, str(Path(cfg.output_dir) / 'model_ema'), str(data), num_workers=0, batch_size=4,
                        mixed_precision=precision)
-        _assert_same_metrics(ema, logged, bf16, prefix='ema_')
+        _assert_same_metrics(ema, logged, bf16 and mode != 'single', prefix='ema_')  # the EMA is never compiled
 
     # both exports pass the layer-by-layer parity and agree with PyTorch on the validation images
     for variant in ([], ['--quantize', 'int8']):
