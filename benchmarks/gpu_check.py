@@ -1,7 +1,7 @@
 """Run every CUDA code path of vit-moe once on a lent GPU and print one markdown table (item | result | numbers |
 seconds).
 
-    bash benchmarks/gpu_check.sh                  # on the GPU machine: install into .venv, then this script
+    bash benchmarks/gpu_check.sh                  # on the GPU machine (its python3, this checkout on PYTHONPATH)
     .venv/bin/python benchmarks/gpu_check.py [--budget 360] [--only resume-default,ort-cuda-fp32] [--allow-cpu]
 
 Every item runs in its own child process under its own time limit (an error or a timeout is that item's FAIL with a
@@ -17,7 +17,7 @@ one-line reason, and the next item runs), on tiny models and a synthetic image f
                 fp32 check is repeated with use_tf32=0), median latency of 20 runs at batch 1 and 32 for numpy input
                 vs CUDA tensors bound in place (IO binding), and the two paths' outputs compared
   tensorrt      ONNX Runtime's TensorRT provider: the same
---budget (default 360 s: with a fresh install, about 2 minutes, the check stays within 8) caps all items together;
+--budget (default 360 s: the check stays well within 8 minutes) caps all items together;
 items past it are skipped. The table, under a header of versions and the GPU, goes to stdout and to
 $OUT/gpu_check.md (else benchmarks/results/gpu_check.md). Exit code 0 when no item failed (skipped ones allowed),
 1 when one did, 2 when there is no GPU. --allow-cpu smoke-tests this script without a GPU: the parity items compare
@@ -163,7 +163,7 @@ def item_train(config_name, device, workdir, data):
     from vit_moe.training import validate
     config, out = CONFIGS / config_name, workdir / 'run'
     launch_bf16 = yaml.safe_load(config.read_text()).get('mixed_precision') == 'bf16'
-    cmd = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--config_file', str(config),
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--config_file', str(config),
            '--num_processes', '1', '--num_machines', '1', '--main_process_port', str(_free_port()),
            *(['--cpu'] if device.type == 'cpu' else []),
            'train_scripts/train.py', '--config', str(_train_config(workdir, data, steps=6, checkpoint_every=3)),

@@ -142,3 +142,18 @@ def test_export_mode_combine_equals_eager(router, monkeypatch):
     eager = moe(x)
     monkeypatch.setattr(torch.onnx, 'is_in_onnx_export', lambda: True)
     torch.testing.assert_close(moe(x), eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('flag', [(torch.compiler, 'is_exporting'), (torch.onnx, 'is_in_onnx_export')])
+def test_either_exporter_flag_selects_the_race_free_combine(flag, monkeypatch):
+    """torch.export tracing (the dynamo ONNX exporter) and the TorchScript ONNX exporter each say they are exporting
+    their own way; either must swap index_add (ScatterND-add, racy in ONNX Runtime) for the combine matmul."""
+    from vit_moe.layers import moe_mlp
+    calls = []
+    monkeypatch.setattr(moe_mlp, 'combine_by_matmul', lambda *args: calls.append(args) or torch.zeros(2, 10, 16))
+    moe = MoeMlp(16, 32, num_experts=4).eval()
+    moe(torch.randn(2, 10, 16))
+    assert not calls  # eager: index_add
+    monkeypatch.setattr(*flag, lambda: True)
+    moe(torch.randn(2, 10, 16))
+    assert len(calls) == 1

@@ -1,4 +1,5 @@
 """Training with Accelerate: learning, reload, exact resume, SIGTERM, NaN guard, two processes, bad data."""
+import contextlib
 import copy
 import json
 import os
@@ -98,6 +99,16 @@ def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp
     proc = subprocess.Popen([*launch, 'train_scripts/train.py', *_cli_args(
         tmp_path, steps=100000, checkpoint_every=100000, num_workers=2)], cwd=ROOT, env=script_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    everyone = []  # every process of the job seen, the workers first (the worst order for the trainers)
+    try:
+        _sigterm_everyone_then_resume(proc, tmp_path, processes, launch, everyone)
+    finally:  # nothing left running, whatever failed (torchrun's trainers run in sessions of their own)
+        for leftover in everyone:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+
+
+def _sigterm_everyone_then_resume(proc, tmp_path, processes, launch, everyone):
     log, deadline = tmp_path / 'run' / 'log.jsonl', time.time() + 180
     job, trainers, workers = psutil.Process(proc.pid), [], []
     while time.time() < deadline and not (log.exists() and log.read_text().count('\n') >= 3
@@ -105,9 +116,9 @@ def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp
         time.sleep(0.1)  # training, and every trainer's two DataLoader workers running (they restart each epoch)
         trainers = [job] if processes == 1 else job.children()
         workers = [worker for trainer in trainers for worker in trainer.children()]
-    everyone = workers + trainers + [job]  # the workers first: the worst order for the trainers
+    everyone += list(dict.fromkeys(workers + trainers + [job]))
     assert len(trainers) == processes and len(workers) >= 2 * processes
-    for p in dict.fromkeys(everyone):
+    for p in everyone:
         p.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert stderr.count('stopped by signal 15 at step') == processes, stderr[-3000:]

@@ -98,8 +98,9 @@ class MoeMlp(nn.Module):
         # combine in float32 for half inputs: exact sums, and ONNX Runtime's CPU ScatterND-add has no float16
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         exporting = False
-        if not torch.jit.is_scripting():  # TorchScript cannot compile the query
-            exporting = torch.onnx.is_in_onnx_export()
+        if not torch.jit.is_scripting():  # TorchScript cannot compile the queries
+            # torch.export tracing (what the dynamo ONNX exporter runs) or the TorchScript-based ONNX exporter
+            exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
         if exporting:
             out = combine_by_matmul(expert_out, routing.token_index, routing.combine_weights, T, acc_dtype)
         else:
