@@ -91,15 +91,13 @@ def main(argv=None) -> int:
     parser.add_argument('--min-data-agreement', type=float, default=None,
                         help='top-1 agreement required on --data-dir (default 0.999 fp32, 0.99 fp16, 0.97 int8)')
     args = parser.parse_args(argv)
-    for flag in ('tie_rtol', 'min_agreement', 'min_data_agreement'):
+    fraction, positive = (lambda v: 0 <= v <= 1, 'in [0, 1]'), (lambda v: v > 0, '> 0')
+    for flag, (valid, accepted) in dict(
+            tie_rtol=(lambda v: 0 <= v < 1, 'in [0, 1)'), min_agreement=fraction, min_data_agreement=fraction,
+            atol=positive, rtol=positive, expert_rtol=positive, max_images=(lambda v: v >= 1, '>= 1')).items():
         value = getattr(args, flag)
-        if value is not None and not 0 <= value <= 1 or flag == 'tie_rtol' and value == 1:
-            parser.error(f'--{flag.replace("_", "-")} must be in [0, 1{")" if flag == "tie_rtol" else "]"}, got {value}')
-    for flag in ('atol', 'rtol', 'expert_rtol'):
-        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
-            parser.error(f'--{flag.replace("_", "-")} must be > 0, got {getattr(args, flag)}')
-    if args.max_images < 1:
-        parser.error(f'--max-images must be >= 1, got {args.max_images}')
+        if value is not None and not valid(value):
+            parser.error(f'--{flag.replace("_", "-")} must be {accepted}, got {value}')
     _cli.setup_logging(args.verbose)
     from vit_moe.models import create_model_from_checkpoint
     from vit_moe.layers import moe_layers

@@ -190,3 +190,17 @@ def test_export_is_quiet_for_library_users_unless_a_level_is_set(tmp_path, caplo
     finally:
         logging.getLogger('onnx_ir').setLevel(logging.NOTSET)
     assert [r for r in caplog.records if r.name.startswith('onnx_ir')]
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--data-dir', 'nowhere'], "data_dir 'nowhere' does not exist; expected root/<split>/<class>/<image>"),
+    (['--quantize', 'int8', '--min-data-agreement', '1.5'], '--min-data-agreement must be in [0, 1], got 1.5'),
+    (['--quantize', 'int8', '--int8-target', 'avx512'], "argument --int8-target: invalid choice: 'avx512'"),
+    (['--expert-rtol', '0'], '--expert-rtol must be > 0, got 0.0'),
+])
+def test_export_options_are_checked_before_anything_is_written(tmp_path, flags, expected):
+    from conftest import run_front_end
+    rc, out, err = run_front_end('export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
+                                 str(tmp_path / 'x.onnx'), *flags)
+    assert rc == 2 and out == '' and len(err.splitlines()) == 1 and expected in err, err
+    assert not list(tmp_path.iterdir())

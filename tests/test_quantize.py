@@ -123,8 +123,9 @@ def test_int8_quantizes_every_expert_with_its_own_scales_and_keeps_routers_float
 def test_int8_for_this_cpu_stays_within_the_error_int8_rounding_allows(distinct_experts, tmp_path):
     """The target detected here (full range with VNNI; 7-bit weights on an x86 CPU without VNNI, whose int8 kernel
     saturates 16-bit pair sums on full-range weights) keeps the logits within 3.5 % (relative RMS) of float32.
-    Measured: 2.1 % full range / 2.4 % 7-bit on an AVX-512 VNNI CPU; under QEMU's Haswell (AVX2, no VNNI) model
-    full-range weights made a trained model's int8 error 3.2x larger, 7-bit weights kept it."""
+    Measured here: 2.1 % full range / 2.4 % 7-bit on an AVX-512 VNNI CPU. Under QEMU's Haswell model (AVX2, no VNNI;
+    `qemu-x86_64 -cpu Haswell .venv/bin/python -m pytest -n 0 tests/test_quantize.py`) 'auto' chooses 7-bit weights
+    and this test passes; forcing full range there gives 12.9 % and fails it."""
     model, path = distinct_experts
     report = quantize_onnx(path, tmp_path / 'int8.onnx')  # target 'auto'
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
