@@ -1,5 +1,7 @@
 """MoE building blocks: routers, stacked experts, the MoE MLP layer, routing capture."""
-from .experts import ExpertMlps, StackedLinear
+from .experts import (
+    EXPERT_BANKS, ExpertGluMlps, ExpertMlps, ExpertSwiGLUs, StackedLayerNorm, StackedLinear, expert_bank_like,
+)
 from .moe_mlp import MoeMlp, moe_layers
 from .routers import (
     ROUTERS, ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity,

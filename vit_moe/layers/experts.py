@@ -1,16 +1,29 @@
-""" A bank of E MLP experts stored as stacked weights and run with batched matmuls.
+""" Banks of E MLP experts stored as stacked weights and run with batched matmuls, one bank per timm MLP class.
 
-Names follow timm's `Mlp` (fc1, act, drop1, fc2, drop2) so that a dense checkpoint maps onto the
-bank key by key: `mlp.fc1.weight` [hidden, dim] -> `mlp.experts.fc1.weight` [E, dim, hidden].
+| timm MLP (timm/layers/mlp.py) | bank | parameters (dense `mlp.X` -> `mlp.experts.X`) |
+|---|---|---|
+| `Mlp` (hidden `norm` or not), `GatedMlp` without a gate | `ExpertMlps` | fc1, [norm], fc2 |
+| `GluMlp`, `SwiGLUPacked` (packed fc1, either gate half) | `ExpertGluMlps` | fc1 (2H wide), [norm], fc2 |
+| `SwiGLU` (separate gate and value, hidden norm or not) | `ExpertSwiGLUs` | fc1_g, fc1_x, [norm], fc2 |
+
+Names follow timm's so that a dense checkpoint maps onto a bank key by key: a linear weight [out, in] becomes
+[E, in, out] (`StackedLinear`), a bias or norm vector [n] becomes [E, n]. Every bank takes tokens grouped per expert
+[E, N, dim] and returns [E, N, dim]; `expert_bank_like(mlp, E)` builds the bank for a dense MLP module. Each bank
+names, for Drop-Upcycling, where its hidden units are (`hidden_units`): the same unit index in every tensor listed.
 """
 import copy
-from typing import Optional, Tuple, Type, Union
+from typing import Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, to_2tuple, trunc_normal_
+import torch.nn.functional as F
+from timm.layers import GatedMlp, GluMlp, Mlp, SwiGLU, to_2tuple, trunc_normal_
 
-__all__ = ['StackedLinear', 'ExpertMlps']
+__all__ = ['StackedLinear', 'StackedLayerNorm', 'ExpertMlps', 'ExpertGluMlps', 'ExpertSwiGLUs', 'expert_bank_like',
+           'EXPERT_BANKS']
+
+# tensor suffix -> (dim of the hidden units in the [E, ...] tensor, offsets of the unit's copies along it)
+HiddenUnits = Dict[str, Tuple[int, Tuple[int, ...]]]
 
 
 class StackedLinear(nn.Module):
@@ -43,8 +56,56 @@ class StackedLinear(nn.Module):
                f'out_features={self.out_features}, bias={self.bias is not None}'
 
 
-class ExpertMlps(nn.Module):
-    """E copies of timm's `Mlp` (fc1 -> act -> drop -> fc2 -> drop) computed together."""
+class StackedLayerNorm(nn.Module):
+    """E LayerNorms over the last dim: weight / bias [E, features]; input [E, N, features]."""
+
+    def __init__(self, num_experts: int, features: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_experts, features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_experts, features)) if affine else None
+
+    @classmethod
+    def like(cls, norm: nn.Module, num_experts: int) -> 'StackedLayerNorm':
+        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1 or \
+                norm.elementwise_affine and norm.bias is None:
+            raise TypeError(f'a hidden norm must be an nn.LayerNorm over the hidden units (with bias if affine), got '
+                            f'{norm!r}')
+        return cls(num_experts, norm.normalized_shape[0], norm.eps, norm.elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=self.eps)  # [E, N, features]
+        if self.weight is None:
+            return x
+        return x * self.weight.unsqueeze(1).to(x.dtype) + self.bias.unsqueeze(1).to(x.dtype)  # [E, N, features]
+
+    def extra_repr(self) -> str:
+        return f'eps={self.eps}, affine={self.weight is not None}'
+
+
+def _hidden_norm(norm: nn.Module, num_experts: int) -> nn.Module:
+    return nn.Identity() if isinstance(norm, nn.Identity) else StackedLayerNorm.like(norm, num_experts)
+
+
+def _act(act_layer: Union[Type[nn.Module], nn.Module]) -> nn.Module:
+    return copy.deepcopy(act_layer) if isinstance(act_layer, nn.Module) else act_layer()  # keeps its arguments
+
+
+class _ExpertBank(nn.Module):
+    """Shared parts: in / hidden / out widths and the Drop-Upcycling map of hidden units."""
+    in_features: int
+    hidden_features: int  # hidden units of one expert (the width of its activation)
+    out_features: int
+
+    def hidden_units(self) -> HiddenUnits:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f'in_features={self.in_features}, hidden_features={self.hidden_features}'
+
+
+class ExpertMlps(_ExpertBank):
+    """E copies of timm's `Mlp` (fc1 -> act -> drop -> [norm] -> fc2 -> drop) computed together."""
 
     def __init__(
             self,
@@ -55,37 +116,146 @@ class ExpertMlps(nn.Module):
             act_layer: Union[Type[nn.Module], nn.Module] = nn.GELU,
             bias: Union[bool, Tuple[bool, bool]] = True,
             drop: Union[float, Tuple[float, float]] = 0.,
+            norm: Optional[nn.Module] = None,
     ):
         super().__init__()
         out_features = out_features or in_features
-        bias = to_2tuple(bias)
-        drop_probs = to_2tuple(drop)
+        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.fc1 = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
-        self.act = copy.deepcopy(act_layer) if isinstance(act_layer, nn.Module) else act_layer()
+        self.act = _act(act_layer)
         self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm if norm is not None else nn.Identity()
         self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
         self.drop2 = nn.Dropout(drop_probs[1])
 
     @classmethod
-    def like(cls, mlp: Mlp, num_experts: int) -> 'ExpertMlps':
-        """A randomly initialised bank with the shapes, activation, bias and dropout of a dense timm Mlp."""
-        if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
-            raise TypeError(
-                f'Only timm.layers.Mlp with nn.Linear layers can be upcycled, got {type(mlp).__name__} '
-                f'(GLU/SwiGLU and conv MLPs are not supported)')
-        if not isinstance(mlp.norm, nn.Identity):
-            raise TypeError(f'Only Mlp without a hidden norm can be upcycled, got norm={type(mlp.norm).__name__}')
+    def like(cls, mlp: nn.Module, num_experts: int) -> 'ExpertMlps':
+        """A randomly initialised bank shaped like a dense timm `Mlp` (or a `GatedMlp` without a gate)."""
+        if isinstance(mlp, GatedMlp) and not isinstance(mlp.gate, nn.Identity):
+            raise TypeError(f'GatedMlp with a {type(mlp.gate).__name__} gate cannot be upcycled: the gate mixes tokens '
+                            f'(gMLP), an expert sees only some of them; accepted: GatedMlp without gate_layer')
+        if not isinstance(mlp.fc1, nn.Linear):
+            raise TypeError(f'{type(mlp).__name__} with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); '
+                            f'accepted: nn.Linear fc1 / fc2')
         return cls(
-            num_experts,
-            mlp.fc1.in_features,
-            mlp.fc1.out_features,
-            mlp.fc2.out_features,
-            act_layer=mlp.act,  # keeps its arguments, e.g. GELU(approximate='tanh')
-            bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
-            drop=(mlp.drop1.p, mlp.drop2.p),
-        )
+            num_experts, mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features, act_layer=mlp.act,
+            bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
+            norm=_hidden_norm(mlp.norm, num_experts))
+
+    def hidden_units(self) -> HiddenUnits:
+        return {'fc1.weight': (2, (0,)), 'fc1.bias': (1, (0,)), 'fc2.weight': (1, (0,))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.fc1(x))  # [E, N, hidden]
-        x = self.fc2(self.drop1(x))  # [E, N, out]
+        x = self.drop1(self.act(self.fc1(x)))  # [E, N, hidden]
+        x = self.fc2(self.norm(x))  # [E, N, out]
         return self.drop2(x)
+
+
+class ExpertGluMlps(_ExpertBank):
+    """E copies of timm's `GluMlp` / `SwiGLUPacked`: a packed fc1 2H wide whose halves are value and gate
+    (`gate_last`: the gate is the second half), act(gate) * value -> drop -> [norm] -> fc2 -> drop."""
+
+    def __init__(
+            self,
+            num_experts: int,
+            in_features: int,
+            hidden_features: int,
+            out_features: Optional[int] = None,
+            act_layer: Union[Type[nn.Module], nn.Module] = nn.Sigmoid,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            drop: Union[float, Tuple[float, float]] = 0.,
+            norm: Optional[nn.Module] = None,
+            gate_last: bool = True,
+    ):
+        super().__init__()
+        out_features = out_features or in_features
+        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.gate_last = gate_last
+        self.fc1 = StackedLinear(num_experts, in_features, 2 * hidden_features, bias=bias[0])
+        self.act = _act(act_layer)
+        self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm if norm is not None else nn.Identity()
+        self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
+        self.drop2 = nn.Dropout(drop_probs[1])
+
+    @classmethod
+    def like(cls, mlp: GluMlp, num_experts: int) -> 'ExpertGluMlps':
+        if not isinstance(mlp.fc1, nn.Linear):
+            raise TypeError(f'GluMlp with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); accepted: '
+                            f'nn.Linear fc1 / fc2')
+        return cls(
+            num_experts, mlp.fc1.in_features, mlp.fc1.out_features // 2, mlp.fc2.out_features, act_layer=mlp.act,
+            bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
+            norm=_hidden_norm(mlp.norm, num_experts), gate_last=mlp.gate_last)
+
+    def hidden_units(self) -> HiddenUnits:
+        halves = (0, self.hidden_features)  # a hidden unit is one column in each half: value and gate
+        return {'fc1.weight': (2, halves), 'fc1.bias': (1, halves), 'fc2.weight': (1, (0,))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.fc1(x).chunk(2, dim=-1)  # [E, N, hidden] each
+        x = x1 * self.act(x2) if self.gate_last else self.act(x1) * x2  # [E, N, hidden]
+        x = self.fc2(self.norm(self.drop1(x)))  # [E, N, out]
+        return self.drop2(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', gate_last={self.gate_last}'
+
+
+class ExpertSwiGLUs(_ExpertBank):
+    """E copies of timm's `SwiGLU`: act(fc1_g(x)) * fc1_x(x) -> drop -> [norm] -> fc2 -> drop."""
+
+    def __init__(
+            self,
+            num_experts: int,
+            in_features: int,
+            hidden_features: int,
+            out_features: Optional[int] = None,
+            act_layer: Union[Type[nn.Module], nn.Module] = nn.SiLU,
+            bias: Union[bool, Tuple[bool, bool]] = True,
+            drop: Union[float, Tuple[float, float]] = 0.,
+            norm: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        out_features = out_features or in_features
+        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.fc1_g = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
+        self.fc1_x = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
+        self.act = _act(act_layer)
+        self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm if norm is not None else nn.Identity()
+        self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
+        self.drop2 = nn.Dropout(drop_probs[1])
+
+    @classmethod
+    def like(cls, mlp: SwiGLU, num_experts: int) -> 'ExpertSwiGLUs':
+        return cls(
+            num_experts, mlp.fc1_x.in_features, mlp.fc1_x.out_features, mlp.fc2.out_features, act_layer=mlp.act,
+            bias=(mlp.fc1_x.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
+            norm=_hidden_norm(mlp.norm, num_experts))
+
+    def hidden_units(self) -> HiddenUnits:
+        one = (0,)
+        return {'fc1_g.weight': (2, one), 'fc1_g.bias': (1, one), 'fc1_x.weight': (2, one), 'fc1_x.bias': (1, one),
+                'fc2.weight': (1, one)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1_g(x)) * self.fc1_x(x)  # [E, N, hidden]
+        x = self.fc2(self.norm(self.drop1(x)))  # [E, N, out]
+        return self.drop2(x)
+
+
+# dense timm MLP class -> bank (exact classes: a subclass may compute something else)
+EXPERT_BANKS = {Mlp: ExpertMlps, GatedMlp: ExpertMlps, GluMlp: ExpertGluMlps, SwiGLU: ExpertSwiGLUs}
+
+
+def expert_bank_like(mlp: nn.Module, num_experts: int) -> _ExpertBank:
+    """A randomly initialised bank of `num_experts` experts shaped like the dense timm MLP `mlp`."""
+    bank = EXPERT_BANKS.get(type(mlp))
+    if bank is None:
+        raise TypeError(f'{type(mlp).__name__} cannot be upcycled; accepted MLPs: '
+                        f'{", ".join(c.__name__ for c in EXPERT_BANKS)} (timm.layers; SwiGLUPacked is a GluMlp)')
+    return bank.like(mlp, num_experts)

@@ -12,9 +12,9 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, register_notrace_module
+from timm.layers import register_notrace_module
 
-from .experts import ExpertMlps
+from .experts import ExpertMlps, expert_bank_like
 from .routers import create_router
 from .routing_capture import record_routing, replayed_routing
 
@@ -34,10 +34,11 @@ class MoeMlp(nn.Module):
         top_k: experts per token (token choice only).
         router_norm: rescale each token's combine weights to sum to 1.
         capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
-        act_layer, bias, drop: as in timm's Mlp.
+        act_layer, bias, drop: as in timm's Mlp (for the default `ExpertMlps` bank).
         output_scale: a learnable scalar on the layer's output, initialised to E / C (expert choice; E / k for
             top-k, 1 with router_norm): with a near-uniform router a token's combine weights sum to C / E on average,
             so an upcycled layer starts close to the dense MLP's function instead of scaled down by about C / E.
+        experts: an expert bank ([E, N, dim] -> [E, N, dim], `vit_moe.layers.experts`); default `ExpertMlps`.
         router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight).
     """
 
@@ -54,7 +55,7 @@ class MoeMlp(nn.Module):
             act_layer=nn.GELU,
             bias=True,
             drop=0.,
-            experts: Optional[ExpertMlps] = None,
+            experts: Optional[nn.Module] = None,
             output_scale: bool = False,
             **router_kwargs,
     ):
@@ -71,10 +72,14 @@ class MoeMlp(nn.Module):
         self.output_scale = nn.Parameter(torch.full((1,), 1.0 / expected_weight)) if output_scale else None
 
     @classmethod
-    def from_mlp(cls, mlp: Mlp, num_experts: int = 32, **kwargs) -> 'MoeMlp':
-        """A MoE layer shaped like a dense timm Mlp (experts randomly initialised; see `vit_moe.models.conversion`)."""
-        experts = ExpertMlps.like(mlp, num_experts)
-        return cls(experts.fc1.in_features, experts.fc1.out_features, num_experts, experts=experts, **kwargs)
+    def from_mlp(cls, mlp: nn.Module, num_experts: int = 32, **kwargs) -> 'MoeMlp':
+        """A MoE layer shaped like a dense timm MLP (`Mlp`, `GluMlp` / `SwiGLUPacked`, `SwiGLU`, `GatedMlp` without a
+        gate); experts randomly initialised (see `vit_moe.models.conversion`)."""
+        experts = expert_bank_like(mlp, num_experts)
+        if experts.out_features != experts.in_features:
+            raise TypeError(f'{type(mlp).__name__} maps {experts.in_features} to {experts.out_features} features; a MoE '
+                            f'layer replaces a block MLP whose output width equals its input width')
+        return cls(experts.in_features, experts.hidden_features, num_experts, experts=experts, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape

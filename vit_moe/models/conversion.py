@@ -9,9 +9,9 @@ Expert initialisation (`expert_init`):
 * 'copy': every expert is the dense MLP (Sparse Upcycling, Komatsuzaki et al., 2022),
 * 'random': the model's own random init (the paper's ablation),
 * 'drop': Drop-Upcycling (Nakamura et al., ICLR 2025, arXiv 2502.19261): copy, then in each expert re-initialise
-  a random fraction `drop_ratio` of the hidden units: the same hidden indices in fc1's columns (and fc1's bias)
-  and fc2's rows, drawn independently per expert from torch's global RNG, new values drawn from a normal with
-  the original matrix's (or bias's) mean and std.
+  a random fraction `drop_ratio` of the hidden units: the same hidden indices in fc1's columns (and fc1's bias;
+  gate and value columns of a GLU together) and fc2's rows, drawn independently per expert from torch's global RNG,
+  new values drawn from a normal with the original matrix's (or bias's) mean and std.
 
 Used by both `vit_moe.upcycle` and the timm pretrained path (`checkpoint_filter_fn`).
 """
@@ -43,14 +43,16 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not fit the model."""
 
 
-def _tile_transposed(dense: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
-    # nn.Linear weight [out, in] -> stacked [E, in, out]
-    return dense.t().unsqueeze(0).expand(target_shape[0], -1, -1).clone()
-
-
-def _tile(dense: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
-    # bias [out] -> [E, out]
+def _tile_expert(dense: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
+    """A dense linear weight [out, in] -> stacked [E, in, out]; a bias or norm vector [n] -> [E, n]."""
+    if len(target_shape) == 3:
+        return dense.t().unsqueeze(0).expand(target_shape[0], -1, -1).clone()
     return dense.unsqueeze(0).expand(target_shape[0], -1).clone()
+
+
+def _dense_shape(target_shape: torch.Size) -> torch.Size:
+    """The dense shape that `_tile_expert` turns into `target_shape`."""
+    return torch.Size((target_shape[2], target_shape[1])) if len(target_shape) == 3 else torch.Size(target_shape[1:])
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,9 @@ class ConversionRule:
 
 
 UPCYCLE_RULES = (
-    ConversionRule(r'^(.*\.)?mlp\.(fc[12])\.weight$', r'\1mlp.experts.\2.weight', _tile_transposed,
-                   lambda s: torch.Size((s[2], s[1]))),
-    ConversionRule(r'^(.*\.)?mlp\.(fc[12])\.bias$', r'\1mlp.experts.\2.bias', _tile,
-                   lambda s: torch.Size(s[1:])),
+    # every expert bank keeps timm's MLP names (vit_moe.layers.experts): Mlp, GluMlp, SwiGLU, hidden norms
+    ConversionRule(r'^(.*\.)?mlp\.(fc1|fc2|fc1_g|fc1_x|norm)\.(weight|bias)$', r'\1mlp.experts.\2.\3', _tile_expert,
+                   _dense_shape),
 )
 
 
@@ -123,27 +124,36 @@ def _format_keys(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f', ... ({len(keys)} in all)' if len(keys) > limit else '')
 
 
-def drop_upcycle(state_dict: Dict[str, torch.Tensor], drop_ratio: float = 0.5) -> Dict[str, torch.Tensor]:
+def drop_upcycle(state_dict: Dict[str, torch.Tensor], model: nn.Module, drop_ratio: float = 0.5
+                 ) -> Dict[str, torch.Tensor]:
     """Drop-Upcycling, in place on copied experts: re-initialise `drop_ratio` of each expert's hidden units.
 
-    For every MoE layer (`...experts.fc1.weight` [E, dim, hidden], `...fc1.bias` [E, hidden],
-    `...fc2.weight` [E, hidden, dim]) each expert draws its own round(drop_ratio * hidden) hidden indices; those
-    columns of fc1 (and entries of its bias) and rows of fc2 get values from a normal with the mean and std of
-    the original (dense) matrix. fc2's bias is per output unit and is left as copied.
+    For every MoE layer of `model`, each expert draws its own round(drop_ratio * hidden) hidden indices; at those
+    indices every tensor the bank lists in `hidden_units()` gets values from a normal with the mean and std of the
+    original (dense) tensor (each half of a packed GLU fc1 on its own): fc1's columns and bias (both halves of a
+    packed GLU fc1; fc1_g and fc1_x of a SwiGLU: gate and value of a unit together) and fc2's rows. fc2's bias is per
+    output unit and hidden norms are left as copied.
     """
-    for key in [k for k in state_dict if k.endswith('experts.fc1.weight')]:
-        prefix = key[:-len('fc1.weight')]
-        fc1, fc2, bias = state_dict[key], state_dict[prefix + 'fc2.weight'], state_dict.get(prefix + 'fc1.bias')
-        num_experts, hidden = fc1.shape[0], fc1.shape[2]
+    from ..layers import moe_layers
+    for name, layer in moe_layers(model).items():
+        units = {f'{name}.experts.{suffix}': where for suffix, where in layer.experts.hidden_units().items()}
+        units = {key: where for key, where in units.items() if key in state_dict}
+        hidden, num_experts = layer.experts.hidden_features, next(iter(layer.experts.parameters())).shape[0]
         k = round(drop_ratio * hidden)
-        originals = (fc1, fc2) + ((bias,) if bias is not None else ())
-        stats = [(t[0].float().mean(), t[0].float().std()) for t in originals]  # expert 0 = the dense tensor
+        stats = {}  # (key, offset) -> mean, std of that part of the dense tensor (expert 0 is the dense copy)
+        for key, (dim, offsets) in units.items():
+            for offset in offsets:
+                part = state_dict[key][0].narrow(dim - 1, offset, hidden).float()  # a GLU's gate and value apart
+                stats[key, offset] = part.mean().item(), part.std().item()
         for e in range(num_experts):
             idx = torch.randperm(hidden)[:k]  # [k] hidden units of expert e
-            fc1[e][:, idx] = torch.normal(stats[0][0].item(), stats[0][1].item(), (fc1.shape[1], k)).to(fc1.dtype)
-            fc2[e][idx, :] = torch.normal(stats[1][0].item(), stats[1][1].item(), (k, fc2.shape[2])).to(fc2.dtype)
-            if bias is not None:
-                bias[e][idx] = torch.normal(stats[2][0].item(), stats[2][1].item(), (k,)).to(bias.dtype)
+            for key, (dim, offsets) in units.items():
+                tensor = state_dict[key][e]  # [in, width] (dim 2), [hidden, out] or [width] (dim 1)
+                shape = list(tensor.shape)
+                shape[dim - 1] = k
+                for offset in offsets:
+                    at = (slice(None),) * (dim - 1) + (idx + offset,)
+                    tensor[at] = torch.normal(*stats[key, offset], tuple(shape)).to(tensor.dtype)
     return state_dict
 
 
@@ -222,5 +232,5 @@ def convert_dense_to_moe(
             f'Checkpoint does not fit {type(model).__name__} '
             f'({"MoE" if moe_input else "dense"} checkpoint): ' + ' | '.join(parts))
     if expert_init == 'drop' and not moe_input:
-        drop_upcycle(out, drop_ratio)
+        drop_upcycle(out, model, drop_ratio)
     return out
