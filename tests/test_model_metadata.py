@@ -237,7 +237,7 @@ def test_mismatched_file_names_the_file_and_is_refused_before_timm_loads_it(tmp_
                           **dict(TINY_VIT, num_experts=4))
     message = str(err.value)
     assert f"file '{path}' does not fit {NAME} with patch_size=8, embed_dim=64" in message
-    assert 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in message and 'Accepted: a dense ViT' in message
+    assert 'cls_token: checkpoint (1, 1, 32) vs model (1, 1, 64)' in message and 'Accepted: a dense checkpoint of the same backbone' in message
     assert isinstance(err.value, ValueError)
     assert not [r for r in caplog.records if 'Loaded' in r.getMessage()]
 

@@ -83,7 +83,7 @@ def distinct_experts(tmp_path_factory):
 
 def _expert_weight(model, initializer: str) -> np.ndarray:
     """The float [K, M] weight of one expert named by an int8 initializer ('blocks.2.mlp.experts.fc1.weight[.e]')."""
-    match = re.search(r'(blocks\.\d+\.mlp)\.experts\.(fc[12])\.weight(?:\.(\d+))?_quantized$', initializer)
+    match = re.search(r'(blocks\.\d+\.mlp)\.experts\.(fc1|fc2|fc1_g|fc1_x)\.weight(?:\.(\d+))?_quantized$', initializer)
     weight = getattr(moe_layers(model)[match.group(1)].experts, match.group(2)).weight.detach().numpy()
     return weight[int(match.group(3))] if match.group(3) else weight  # [K, M] unrolled, [E, K, M] batched
 

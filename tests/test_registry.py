@@ -29,6 +29,28 @@ def test_registered_with_the_dense_sources_pretrained_cfg(name):
     assert f'dense_source={DENSE_SOURCES[name]}' in cfg['notes']
 
 
+@pytest.mark.parametrize('name', sorted(DENSE_SOURCES))
+def test_full_size_structure_of_every_registered_model_on_meta_device(name):
+    """MoE in the last half of the blocks, 32 experts of the dense MLP's class behind an expert choice router with
+    C = 2; the parameters are the dense model's plus 31 more copies of each converted MLP plus the routers."""
+    with torch.device('meta'):
+        model = timm.create_model(name)
+        dense = timm.create_model(DENSE_SOURCES[name].split('.')[0])
+    depth = len(dense.blocks)
+    assert [isinstance(b.mlp, MoeMlp) for b in model.blocks] == [False] * (depth - depth // 2) + [True] * (depth // 2)
+    assert type(model).__mro__[2] is type(dense)  # UpcycledMoE + the dense source's timm class
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    expected = count(dense)
+    for block, dense_block in zip(model.blocks[depth - depth // 2:], dense.blocks[depth - depth // 2:]):
+        moe = block.mlp
+        assert moe.num_experts == 32 and moe.router.capacity_factor == 2.0
+        assert type(moe.router).__name__ == 'ExpertChoiceRouter'
+        assert count(moe.experts) == 32 * count(dense_block.mlp)
+        expected += 31 * count(dense_block.mlp) + count(moe.router)
+    assert count(model) == expected
+    assert model.pretrained_cfg['input_size'] == dense.pretrained_cfg['input_size']
+
+
 def test_vit_b16_full_size_structure_on_meta_device():
     with torch.device('meta'):
         model = timm.create_model('vit_b16_moe_upcycled')

@@ -10,16 +10,24 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 
 from vit_moe import MoeMlp
 
-NAMES = ['vit_ti16_moe_upcycled', 'vit_s16_moe_upcycled']
+# one per backbone class / MLP class / token layout: augreg ViT (class token), DINOv2 with registers (LayerScale),
+# DINOv2-g (SwiGLUPacked), SigLIP (no class token, MAP head), EVA02-S (Eva, rope, GluMlp), EVA02-B (SwiGLU + norm)
+NAMES = ['vit_ti16_moe_upcycled', 'vit_s16_moe_upcycled', 'vit_s14_reg4_dinov2_moe_upcycled',
+         'vit_g14_dinov2_moe_upcycled', 'vit_b16_siglip_moe_upcycled', 'eva02_s14_moe_upcycled',
+         'eva02_b14_moe_upcycled']
 ROUTERS = ['expert_choice', 'token_choice']
-SMALL = dict(img_size=64, depth=4, num_experts=4)  # the registered widths, 4 blocks (MoE in the last 2), 64 px
+# the registered widths, 4 blocks (MoE in the last 2), 64 px, a 1000-class head (DINOv2 / SigLIP sources have none)
+SMALL = dict(img_size=64, depth=4, num_experts=4, num_classes=1000)
+NARROW = dict(embed_dim=192, num_heads=3)  # the B and g widths cut to Ti's (CI's two cores)
+WIDTHS = {'vit_g14_dinov2_moe_upcycled': NARROW, 'vit_b16_siglip_moe_upcycled': NARROW,
+          'eva02_b14_moe_upcycled': NARROW}
 FX_TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
                  param_shapes_constant=True)
 
 
 def _create(name, router, **kwargs):
     torch.manual_seed(0)
-    return timm.create_model(name, router=router, **dict(SMALL, **kwargs))
+    return timm.create_model(name, router=router, **dict(SMALL, **WIDTHS.get(name, {}), **kwargs))
 
 
 def _inputs(batch, model):
@@ -53,11 +61,12 @@ def test_backward_gives_every_parameter_a_gradient(name, router):
 def test_default_cfg_heads_and_classifier_reset(name):
     model = _create(name, 'expert_choice').eval()
     cfg, state_dict = model.default_cfg, model.state_dict()
-    assert model.num_classes == cfg['num_classes'] == 1000 and model.num_features == model.head_hidden_size > 0
+    assert model.num_classes == 1000 and model.num_features == model.head_hidden_size > 0
     assert f'{cfg["classifier"]}.weight' in state_dict and f'{cfg["first_conv"]}.weight' in state_dict
     x = _inputs(1, model)
     features = model.forward_features(x)
-    assert features.shape == (1, 17, model.num_features)  # 16 patches + class token
+    tokens = 16 + model.num_prefix_tokens  # 16 patches + class token and registers
+    assert features.shape == (1, tokens, model.num_features)
     pre_logits = model.forward_head(features, pre_logits=True)
     assert pre_logits.shape == (1, model.head_hidden_size)
     model.reset_classifier(0)
@@ -66,7 +75,7 @@ def test_default_cfg_heads_and_classifier_reset(name):
     model.reset_classifier(5)
     assert model(x).shape == (1, 5)
     headless = _create(name, 'expert_choice', num_classes=0, global_pool='').eval()
-    assert headless(x).shape == (1, 17, model.num_features)
+    assert headless(x).shape == (1, tokens, model.num_features)
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -83,7 +92,8 @@ def test_forward_intermediates_match_forward_features_and_features_only(name):
     torch.testing.assert_close(model.forward_intermediates(x)[0], final, rtol=1e-4, atol=1e-5)
 
     torch.manual_seed(0)
-    features_only = timm.create_model(name, features_only=True, out_indices=(1, 3), **SMALL).eval()
+    features_only = timm.create_model(name, features_only=True, out_indices=(1, 3), **SMALL, **WIDTHS.get(name, {}))
+    features_only.eval()
     assert features_only.feature_info.channels() == [model.num_features] * 2
     outs = features_only(x)
     assert [o.shape for o in outs] == [(1, model.num_features, 4, 4)] * 2

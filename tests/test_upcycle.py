@@ -102,7 +102,7 @@ def test_only_the_chosen_blocks_become_moe(dense):
 
 
 def test_non_vit_model_is_refused():
-    with pytest.raises(TypeError, match='Expected a timm VisionTransformer .* got Sequential'):
+    with pytest.raises(TypeError, match="Expected a timm VisionTransformer or Eva .* got Sequential"):
         upcycle(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 

@@ -1,6 +1,6 @@
 """vit-moe: sparse upcycling of timm Vision Transformers into Mixture-of-Experts.
 
-Importing this package registers the `*_moe_upcycled` models with timm; it needs only torch, timm and
+Importing this package registers the `*_moe_upcycled` models (ViT, DINOv2, DeiT3, SigLIP, CLIP, EVA02) with timm; it needs only torch, timm and
 safetensors. Subpackages:
 
 * `vit_moe.layers`: routers, stacked experts, the MoE MLP layer, routing capture,
@@ -14,8 +14,8 @@ from .layers import (
     create_router, expert_choice_capacity, moe_layers, token_choice_capacity,
 )
 from .models import (
-    DENSE_SOURCES, CheckpointMismatchError, VisionTransformerMoE, convert_dense_to_moe, create_model_from_checkpoint,
-    is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, save_trained_model, upcycle,
+    DENSE_SOURCES, CheckpointMismatchError, EvaMoE, VisionTransformerMoE, convert_dense_to_moe,
+    create_model_from_checkpoint, is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, save_trained_model, upcycle,
 )
 
 __version__ = '0.2.0'

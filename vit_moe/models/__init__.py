@@ -5,4 +5,6 @@ from .conversion import (
 from .loading import checkpoint_label_names, checkpoint_num_classes, create_model_from_checkpoint
 from .saving import save_trained_model, trained_model_config
 from .upcycle import replace_mlps_with_moe, upcycle
-from .vision_transformer_moe import DENSE_SOURCES, VisionTransformerMoE
+from .upcycled import DENSE_SOURCES, UpcycledMoE
+from .vision_transformer_moe import VisionTransformerMoE
+from .eva_moe import EvaMoE

@@ -51,7 +51,7 @@ def _describe_source(model: torch.nn.Module, source: Optional[str]) -> str:
     if source in (None, '', 'none'):
         return 'random initialisation'
     if source == 'default':
-        from .vision_transformer_moe import DENSE_SOURCES
+        from .upcycled import DENSE_SOURCES
         arch, tag = model.pretrained_cfg.get('architecture'), model.pretrained_cfg.get('tag')
         return DENSE_SOURCES.get(arch) or (f'{arch}.{tag}' if tag else arch)
     return str(source)

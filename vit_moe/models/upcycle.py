@@ -1,12 +1,13 @@
-""" Sparse upcycling of a dense timm VisionTransformer (Komatsuzaki et al., 2022, arXiv 2212.05055).
+""" Sparse upcycling of a dense timm VisionTransformer or Eva (Komatsuzaki et al., 2022, arXiv 2212.05055).
 
 The MLP of the chosen blocks becomes an MoE layer whose experts all start as copies of that MLP;
 a new router (N(0, 0.02)) is added; everything else is copied unchanged.
 """
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch.nn as nn
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers import MoeMlp
@@ -15,15 +16,29 @@ from .conversion import MoeBlocks, check_expert_init, convert_dense_to_moe, reso
 __all__ = ['upcycle', 'replace_mlps_with_moe']
 
 
-def _check_vit(model: nn.Module) -> None:
-    if not isinstance(model, VisionTransformer):
+Backbone = Union[VisionTransformer, Eva]
+BACKBONES = (VisionTransformer, Eva)
+
+
+def _check_backbone(model: nn.Module) -> None:
+    if not isinstance(model, BACKBONES):
         raise TypeError(
-            f'Expected a timm VisionTransformer (e.g. timm.create_model("vit_small_patch16_224")), '
-            f'got {type(model).__name__}')
+            f'Expected a timm VisionTransformer or Eva (e.g. timm.create_model("vit_small_patch16_224") or '
+            f'"eva02_small_patch14_224"), got {type(model).__name__}')
+
+
+def _block_mlp(model: nn.Module, index: int) -> nn.Module:
+    """Block `index`'s MLP module; a block whose MLP is fused into another projection has none to upcycle."""
+    block = model.blocks[index]
+    mlp = getattr(block, 'mlp', None)
+    if not isinstance(mlp, nn.Module):
+        raise TypeError(f'block {index} ({type(block).__name__}) has no separate MLP module (.mlp) to upcycle; '
+                        f'accepted: blocks with an .mlp (timm Block, ResPostBlock, EvaBlock, EvaBlockPostNorm)')
+    return mlp
 
 
 def replace_mlps_with_moe(
-        model: VisionTransformer,
+        model: Backbone,
         moe_blocks: Optional[MoeBlocks] = None,
         num_experts: int = 32,
         expert_init: str = 'copy',
@@ -34,14 +49,15 @@ def replace_mlps_with_moe(
 
     Returns the MoE configuration, also stored as `model.moe_config` (block indices resolved).
     """
-    _check_vit(model)
+    _check_backbone(model)
     check_expert_init(expert_init, drop_ratio)
     indices = resolve_moe_blocks(moe_blocks, len(model.blocks))
-    for i in indices:
-        mlp = model.blocks[i].mlp
+    mlps = {i: _block_mlp(model, i) for i in indices}  # refuse before changing any block
+    for i, mlp in mlps.items():
         if isinstance(mlp, MoeMlp):
             raise ValueError(f'block {i} is already an MoE layer; upcycle a dense model')
-        ref = mlp.fc1.weight
+    for i, mlp in mlps.items():
+        ref = next(mlp.parameters())
         moe = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
         moe.layer_name = f'blocks.{i}.mlp'
         model.blocks[i].mlp = moe
@@ -51,7 +67,7 @@ def replace_mlps_with_moe(
 
 
 def upcycle(
-        dense_model: VisionTransformer,
+        dense_model: Backbone,
         num_experts: int = 32,
         moe_blocks: Optional[MoeBlocks] = None,
         router: str = 'expert_choice',
@@ -63,11 +79,12 @@ def upcycle(
         drop_ratio: float = 0.5,
         output_scale: bool = False,
         **router_kwargs: Any,
-) -> VisionTransformer:
+) -> Backbone:
     """Return a new MoE model upcycled from `dense_model` (which is left unchanged).
 
     Args:
-        dense_model: any timm VisionTransformer (class token or not, registers, layer scale, qk-norm, any pooling).
+        dense_model: any timm VisionTransformer (class token or not, registers, layer scale, qk-norm, any pooling,
+            MLP: Mlp, GluMlp / SwiGLUPacked, SwiGLU, GatedMlp) or Eva (EVA02, rope, SwiGLU with hidden norm).
         num_experts: experts per MoE layer (32 in the paper).
         moe_blocks: blocks to convert: None = last half, int N = last N, 'every_other', or a list of indices.
         router: 'expert_choice' (default for vision) or 'token_choice'.
@@ -81,7 +98,7 @@ def upcycle(
         output_scale: a learnable output scale per MoE layer initialised to E / C (a near function-preserving start).
         router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
     """
-    _check_vit(dense_model)
+    _check_backbone(dense_model)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
         moe_model, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,

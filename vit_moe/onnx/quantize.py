@@ -86,7 +86,8 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     onnx.save(model, str(path), save_as_external_data=big, location=path.name + '.data' if big else None)
 
 
-_EXPERT_WEIGHT = re.compile(r'experts\.fc[12]\.weight(\.\d+)?$')  # [E, K, M], or expert e's [K, M] once unrolled
+# [E, K, M], or expert e's [K, M] once unrolled; every expert bank's linear weights (vit_moe.layers.experts)
+_EXPERT_WEIGHT = re.compile(r'experts\.(fc1|fc2|fc1_g|fc1_x)\.weight(\.\d+)?$')
 
 
 def float_expert_weights(model: onnx.ModelProto) -> List[str]:

@@ -257,8 +257,9 @@ class _SavedTensorCounter:
 
 
 def _blocks(model: nn.Module) -> Sequence[nn.Module]:
-    if not isinstance(getattr(model, 'blocks', None), nn.Sequential):
-        raise TypeError(f'expected a timm VisionTransformer (model.blocks: nn.Sequential), got {type(model).__name__}')
+    if not isinstance(getattr(model, 'blocks', None), (nn.Sequential, nn.ModuleList)):
+        raise TypeError(f'expected a timm VisionTransformer or Eva (model.blocks: nn.Sequential or nn.ModuleList), '
+                        f'got {type(model).__name__}')
     return model.blocks
 
 
