@@ -24,7 +24,8 @@ ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 MOE = dict(num_experts=4, moe_blocks=1)
 # registered name -> (MLP class of its MoE block, prefix tokens); one per family, each MLP class at least once
 FAMILIES = {
-    'vit_s14_reg4_dinov2_moe_upcycled': ('Mlp', 5),  # LayerScale, 4 registers, no embed on prefix tokens
+    'vit_s14_reg4_dinov2_moe_upcycled': ('Mlp', 5),  # LayerScale, 4 registers, no embed on prefix tokens (and
+    # prefix_tokens='always': class token and registers in every expert's extra slots)
     'vit_g14_dinov2_moe_upcycled': ('GluMlp', 1),  # SwiGLUPacked: packed fc1, gate first, SiLU
     'deit3_b16_moe_upcycled': ('Mlp', 1),  # LayerScale, no_embed_class
     'vit_b16_siglip_moe_upcycled': ('Mlp', 0),  # no class token, MAP attention-pool head (with its own dense Mlp)
@@ -35,7 +36,9 @@ FAMILIES = {
 
 
 def _arch(name: str) -> dict:
-    return dict(ARCH, ref_feat_shape=(4, 4)) if name.startswith('eva02') else ARCH
+    if name.startswith('eva02'):
+        return dict(ARCH, ref_feat_shape=(4, 4))
+    return dict(ARCH, prefix_tokens='always') if 'reg4' in name else ARCH
 
 
 def _family(name: str) -> str:
@@ -57,7 +60,8 @@ def test_family_upcycles_trains_saves_reloads_exports_and_reports(name, data, tm
     mlp_class, num_prefix = FAMILIES[name]
     dense_arch = DENSE_SOURCES[name].split('.')[0]
     torch.manual_seed(0)
-    dense = timm.create_model(dense_arch, num_classes=3, **_arch(name)).eval()
+    dense_args = {k: v for k, v in _arch(name).items() if k != 'prefix_tokens'}
+    dense = timm.create_model(dense_arch, num_classes=3, **dense_args).eval()
     assert type(dense.blocks[-1].mlp).__name__ == mlp_class and dense.num_prefix_tokens == num_prefix
     save_trained_model(dense, tmp_path / 'dense', label_names=['class_0', 'class_1', 'class_2'])
 

@@ -99,6 +99,41 @@ def test_token_choice_batch_priority_keeps_most_confident_tokens():
     assert sorted(routing.token_index[0, 0].tolist()) == [6, 7]  # largest top-1 probability first
 
 
+@settings(deadline=None, max_examples=25)
+@given(seed=st.integers(0, 2 ** 16), tokens=st.integers(6, 40), experts=st.integers(1, 9), prefix=st.integers(1, 5),
+       factor=st.sampled_from([0.5, 1.0, 2.0]))
+def test_expert_choice_priority_tokens_fill_extra_slots_of_every_expert(seed, tokens, experts, prefix, factor):
+    """Every expert takes the first P tokens in P extra slots (weights: their probabilities, summing to 1 over the
+    experts) and chooses among the others exactly what a router without them chooses among those tokens."""
+    torch.manual_seed(seed)
+    router = ExpertChoiceRouter(16, experts, factor, priority_tokens=prefix)
+    x = torch.randn(2, tokens, 16)
+    routing = router(x)
+    rest_capacity = expert_choice_capacity(tokens - prefix, experts, factor)
+    assert routing.token_index.shape == (2, experts, prefix + rest_capacity) and router.capacity(tokens) == \
+        prefix + rest_capacity
+    probs = router.logits(x).softmax(-1).transpose(1, 2)  # [B, E, T]
+    torch.testing.assert_close(routing.combine_weights, probs.gather(-1, routing.token_index))
+    assert (routing.token_index[..., :prefix].sort(-1).values == torch.arange(prefix)).all()
+    plain = ExpertChoiceRouter(16, experts, factor)
+    plain.load_state_dict(router.state_dict())
+    others = plain.route(router.logits(x)[:, prefix:]).token_index + prefix  # [B, E, rest_capacity]
+    assert torch.equal(routing.token_index[..., prefix:].sort(-1).values, others.sort(-1).values)
+    per_token = torch.zeros(2, tokens).scatter_add(1, routing.token_index.flatten(1), routing.combine_weights.flatten(1))
+    torch.testing.assert_close(per_token[:, :prefix], torch.ones(2, prefix))
+
+
+def test_token_choice_priority_tokens_claim_their_experts_first():
+    """Batch priority would drop the first two tokens (least confident); as priority tokens they are kept."""
+    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True, priority_tokens=2)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
+    x = torch.zeros(1, 8, 4)
+    x[..., 0] = torch.linspace(1, 2, 8)  # every token prefers expert 0, later tokens more strongly
+    routing = router(x)
+    assert sorted(routing.token_index[0, 0].tolist()) == [0, 1]  # 2 slots: the priority tokens, not tokens 6 and 7
+
+
 def test_load_balancing_loss_is_its_weight_for_a_uniform_router():
     router = TokenChoiceRouter(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
     torch.nn.init.zeros_(router.gate.weight)
@@ -172,6 +207,7 @@ def test_router_logits_are_float32_under_bf16_autocast():
     (dict(router='expert_choice', capacity_factor=-1), 'capacity_factor must be > 0, got -1'),
     (dict(router='token_choice', top_k=5), 'top_k must be an integer in [1, num_experts=4], got 5'),
     (dict(router='soft'), "router must be one of ['expert_choice', 'token_choice'], got 'soft'"),
+    (dict(router='expert_choice', priority_tokens=-1), 'priority_tokens must be an integer >= 0, got -1'),
 ])
 def test_impossible_router_options_raise_clear_errors(kwargs, message):
     args = dict(dict(dim=8, num_experts=4, capacity_factor=2.0), **kwargs)

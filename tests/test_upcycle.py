@@ -191,3 +191,49 @@ def test_output_scale_starts_the_upcycled_model_close_to_the_dense_function(dens
     loss.backward()
     assert scaled.blocks[3].mlp.output_scale.grad is not None  # training can move it
     assert 'blocks.3.mlp.output_scale' in scaled.state_dict()
+
+
+@pytest.mark.parametrize('variant', ['class_token', 'register_tokens'])
+def test_prefix_tokens_always_get_exactly_the_dense_mlp_after_upcycling(variant, images):
+    """'always': every expert processes the class token and registers; their combine weights are the router
+    probabilities, which sum to 1, so with copied experts each prefix token's MLP output is the dense one at any C.
+    With 'compete' and a small capacity some images' prefix tokens go unprocessed."""
+    dense = tiny_dense(**VARIANTS[variant])
+    block = dense.blocks[-1]
+    captured = {}
+    block.norm2.register_forward_hook(lambda module, args, out: captured.__setitem__('x', out))
+    dense(images)
+    x = captured['x']  # [B, T, D], the dense MLP's input in the last block
+    P = dense.num_prefix_tokens
+    for prefix_tokens, exact in (('always', True), ('compete', False)):
+        moe = upcycle(dense, num_experts=4, capacity_factor=0.25, moe_blocks=1, prefix_tokens=prefix_tokens).eval()
+        assert moe.moe_config['prefix_tokens'] == prefix_tokens
+        layer = moe.blocks[-1].mlp
+        assert layer.router.capacity(x.shape[1]) == (P + 1 if exact else 2)
+        with torch.no_grad():
+            out, expected = layer(x)[:, :P], block.mlp(x)[:, :P]
+        if exact:
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert (out - expected).abs().amax(dim=(1, 2)).max() > 1e-3  # at most P of E * 2 slots
+
+
+def test_impossible_prefix_tokens_option_is_named(dense):
+    with pytest.raises(ValueError, match="prefix_tokens='first' is not valid; accepted: compete, always"):
+        upcycle(dense, num_experts=4, prefix_tokens='first')
+    with pytest.raises(ValueError, match="prefix_tokens='first' is not valid"):
+        timm.create_model('vit_ti16_moe_upcycled', img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                          num_experts=4, prefix_tokens='first')
+
+
+def test_eva_is_upcycled_and_blocks_without_an_mlp_are_refused_naming_the_class(images):
+    torch.manual_seed(0)
+    eva = timm.create_model('eva02_base_patch14_224', img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                            ref_feat_shape=(4, 4), num_classes=10).eval()
+    moe = upcycle(eva, num_experts=4, capacity_factor=4.0).eval()
+    assert type(moe.blocks[1].mlp.experts).__name__ == 'ExpertSwiGLUs'
+    torch.testing.assert_close(moe(images), eva(images), rtol=1e-5, atol=1e-5)
+    parallel = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                 num_heads=2, block_fn=timm.models.vision_transformer.ParallelScalingBlock)
+    with pytest.raises(TypeError, match=r'^block 1 \(ParallelScalingBlock\) has no separate MLP module'):
+        upcycle(parallel, num_experts=4)

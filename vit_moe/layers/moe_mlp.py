@@ -39,7 +39,7 @@ class MoeMlp(nn.Module):
             top-k, 1 with router_norm): with a near-uniform router a token's combine weights sum to C / E on average,
             so an upcycled layer starts close to the dense MLP's function instead of scaled down by about C / E.
         experts: an expert bank ([E, N, dim] -> [E, N, dim], `vit_moe.layers.experts`); default `ExpertMlps`.
-        router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight).
+        router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight, priority_tokens).
     """
 
     def __init__(

@@ -87,13 +87,17 @@ class _LinearRouter(nn.Module):
             capacity_factor: float,
             capacity_multiple_of: Optional[int] = None,
             router_norm: bool = False,
+            priority_tokens: int = 0,
     ):
         super().__init__()
         _check_router_args(dim, num_experts, capacity_factor, capacity_multiple_of)
+        if isinstance(priority_tokens, bool) or not isinstance(priority_tokens, int) or priority_tokens < 0:
+            raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
         self.num_experts = num_experts
         self.capacity_factor = float(capacity_factor)
         self.capacity_multiple_of = capacity_multiple_of
         self.router_norm = router_norm
+        self.priority_tokens = priority_tokens  # the first N tokens of an image (class token, registers) go first
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.init_weights()
 
@@ -111,8 +115,16 @@ class _LinearRouter(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         raise NotImplementedError
 
+    def priority_bonus(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` [..., T] (probabilities, <= 1) plus 1 on the first `priority_tokens` tokens: they rank first."""
+        if not self.priority_tokens:
+            return scores
+        first = torch.arange(scores.shape[-1], device=scores.device) < self.priority_tokens  # [T]
+        return scores + first.to(scores.dtype)  # [..., T]
+
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, router_norm={self.router_norm}'
+        return f'num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, ' \
+               f'router_norm={self.router_norm}, priority_tokens={self.priority_tokens}'
 
 
 def _weight_per_token(probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -129,11 +141,20 @@ class ExpertChoiceRouter(_LinearRouter):
     """Expert Choice: each expert takes the `capacity` tokens of the image it prefers most.
 
     A token's output is the sum over the experts that picked it of probability * expert(token); a
-    token picked by no expert passes through the residual only. No auxiliary loss is needed.
+    token picked by no expert passes through the residual only. No auxiliary loss is needed. With
+    `priority_tokens` P, every expert takes the image's first P tokens (class token, registers) in P
+    extra slots, with their router probabilities as combine weights (which sum to 1 over the experts:
+    with copied experts a prefix token gets exactly the dense MLP), and chooses the other tokens as
+    without them (ceil(C * (T - P) / E) slots).
     """
 
     def capacity(self, num_tokens: int) -> int:
-        return expert_choice_capacity(num_tokens, self.num_experts, self.capacity_factor, self.capacity_multiple_of)
+        """Slots per expert: ceil(C * tokens / E), or with P priority tokens P more than for the other tokens."""
+        prefix = min(self.priority_tokens, num_tokens)
+        if prefix == num_tokens:
+            return num_tokens
+        return prefix + expert_choice_capacity(
+            num_tokens - prefix, self.num_experts, self.capacity_factor, self.capacity_multiple_of)
 
     def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
@@ -150,7 +171,11 @@ class ExpertChoiceRouter(_LinearRouter):
         B, T, _ = logits.shape
         capacity = self.capacity(T)
         probs = logits.softmax(dim=-1)  # [B, T, E]
-        gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
+        if self.priority_tokens:
+            token_index = self.priority_bonus(probs.transpose(1, 2)).topk(capacity, dim=-1).indices  # [B, E, capacity]
+            gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
+        else:
+            gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
         picked = _weight_per_token(probs, token_index, gates)  # [B, T]
         if self.router_norm:
@@ -169,7 +194,8 @@ class TokenChoiceRouter(_LinearRouter):
 
     Each token picks its top-k experts. Slots are claimed choice by choice (every token's first
     choice before any second choice) in token order, or, with Batch Priority Routing, in order of
-    the token's top-1 probability. Assignments past an expert's capacity are dropped.
+    the token's top-1 probability; the first `priority_tokens` tokens (class token, registers) claim
+    theirs first either way. Assignments past an expert's capacity are dropped.
 
     Args:
         top_k: experts per token.
@@ -190,10 +216,11 @@ class TokenChoiceRouter(_LinearRouter):
             batch_priority: bool = True,
             aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0,
+            priority_tokens: int = 0,
     ):
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f'top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}')
-        super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, router_norm)
+        super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, router_norm, priority_tokens)
         self.top_k = top_k
         self.batch_priority = batch_priority
         self.aux_loss_weight = aux_loss_weight
@@ -226,7 +253,7 @@ class TokenChoiceRouter(_LinearRouter):
 
         # order in which assignments claim slots: choice-major, then token priority
         if self.batch_priority:
-            order = gates[..., 0].topk(T, dim=1).indices  # [B, T] (topk, not sort: exportable to ONNX TopK)
+            order = self.priority_bonus(gates[..., 0]).topk(T, dim=1).indices  # [B, T] (topk: exportable, ONNX TopK)
         else:
             order = torch.arange(T, device=logits.device).expand(B, T)  # [B, T]
         order_k = order.unsqueeze(-1).expand(B, T, k)  # [B, T, k]

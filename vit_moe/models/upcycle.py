@@ -37,12 +37,23 @@ def _block_mlp(model: nn.Module, index: int) -> nn.Module:
     return mlp
 
 
+PREFIX_TOKENS = ('compete', 'always')
+
+
+def _priority_tokens(model: nn.Module, prefix_tokens: str) -> int:
+    """How many leading tokens of an image the routers process first (`prefix_tokens` option)."""
+    if prefix_tokens not in PREFIX_TOKENS:
+        raise ValueError(f'prefix_tokens={prefix_tokens!r} is not valid; accepted: {", ".join(PREFIX_TOKENS)}')
+    return int(model.num_prefix_tokens) if prefix_tokens == 'always' else 0
+
+
 def replace_mlps_with_moe(
         model: Backbone,
         moe_blocks: Optional[MoeBlocks] = None,
         num_experts: int = 32,
         expert_init: str = 'copy',
         drop_ratio: float = 0.5,
+        prefix_tokens: str = 'compete',
         **moe_kwargs,
 ) -> Dict[str, Any]:
     """Replace, in place, the MLP of the chosen blocks by a randomly initialised `MoeMlp`.
@@ -51,6 +62,7 @@ def replace_mlps_with_moe(
     """
     _check_backbone(model)
     check_expert_init(expert_init, drop_ratio)
+    priority_tokens = _priority_tokens(model, prefix_tokens)
     indices = resolve_moe_blocks(moe_blocks, len(model.blocks))
     mlps = {i: _block_mlp(model, i) for i in indices}  # refuse before changing any block
     for i, mlp in mlps.items():
@@ -58,11 +70,12 @@ def replace_mlps_with_moe(
             raise ValueError(f'block {i} is already an MoE layer; upcycle a dense model')
     for i, mlp in mlps.items():
         ref = next(mlp.parameters())
-        moe = MoeMlp.from_mlp(mlp, num_experts, **moe_kwargs).to(device=ref.device, dtype=ref.dtype)
+        moe = MoeMlp.from_mlp(mlp, num_experts, priority_tokens=priority_tokens, **moe_kwargs)
+        moe = moe.to(device=ref.device, dtype=ref.dtype)
         moe.layer_name = f'blocks.{i}.mlp'
         model.blocks[i].mlp = moe
     model.moe_config = dict(num_experts=num_experts, moe_blocks=indices, expert_init=expert_init,
-                            drop_ratio=drop_ratio, **moe_kwargs)
+                            drop_ratio=drop_ratio, prefix_tokens=prefix_tokens, **moe_kwargs)
     return model.moe_config
 
 
@@ -78,6 +91,7 @@ def upcycle(
         capacity_multiple_of: Optional[int] = None,
         drop_ratio: float = 0.5,
         output_scale: bool = False,
+        prefix_tokens: str = 'compete',
         **router_kwargs: Any,
 ) -> Backbone:
     """Return a new MoE model upcycled from `dense_model` (which is left unchanged).
@@ -96,12 +110,15 @@ def upcycle(
         capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
         drop_ratio: with expert_init='drop', the fraction of each expert's hidden units re-initialised.
         output_scale: a learnable output scale per MoE layer initialised to E / C (a near function-preserving start).
+        prefix_tokens: 'compete' (class token and registers compete for expert slots like patches, as in the
+            paper) or 'always' (every expert processes them in its first slots; token choice: they claim their
+            experts first).
         router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
     """
     _check_backbone(dense_model)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
-        moe_model, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,
+        moe_model, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router, capacity_factor=capacity_factor,
         top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
         **router_kwargs)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init,

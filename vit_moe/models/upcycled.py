@@ -50,6 +50,8 @@ class UpcycledMoE:
             (Drop-Upcycling).
         drop_ratio: fraction of each expert's hidden units re-initialised with expert_init='drop'.
         output_scale: a learnable output scale per MoE layer initialised to E / C (see `vit_moe.layers.MoeMlp`).
+        prefix_tokens: 'compete' (class token and registers compete for slots like patches) or 'always' (every
+            expert processes them first; see `vit_moe.upcycle`).
         capacity_multiple_of: round capacity up to a multiple of this.
         batch_priority, aux_loss_weight, z_loss_weight: token choice options.
         **kwargs: the backbone's timm arguments.
@@ -70,13 +72,14 @@ class UpcycledMoE:
             z_loss_weight: float = 0.0,
             drop_ratio: float = 0.5,
             output_scale: bool = False,
+            prefix_tokens: str = 'compete',
             **kwargs: Any,
     ):
         super().__init__(**kwargs)
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
         replace_mlps_with_moe(  # sets self.moe_config
-            self, moe_blocks, num_experts, expert_init, drop_ratio, router=router, capacity_factor=capacity_factor,
+            self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router, capacity_factor=capacity_factor,
             top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
             **router_kwargs)
 
