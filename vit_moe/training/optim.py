@@ -1,7 +1,7 @@
 """ The optimizer, with parameter groups built the timm way.
 
-* no weight decay on biases (stacked expert biases [E, out] included), norms (1-D) and what the model's
-  `no_weight_decay()` lists (position embedding, class token, ...),
+* no weight decay on biases (stacked expert biases [E, out] included), norms (1-D, and the experts' stacked hidden
+  norms [E, n]) and what the model's `no_weight_decay()` lists (position embedding, class token, ...),
 * optional layer-wise learning-rate decay (`layer_decay`, timm's `param_groups_layer_decay`: block i of
   depth L gets lr * layer_decay ** (L + 1 - i), the head the full lr),
 * optional learning-rate multiplier for the MoE routers (`router_lr_mult`),
@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+
+from ..layers import StackedLayerNorm
 
 __all__ = ['param_groups', 'create_optimizer', 'ROUTER_PATTERN']
 
@@ -31,6 +33,8 @@ def param_groups(
 ) -> List[Dict[str, Any]]:
     """Parameter groups with `weight_decay`, `lr_scale` and `param_names` set on each (see the module docstring)."""
     no_decay = set(getattr(model, 'no_weight_decay', lambda: set())()) | {'*.bias'}
+    # stacked experts' hidden norms are 2-D ([E, n]): timm would decay them; their dense originals are not decayed
+    no_decay |= {f'{name}.weight' for name, m in model.named_modules() if isinstance(m, StackedLayerNorm)}
     if layer_decay is not None:
         groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
     else:
