@@ -8,14 +8,15 @@ rotary embeddings, its MLP class); only the widths are tiny (16 px, patch 4, dim
 """
 import json
 
+import onnx
 import pytest
 import timm
 import torch
 
-from vit_moe import DENSE_SOURCES, MoeMlp
+from vit_moe import DENSE_SOURCES, MoeMlp, StackedLinear
 from vit_moe.analysis import routing_report
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
-from vit_moe.onnx import check_onnx_parity, export_onnx
+from vit_moe.onnx import check_onnx_parity, export_onnx, float_expert_weights
 from vit_moe.training import load_config, train, validate
 
 from conftest import make_image_folder
@@ -95,6 +96,13 @@ def test_family_upcycles_trains_saves_reloads_exports_and_reports(name, data, tm
         path = export_onnx(model, tmp_path / f'model_{quantize}.onnx', quantize=quantize, expose_routing=True)
         results = check_onnx_parity(model, path, batch_sizes=(1, 3))
         assert all(r['ok'] and r['routing_checked'] for r in results.values()), (quantize, results)
+        in_float = float_expert_weights(onnx.load(str(path)))
+        if quantize:
+            assert in_float == []
+        else:  # the check sees every linear weight of the bank (fc1_g / fc1_x of a SwiGLU too)
+            bank = [f'blocks.1.mlp.experts.{n}.weight' for n, m in experts.named_modules()
+                    if isinstance(m, StackedLinear)]
+            assert all(any(name.endswith(w) for name in in_float) for w in bank), (bank, in_float)
 
     # the routing report counts every token, prefix tokens included
     report = routing_report(model, str(data), str(tmp_path / 'report'), num_example_images=2, experts_shown=2,

@@ -119,7 +119,8 @@ def test_expert_choice_priority_tokens_fill_extra_slots_of_every_expert(seed, to
     plain.load_state_dict(router.state_dict())
     others = plain.route(router.logits(x)[:, prefix:]).token_index + prefix  # [B, E, rest_capacity]
     assert torch.equal(routing.token_index[..., prefix:].sort(-1).values, others.sort(-1).values)
-    per_token = torch.zeros(2, tokens).scatter_add(1, routing.token_index.flatten(1), routing.combine_weights.flatten(1))
+    per_token = torch.zeros(2, tokens).scatter_add(  # [B, T] each token's combine weights summed over the experts
+        1, routing.token_index.flatten(1), routing.combine_weights.flatten(1))
     torch.testing.assert_close(per_token[:, :prefix], torch.ones(2, prefix))
 
 

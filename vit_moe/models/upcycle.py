@@ -118,9 +118,9 @@ def upcycle(
     _check_backbone(dense_model)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
-        moe_model, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router, capacity_factor=capacity_factor,
-        top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
-        **router_kwargs)
+        moe_model, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,
+        capacity_factor=capacity_factor, top_k=top_k, router_norm=router_norm,
+        capacity_multiple_of=capacity_multiple_of, output_scale=output_scale, **router_kwargs)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=expert_init,
                                                    drop_ratio=drop_ratio))
     return moe_model

@@ -79,9 +79,9 @@ class UpcycledMoE:
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
         replace_mlps_with_moe(  # sets self.moe_config
-            self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router, capacity_factor=capacity_factor,
-            top_k=top_k, router_norm=router_norm, capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
-            **router_kwargs)
+            self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,
+            capacity_factor=capacity_factor, top_k=top_k, router_norm=router_norm,
+            capacity_multiple_of=capacity_multiple_of, output_scale=output_scale, **router_kwargs)
 
 
 def _weights_location(cfg: Dict[str, Any]) -> str:
