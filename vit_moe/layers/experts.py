@@ -83,8 +83,21 @@ class StackedLayerNorm(nn.Module):
         return f'eps={self.eps}, affine={self.weight is not None}'
 
 
-def _hidden_norm(norm: nn.Module, num_experts: int) -> nn.Module:
-    return nn.Identity() if isinstance(norm, nn.Identity) else StackedLayerNorm.like(norm, num_experts)
+def _hidden_norm(norm: nn.Module, num_experts: int, granularity: int = 1) -> nn.Module:
+    if isinstance(norm, nn.Identity):
+        return nn.Identity()
+    if granularity > 1:
+        raise TypeError('an MLP with a hidden norm cannot be split into fine-grained experts (the norm spans all its '
+                        'hidden units); accepted: expert_granularity=1 for it')
+    return StackedLayerNorm.like(norm, num_experts)
+
+
+def _slice(hidden: int, granularity: int, mlp: nn.Module) -> int:
+    """Hidden units of one fine-grained expert: 1/granularity of the dense MLP's."""
+    if hidden % granularity:
+        raise ValueError(f'expert_granularity={granularity} does not divide the {hidden} hidden units of '
+                         f'{type(mlp).__name__}; accepted: a divisor of {hidden}')
+    return hidden // granularity
 
 
 def _act(act_layer: Union[Type[nn.Module], nn.Module]) -> nn.Module:
@@ -130,8 +143,9 @@ class ExpertMlps(_ExpertBank):
         self.drop2 = nn.Dropout(drop_probs[1])
 
     @classmethod
-    def like(cls, mlp: nn.Module, num_experts: int) -> 'ExpertMlps':
-        """A randomly initialised bank shaped like a dense timm `Mlp` (or a `GatedMlp` without a gate)."""
+    def like(cls, mlp: nn.Module, num_experts: int, granularity: int = 1) -> 'ExpertMlps':
+        """A randomly initialised bank shaped like a dense timm `Mlp` (or a `GatedMlp` without a gate); with
+        `granularity` G each expert has 1/G of its hidden units."""
         if isinstance(mlp, GatedMlp) and not isinstance(mlp.gate, nn.Identity):
             raise TypeError(f'GatedMlp with a {type(mlp.gate).__name__} gate cannot be upcycled: the gate mixes tokens '
                             f'(gMLP), an expert sees only some of them; accepted: GatedMlp without gate_layer')
@@ -139,9 +153,9 @@ class ExpertMlps(_ExpertBank):
             raise TypeError(f'{type(mlp).__name__} with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); '
                             f'accepted: nn.Linear fc1 / fc2')
         return cls(
-            num_experts, mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features, act_layer=mlp.act,
-            bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
-            norm=_hidden_norm(mlp.norm, num_experts))
+            num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features, granularity, mlp), mlp.fc2.out_features,
+            act_layer=mlp.act, bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
+            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity))
 
     def hidden_units(self) -> HiddenUnits:
         return {'fc1.weight': (2, (0,)), 'fc1.bias': (1, (0,)), 'fc2.weight': (1, (0,))}
@@ -181,14 +195,15 @@ class ExpertGluMlps(_ExpertBank):
         self.drop2 = nn.Dropout(drop_probs[1])
 
     @classmethod
-    def like(cls, mlp: GluMlp, num_experts: int) -> 'ExpertGluMlps':
+    def like(cls, mlp: GluMlp, num_experts: int, granularity: int = 1) -> 'ExpertGluMlps':
         if not isinstance(mlp.fc1, nn.Linear):
             raise TypeError(f'GluMlp with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); accepted: '
                             f'nn.Linear fc1 / fc2')
         return cls(
-            num_experts, mlp.fc1.in_features, mlp.fc1.out_features // 2, mlp.fc2.out_features, act_layer=mlp.act,
-            bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
-            norm=_hidden_norm(mlp.norm, num_experts), gate_last=mlp.gate_last)
+            num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features // 2, granularity, mlp),
+            mlp.fc2.out_features, act_layer=mlp.act, bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
+            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity),
+            gate_last=mlp.gate_last)
 
     def hidden_units(self) -> HiddenUnits:
         halves = (0, self.hidden_features)  # a hidden unit is one column in each half: value and gate
@@ -231,11 +246,11 @@ class ExpertSwiGLUs(_ExpertBank):
         self.drop2 = nn.Dropout(drop_probs[1])
 
     @classmethod
-    def like(cls, mlp: SwiGLU, num_experts: int) -> 'ExpertSwiGLUs':
+    def like(cls, mlp: SwiGLU, num_experts: int, granularity: int = 1) -> 'ExpertSwiGLUs':
         return cls(
-            num_experts, mlp.fc1_x.in_features, mlp.fc1_x.out_features, mlp.fc2.out_features, act_layer=mlp.act,
-            bias=(mlp.fc1_x.bias is not None, mlp.fc2.bias is not None), drop=(mlp.drop1.p, mlp.drop2.p),
-            norm=_hidden_norm(mlp.norm, num_experts))
+            num_experts, mlp.fc1_x.in_features, _slice(mlp.fc1_x.out_features, granularity, mlp),
+            mlp.fc2.out_features, act_layer=mlp.act, bias=(mlp.fc1_x.bias is not None, mlp.fc2.bias is not None),
+            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity))
 
     def hidden_units(self) -> HiddenUnits:
         one = (0,)
@@ -252,10 +267,11 @@ class ExpertSwiGLUs(_ExpertBank):
 EXPERT_BANKS = {Mlp: ExpertMlps, GatedMlp: ExpertMlps, GluMlp: ExpertGluMlps, SwiGLU: ExpertSwiGLUs}
 
 
-def expert_bank_like(mlp: nn.Module, num_experts: int) -> _ExpertBank:
-    """A randomly initialised bank of `num_experts` experts shaped like the dense timm MLP `mlp`."""
+def expert_bank_like(mlp: nn.Module, num_experts: int, granularity: int = 1) -> _ExpertBank:
+    """A randomly initialised bank of `num_experts` experts shaped like the dense timm MLP `mlp` (with `granularity`
+    G: each expert a 1/G slice of its hidden units)."""
     bank = EXPERT_BANKS.get(type(mlp))
     if bank is None:
         raise TypeError(f'{type(mlp).__name__} cannot be upcycled; accepted MLPs: '
                         f'{", ".join(c.__name__ for c in EXPERT_BANKS)} (timm.layers; SwiGLUPacked is a GluMlp)')
-    return bank.like(mlp, num_experts)
+    return bank.like(mlp, num_experts, granularity)

@@ -21,6 +21,13 @@ from .routing_capture import record_routing, replayed_routing
 __all__ = ['MoeMlp', 'moe_layers', 'combine_by_matmul']
 
 
+def _check_granularity(expert_granularity: int, num_experts: int) -> int:
+    G = expert_granularity
+    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or num_experts % G:
+        raise ValueError(f'expert_granularity must be an integer >= 1 dividing num_experts={num_experts}, got {G!r}')
+    return G
+
+
 @register_notrace_module
 class MoeMlp(nn.Module):
     """Mixture of `num_experts` MLP experts behind a router (expert choice by default).
@@ -39,6 +46,10 @@ class MoeMlp(nn.Module):
             top-k, 1 with router_norm): with a near-uniform router a token's combine weights sum to C / E on average,
             so an upcycled layer starts close to the dense MLP's function instead of scaled down by about C / E.
         experts: an expert bank ([E, N, dim] -> [E, N, dim], `vit_moe.layers.experts`); default `ExpertMlps`.
+        shared_experts: an expert bank whose experts process every token, added to the routed output.
+        expert_granularity: G; experts are 1/G hidden slices of the dense MLP (`experts` is built so), softmax per
+            virtual group of E / G experts (one group per slice), and the router's capacity factor and top-k are
+            multiplied by G so that FLOPs per token equal those of a whole-expert MoE with the same C (and k).
         router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight, priority_tokens).
     """
 
@@ -57,31 +68,59 @@ class MoeMlp(nn.Module):
             drop=0.,
             experts: Optional[nn.Module] = None,
             output_scale: bool = False,
+            shared_experts: Optional[nn.Module] = None,
+            expert_granularity: int = 1,
             **router_kwargs,
     ):
         super().__init__()
+        G = _check_granularity(expert_granularity, num_experts)
+        # C and top_k keep their whole-expert meaning: a token meets G times more, G times smaller experts
         self.router = create_router(
-            router, dim, num_experts, capacity_factor, top_k=top_k, router_norm=router_norm,
-            capacity_multiple_of=capacity_multiple_of, **router_kwargs)
+            router, dim, num_experts, capacity_factor * G, top_k=top_k * G, router_norm=router_norm,
+            capacity_multiple_of=capacity_multiple_of, groups=G, **router_kwargs)
         self.experts = experts if experts is not None else ExpertMlps(
             num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
+        self.shared_experts = shared_experts  # always-on experts (their own bank), added to the routed output
         self.num_experts = num_experts
+        self.expert_granularity = G
         self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
-        expected_weight = 1.0 if router_norm else (top_k if router == 'token_choice' else capacity_factor) / num_experts
+        # a token's combine weights: ~G / E each (softmax per virtual group), from C * G (or k * G) experts
+        experts_per_token = top_k if router == 'token_choice' else capacity_factor
+        expected_weight = 1.0 if router_norm else experts_per_token * G * G / num_experts
         # shape [1], not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
         self.output_scale = nn.Parameter(torch.full((1,), 1.0 / expected_weight)) if output_scale else None
 
     @classmethod
-    def from_mlp(cls, mlp: nn.Module, num_experts: int = 32, **kwargs) -> 'MoeMlp':
+    def from_mlp(cls, mlp: nn.Module, num_experts: int = 32, router: str = 'expert_choice',
+                 num_shared_experts: int = 0, expert_granularity: int = 1, slots_per_expert: int = 1,
+                 soft_scale: float = 1.0, **kwargs) -> 'MoeMlp':
         """A MoE layer shaped like a dense timm MLP (`Mlp`, `GluMlp` / `SwiGLUPacked`, `SwiGLU`, `GatedMlp` without a
-        gate); experts randomly initialised (see `vit_moe.models.conversion`)."""
-        experts = expert_bank_like(mlp, num_experts)
+        gate); experts randomly initialised (see `vit_moe.models.conversion`). `router='soft'` gives a `SoftMoeMlp`;
+        `num_shared_experts` adds always-on experts of the dense MLP's full size; `expert_granularity` G makes each
+        expert a 1/G hidden slice of the MLP."""
+        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
+            raise ValueError(f'num_shared_experts must be an integer >= 0, got {num_shared_experts!r}')
+        G = _check_granularity(expert_granularity, num_experts)
+        if router == 'soft' and G > 1:
+            raise ValueError(f'expert_granularity={G} is for expert_choice / token_choice routers; Soft MoE mixes '
+                             f'tokens into slots instead (accepted with router=soft: 1)')
+        experts = expert_bank_like(mlp, num_experts, granularity=G)
         if experts.out_features != experts.in_features:
             raise TypeError(f'{type(mlp).__name__} maps {experts.in_features} to {experts.out_features} features; a MoE '
                             f'layer replaces a block MLP whose output width equals its input width')
-        return cls(experts.in_features, experts.hidden_features, num_experts, experts=experts, **kwargs)
+        shared = expert_bank_like(mlp, num_shared_experts) if num_shared_experts else None
+        if router == 'soft':
+            from .soft_moe import SoftMoeMlp
+            for unused in ('capacity_factor', 'top_k', 'router_norm', 'capacity_multiple_of', 'priority_tokens',
+                           'batch_priority', 'aux_loss_weight', 'z_loss_weight'):
+                kwargs.pop(unused, None)  # slot-router options: a Soft MoE layer has none
+            return SoftMoeMlp(experts.in_features, experts.hidden_features, num_experts, slots_per_expert,
+                              soft_scale, experts=experts, shared_experts=shared, **kwargs)
+        return cls(experts.in_features, experts.hidden_features, num_experts, router=router, experts=experts,
+                   shared_experts=shared, expert_granularity=G, **kwargs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor):
+        """(routed output [B, T, D], Routing, expert outputs [E, B*capacity, D])."""
         B, T, D = x.shape
         routing = self.router(x)
         if not torch.jit.is_scripting():
@@ -112,9 +151,26 @@ class MoeMlp(nn.Module):
             weights = routing.combine_weights.transpose(0, 1).reshape(E, B * capacity, 1)  # [E, B*capacity, 1]
             weighted = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
             out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, weighted)  # [B*T, D]
-        out = out.view(B, T, D).to(x.dtype)
+        return out.view(B, T, D).to(x.dtype), routing, expert_out
+
+    def scaled_with_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The routed output [B, T, D] times `output_scale` (if any), plus every shared expert's output on `x`."""
         if self.output_scale is not None:
             out = out * self.output_scale.to(out.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_output(x).to(out.dtype)
+        return out
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] sum of the shared experts' outputs (each processes every token)."""
+        B, T, D = x.shape
+        num_shared = self.shared_experts.fc2.weight.shape[0]
+        shared_in = x.reshape(1, B * T, D).expand(num_shared, B * T, D)  # [S, B*T, D]
+        return self.shared_experts(shared_in).sum(dim=0).view(B, T, D)  # [B, T, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, routing, expert_out = self.routed(x)
+        out = self.scaled_with_shared(out, x)
         if not torch.jit.is_scripting():
             record_routing(self.layer_name, routing, out, x, expert_out)
         return out

@@ -88,16 +88,20 @@ class _LinearRouter(nn.Module):
             capacity_multiple_of: Optional[int] = None,
             router_norm: bool = False,
             priority_tokens: int = 0,
+            groups: int = 1,
     ):
         super().__init__()
         _check_router_args(dim, num_experts, capacity_factor, capacity_multiple_of)
         if isinstance(priority_tokens, bool) or not isinstance(priority_tokens, int) or priority_tokens < 0:
             raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
+            raise ValueError(f'groups must be an integer >= 1 dividing num_experts={num_experts}, got {groups!r}')
         self.num_experts = num_experts
         self.capacity_factor = float(capacity_factor)
         self.capacity_multiple_of = capacity_multiple_of
         self.router_norm = router_norm
         self.priority_tokens = priority_tokens  # the first N tokens of an image (class token, registers) go first
+        self.groups = groups  # softmax within each of `groups` blocks of experts (fine-grained virtual groups)
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.init_weights()
 
@@ -115,6 +119,13 @@ class _LinearRouter(nn.Module):
     def capacity(self, num_tokens: int) -> int:
         raise NotImplementedError
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, T, E] softmax over the experts, or with `groups` G over each block of E / G experts (summing to G)."""
+        if self.groups == 1:
+            return logits.softmax(dim=-1)  # [B, T, E]
+        B, T, E = logits.shape
+        return logits.view(B, T, self.groups, E // self.groups).softmax(dim=-1).view(B, T, E)  # [B, T, E]
+
     def priority_bonus(self, scores: torch.Tensor) -> torch.Tensor:
         """`scores` [..., T] (probabilities, <= 1) plus 1 on the first `priority_tokens` tokens: they rank first."""
         if not self.priority_tokens:
@@ -124,7 +135,7 @@ class _LinearRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, ' \
-               f'router_norm={self.router_norm}, priority_tokens={self.priority_tokens}'
+               f'router_norm={self.router_norm}, priority_tokens={self.priority_tokens}, groups={self.groups}'
 
 
 def _weight_per_token(probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -170,7 +181,7 @@ class ExpertChoiceRouter(_LinearRouter):
         """Slots from router logits [B, T, E] (float32)."""
         B, T, _ = logits.shape
         capacity = self.capacity(T)
-        probs = logits.softmax(dim=-1)  # [B, T, E]
+        probs = self.probabilities(logits)  # [B, T, E]
         if self.priority_tokens:
             token_index = self.priority_bonus(probs.transpose(1, 2)).topk(capacity, dim=-1).indices  # [B, E, capacity]
             gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
@@ -217,10 +228,11 @@ class TokenChoiceRouter(_LinearRouter):
             aux_loss_weight: float = 0.01,
             z_loss_weight: float = 0.0,
             priority_tokens: int = 0,
+            groups: int = 1,
     ):
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f'top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}')
-        super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, router_norm, priority_tokens)
+        super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, router_norm, priority_tokens, groups)
         self.top_k = top_k
         self.batch_priority = batch_priority
         self.aux_loss_weight = aux_loss_weight
@@ -246,7 +258,7 @@ class TokenChoiceRouter(_LinearRouter):
         B, T, _ = logits.shape
         E, k = self.num_experts, self.top_k
         capacity = self.capacity(T)
-        probs = logits.softmax(dim=-1)  # [B, T, E]
+        probs = self.probabilities(logits)  # [B, T, E]
         gates, experts = probs.topk(k, dim=-1)  # [B, T, k] each
         if self.router_norm:
             gates = gates / gates.sum(dim=-1, keepdim=True)

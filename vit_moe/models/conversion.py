@@ -17,7 +17,7 @@ Used by both `vit_moe.upcycle` and the timm pretrained path (`checkpoint_filter_
 """
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -68,7 +68,56 @@ UPCYCLE_RULES = (
     # every expert bank keeps timm's MLP names (vit_moe.layers.experts): Mlp, GluMlp, SwiGLU, hidden norms
     ConversionRule(r'^(.*\.)?mlp\.(fc1|fc2|fc1_g|fc1_x|norm)\.(weight|bias)$', r'\1mlp.experts.\2.\3', _tile_expert,
                    _dense_shape),
+    # shared experts: copies of the dense MLP too (scaled with the routed ones by `scale_for_shared_experts`)
+    ConversionRule(r'^(.*\.)?mlp\.(fc1|fc2|fc1_g|fc1_x|norm)\.(weight|bias)$', r'\1mlp.shared_experts.\2.\3',
+                   _tile_expert, _dense_shape),
 )
+
+
+def _fine_grained_shape(want: torch.Size, granularity: int, where: Optional[Tuple[int, Tuple[int, ...]]]
+                        ) -> torch.Size:
+    """The stacked shape of whole experts for fine-grained `want`: hidden widths times `granularity`."""
+    if where is None:
+        return want
+    full = list(want)
+    full[where[0]] *= granularity
+    return torch.Size(full)
+
+
+def _slice_experts(dense: torch.Tensor, want: torch.Size, granularity: int,
+                   where: Optional[Tuple[int, Tuple[int, ...]]]) -> torch.Tensor:
+    """Fine-grained experts from a dense tensor: expert e of E takes hidden slice e // (E / G) of G (in every half of a
+    packed GLU fc1); fc2's bias, not per hidden unit, is divided by G so that the G slices sum to the dense MLP."""
+    tiled = _tile_expert(dense, _fine_grained_shape(want, granularity, where))  # [E, ...] whole experts
+    if where is None:
+        return tiled / granularity
+    dim, offsets = where
+    E, halves = want[0], len(offsets)
+    h = want[dim] // halves  # hidden units of one fine-grained expert
+    H = h * granularity
+    index = torch.stack([torch.cat([torch.arange(j * H + g * h, j * H + (g + 1) * h) for j in range(halves)])
+                         for g in (e // (E // granularity) for e in range(E))])  # [E, halves * h]
+    shape = [1] * tiled.dim()
+    shape[0], shape[dim] = E, halves * h
+    index = index.view(shape).expand(*[want[i] if i != dim else halves * h for i in range(len(want))])
+    return tiled.gather(dim, index).contiguous()
+
+
+def scale_for_shared_experts(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """With S shared experts, scale every copied expert's fc2 (weight and bias) by 1 / (S + 1), routed and shared:
+    with every slot filled (C = E) the routed part is then MLP / (S + 1) and each shared expert MLP / (S + 1), which
+    sum to the dense MLP exactly."""
+    from ..layers import moe_layers
+    for name, layer in moe_layers(model).items():
+        if layer.shared_experts is None:
+            continue
+        factor = 1.0 / (layer.shared_experts.fc2.weight.shape[0] + 1)
+        for bank in ('experts', 'shared_experts'):
+            for tensor in ('weight', 'bias'):
+                key = f'{name}.{bank}.fc2.{tensor}'
+                if key in state_dict:
+                    state_dict[key] = state_dict[key] * factor
+    return state_dict
 
 
 _MOE_KEY = re.compile(r'(^|\.)mlp\.(experts|router)\.')
@@ -180,8 +229,11 @@ def convert_dense_to_moe(
         CheckpointMismatchError: naming missing/unexpected keys or both shapes of a mismatched tensor.
     """
     check_expert_init(expert_init, drop_ratio)
+    from ..layers import moe_layers
     target = model.state_dict()
     out, unexpected, mismatched = {}, [], []
+    fine_grained = {f'{name}.experts.': layer for name, layer in moe_layers(model).items()
+                    if getattr(layer, 'expert_granularity', 1) > 1}
 
     mismatched_targets = set()
 
@@ -203,14 +255,23 @@ def convert_dense_to_moe(
             if _check_shape(key, value.shape, target[key].shape):
                 out[key] = value
             continue
+        converted = False
         for rule in () if moe_input else rules:
             new_key = re.sub(rule.pattern, rule.target, key) if re.match(rule.pattern, key) else None
-            if new_key in target:
-                want = target[new_key].shape
-                if _check_shape(new_key, value.shape, rule.dense_shape(want), dense_key=key):
-                    out[new_key] = target[new_key] if expert_init == 'random' else rule.transform(value, want)
-                break
-        else:
+            if new_key not in target:
+                continue
+            converted = True  # one dense key may fill several targets (routed and shared experts)
+            want = target[new_key].shape
+            prefix = next((p for p in fine_grained if new_key.startswith(p)), None)
+            if prefix is not None:
+                where = fine_grained[prefix].experts.hidden_units().get(new_key[len(prefix):])  # its hidden units
+                G = fine_grained[prefix].expert_granularity
+                if _check_shape(new_key, value.shape, _dense_shape(_fine_grained_shape(want, G, where)), key):
+                    out[new_key] = target[new_key] if expert_init == 'random' else _slice_experts(value, want, G,
+                                                                                                  where)
+            elif _check_shape(new_key, value.shape, rule.dense_shape(want), dense_key=key):
+                out[new_key] = target[new_key] if expert_init == 'random' else rule.transform(value, want)
+        if not converted:
             unexpected.append(key)
 
     new_in_moe = [k for k in target if k not in out and _ROUTER_KEY.search(k) and not moe_input]
@@ -231,6 +292,8 @@ def convert_dense_to_moe(
         raise CheckpointMismatchError(
             f'Checkpoint does not fit {type(model).__name__} '
             f'({"MoE" if moe_input else "dense"} checkpoint): ' + ' | '.join(parts))
+    if expert_init != 'random' and not moe_input:
+        scale_for_shared_experts(out, model)
     if expert_init == 'drop' and not moe_input:
         drop_upcycle(out, model, drop_ratio)
     return out

@@ -101,7 +101,7 @@ def upcycle(
             MLP: Mlp, GluMlp / SwiGLUPacked, SwiGLU, GatedMlp) or Eva (EVA02, rope, SwiGLU with hidden norm).
         num_experts: experts per MoE layer (32 in the paper).
         moe_blocks: blocks to convert: None = last half, int N = last N, 'every_other', or a list of indices.
-        router: 'expert_choice' (default for vision) or 'token_choice'.
+        router: 'expert_choice' (default for vision), 'token_choice' or 'soft' (Soft MoE).
         capacity_factor: C (2.0 in the paper).
         top_k: experts per token for 'token_choice'.
         router_norm: rescale each token's combine weights to sum to 1.
@@ -113,9 +113,13 @@ def upcycle(
         prefix_tokens: 'compete' (class token and registers compete for expert slots like patches, as in the
             paper) or 'always' (every expert processes them in its first slots; token choice: they claim their
             experts first).
-        router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice).
+        router_kwargs: batch_priority, aux_loss_weight, z_loss_weight (token choice); slots_per_expert, soft_scale
+            (router='soft'; soft_scale defaults to 100 here, the measured upcycling start); num_shared_experts,
+            expert_granularity (see `vit_moe.models.UpcycledMoE`).
     """
     _check_backbone(dense_model)
+    if router == 'soft':
+        router_kwargs.setdefault('soft_scale', 100.0)  # vit_moe.models.upcycled.SOFT_UPCYCLING_SCALE (no import circle)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
         moe_model, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,

@@ -27,6 +27,11 @@ __all__ = ['UpcycledMoE', 'upcycling_filter', 'create_upcycled', 'cfg_from_dense
 
 _logger = logging.getLogger(__name__)
 
+# Soft MoE's initial logit scale for upcycled models: sharp dispatch and combine keep each slot close to one token.
+# Validation loss right after upcycling the digits ViT (dense 0.699; expert choice C = 2: 0.709): scale 1 (vmoe's
+# from-scratch init) 0.730, 10: 0.725, 30: 0.712, 100: 0.705, 300: 0.705 (benchmarks/results/digits_upcycled_start.md)
+SOFT_UPCYCLING_SCALE = 100.0
+
 # registered name -> dense timm weights ('<architecture>.<tag>') it is upcycled from
 DENSE_SOURCES: Dict[str, str] = {}
 
@@ -42,8 +47,8 @@ class UpcycledMoE:
     Args:
         num_experts: experts per MoE layer.
         moe_blocks: None = last half of the blocks, int N = last N, 'every_other', or a list of indices.
-        router: 'expert_choice' or 'token_choice'.
-        capacity_factor: C; expert choice capacity = ceil(C * tokens / E).
+        router: 'expert_choice', 'token_choice' or 'soft' (Soft MoE: every slot a softmax-weighted mix of the tokens).
+        capacity_factor: C; expert choice capacity = ceil(C * tokens / E) (ceil(C * G * tokens / E) with G below).
         top_k: experts per token (token choice).
         router_norm: rescale each token's combine weights to sum to 1.
         expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint), 'random' or 'drop'
@@ -52,6 +57,12 @@ class UpcycledMoE:
         output_scale: a learnable output scale per MoE layer initialised to E / C (see `vit_moe.layers.MoeMlp`).
         prefix_tokens: 'compete' (class token and registers compete for slots like patches) or 'always' (every
             expert processes them first; see `vit_moe.upcycle`).
+        num_shared_experts: experts that process every token, added to the routed output (copies of the dense MLP;
+            upcycled with every copy's fc2 scaled by 1 / (S + 1) so that at C = E the layer is the dense MLP).
+        expert_granularity: G; each dense MLP splits into G hidden slices, `num_experts` counts the slices' copies
+            (E / G per slice, softmax per slice group), C and top_k keep the FLOPs per token of whole experts.
+        slots_per_expert, soft_scale: Soft MoE slots per expert (1, as vmoe) and initial logit scale (100: the
+            upcycling start that removes most of the initial drop, measured on the digits; vmoe trains from 1).
         capacity_multiple_of: round capacity up to a multiple of this.
         batch_priority, aux_loss_weight, z_loss_weight: token choice options.
         **kwargs: the backbone's timm arguments.
@@ -73,11 +84,18 @@ class UpcycledMoE:
             drop_ratio: float = 0.5,
             output_scale: bool = False,
             prefix_tokens: str = 'compete',
+            num_shared_experts: int = 0,
+            expert_granularity: int = 1,
+            slots_per_expert: int = 1,
+            soft_scale: float = SOFT_UPCYCLING_SCALE,
             **kwargs: Any,
     ):
         super().__init__(**kwargs)
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
+        router_kwargs.update(dict(slots_per_expert=slots_per_expert, soft_scale=soft_scale) if router == 'soft' else {})
+        router_kwargs.update(dict(num_shared_experts=num_shared_experts) if num_shared_experts else {})
+        router_kwargs.update(dict(expert_granularity=expert_granularity) if expert_granularity != 1 else {})
         replace_mlps_with_moe(  # sets self.moe_config
             self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,
             capacity_factor=capacity_factor, top_k=top_k, router_norm=router_norm,

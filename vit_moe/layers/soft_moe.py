@@ -1,0 +1,113 @@
+""" Soft MoE (Puigcerver et al., ICLR 2024, https://arxiv.org/abs/2308.00951), per image.
+
+Every slot is a softmax-weighted average of all the image's tokens (dispatch: softmax over tokens), each expert
+processes its `slots_per_expert` slots, and every token's output is a softmax-weighted average of all slot outputs
+(combine: softmax over slots). Logits are cosine similarities between the L2-normalised tokens and the
+L2-normalised slot parameters `mu`, times a learnable scale (as vmoe's `SoftRouter`: mu ~ lecun normal, scale 1).
+No token is dropped, there is no auxiliary loss and the shapes are static; an image's output never depends on its
+batch-mates.
+
+With copied experts a Soft MoE layer is not the dense MLP (an expert sees averages of tokens, not tokens);
+`SoftMoeMlp` starts from `start_scale` (the logit scale: larger -> sharper dispatch and combine).
+"""
+from typing import Dict, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .moe_mlp import MoeMlp
+from .routing_capture import record_routing
+
+__all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize']
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x ** 2) + eps) along `dim` (vmoe's `normalize`)."""
+    return x * torch.rsqrt(x.square().sum(dim=dim, keepdim=True) + eps)
+
+
+class SoftRouting(NamedTuple):
+    """Soft routing of a batch: weights [B, T, E * slots_per_expert] (slot s of expert e at e * slots + s)."""
+    dispatch_weights: torch.Tensor  # softmax over tokens (dim 1): each slot's mix of tokens
+    combine_weights: torch.Tensor  # softmax over slots (dim 2): each token's mix of slot outputs
+    aux_loss: torch.Tensor
+    metrics: Dict[str, torch.Tensor]
+    probs: torch.Tensor  # [B, T, E] combine mass per expert (for the expert metrics)
+    token_index = None  # no slot holds a single token: the slot-based tools refuse a Soft MoE layer
+
+
+class SoftRouter(nn.Module):
+    """Slot parameters mu [E * slots_per_expert, dim] and a learnable logit scale [1]; logits in float32."""
+
+    def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, scale: float = 1.0):
+        super().__init__()
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f'num_experts must be an integer >= 1, got {num_experts!r}')
+        if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
+            raise ValueError(f'slots_per_expert must be an integer >= 1, got {slots_per_expert!r}')
+        if not scale > 0:
+            raise ValueError(f'soft_scale must be > 0, got {scale!r}')
+        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
+        self.mu = nn.Parameter(torch.empty(num_experts * slots_per_expert, dim))
+        self.scale = nn.Parameter(torch.full((1,), float(scale)))  # [1]: FSDP2 refuses 0-dim parameters
+        self.initial_scale = float(scale)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.mu, std=self.mu.shape[1] ** -0.5)  # lecun normal over dim
+        with torch.no_grad():
+            self.scale.fill_(self.initial_scale)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert (each a mix of all tokens)."""
+        return self.slots_per_expert
+
+    def forward(self, x: torch.Tensor) -> SoftRouting:
+        B, T, _ = x.shape
+        E, S = self.num_experts, self.slots_per_expert
+        tokens = l2_normalize(x.float())  # [B, T, D]
+        mu = l2_normalize(self.mu.float())  # [E*S, D]
+        logits = torch.matmul(tokens, mu.t()) * self.scale.float()  # [B, T, E*S]
+        dispatch = logits.softmax(dim=1)  # [B, T, E*S] over tokens
+        combine = logits.softmax(dim=2)  # [B, T, E*S] over slots
+        per_expert = combine.view(B, T, E, S).sum(dim=-1)  # [B, T, E]
+        with torch.no_grad():
+            metrics = dict(
+                expert_load=torch.ones(E, device=x.device),  # every slot is filled
+                importance=per_expert.mean(dim=(0, 1)),  # [E] mean combine mass per expert
+                dropped_fraction=torch.zeros((), device=x.device),  # no token is dropped
+                dispatch_entropy=-(dispatch * dispatch.clamp_min(1e-30).log()).sum(dim=1).mean(),  # nats, max log T
+                combine_entropy=-(combine * combine.clamp_min(1e-30).log()).sum(dim=2).mean(),  # max log(E*S)
+            )
+        return SoftRouting(dispatch, combine, logits.new_zeros(()), metrics, per_expert)
+
+    def extra_repr(self) -> str:
+        return f'num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}'
+
+
+class SoftMoeMlp(MoeMlp):
+    """`MoeMlp` with a Soft MoE router: experts process `slots_per_expert` soft slots per image each."""
+
+    def __init__(self, dim: int, hidden_features: int, num_experts: int = 32, slots_per_expert: int = 1,
+                 soft_scale: float = 1.0, **kwargs):
+        kwargs.pop('router', None)
+        super().__init__(dim, hidden_features, num_experts, router='expert_choice', **kwargs)
+        self.router = SoftRouter(dim, num_experts, slots_per_expert, soft_scale)  # replaces the slot router
+
+    def routed(self, x: torch.Tensor):
+        B, T, D = x.shape
+        E, S = self.num_experts, self.router.slots_per_expert
+        routing = self.router(x)
+        slots = torch.matmul(routing.dispatch_weights.transpose(1, 2).to(x.dtype), x)  # [B, E*S, D]
+        expert_in = slots.view(B, E, S, D).transpose(0, 1).reshape(E, B * S, D)  # [E, B*S, D]
+        expert_out = self.experts(expert_in)  # [E, B*S, D]
+        slot_out = expert_out.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)  # [B, E*S, D]
+        out = torch.matmul(routing.combine_weights.to(slot_out.dtype), slot_out)  # [B, T, D]
+        return out.to(x.dtype), routing, expert_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, routing, expert_out = self.routed(x)
+        out = self.scaled_with_shared(out, x)
+        if not torch.jit.is_scripting():
+            record_routing(self.layer_name, routing, out, x, expert_out)
+        return out
