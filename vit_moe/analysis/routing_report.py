@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data import ImageFolderDataset, build_transforms, data_config_for
-from ..layers import ExpertChoiceRouter, capture_routing, moe_layers
+from ..layers import ExpertChoiceRouter, capture_routing, moe_layers, soft_moe_layers
 from ..models import create_model_from_checkpoint
 from . import routing_figures as figures
 from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats, patch_categories
@@ -45,6 +45,12 @@ def moe_layer_info(model: torch.nn.Module, model_name: Optional[str] = None) -> 
     if not layers:
         raise ValueError(f'model {model_name or _model_name(model)!r} has no MoE layer (a dense model?); a routing '
                          f'report needs a MoE model, e.g. vit_ti16_moe_upcycled or vit_moe.upcycle(dense_model)')
+    soft = soft_moe_layers(model)
+    if soft:
+        raise ValueError(f'{soft[0]} of model {model_name or _model_name(model)!r} is a Soft MoE layer (router=soft): '
+                         f'its slots mix all tokens, so there are no per-token expert choices to report; a routing '
+                         f'report needs expert_choice or token_choice layers (Soft MoE metrics: dispatch_entropy, '
+                         f'combine_entropy in the training log)')
     return {m.layer_name: dict(num_experts=m.num_experts, router=type(m.router).__name__,
                                expert_choice=isinstance(m.router, ExpertChoiceRouter)) for m in layers.values()}
 

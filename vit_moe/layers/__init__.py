@@ -8,3 +8,4 @@ from .routers import (
     token_choice_capacity,
 )
 from .routing_capture import LayerRouting, RoutingCapture, capture_routing, replay_routing
+from .soft_moe import SoftMoeMlp, SoftRouter, soft_moe_layers

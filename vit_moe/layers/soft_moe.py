@@ -10,7 +10,7 @@ batch-mates.
 With copied experts a Soft MoE layer is not the dense MLP (an expert sees averages of tokens, not tokens);
 `SoftMoeMlp` starts from `start_scale` (the logit scale: larger -> sharper dispatch and combine).
 """
-from typing import Dict, NamedTuple
+from typing import Dict, List, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ import torch.nn as nn
 from .moe_mlp import MoeMlp
 from .routing_capture import record_routing
 
-__all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize']
+__all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize', 'soft_moe_layers']
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
@@ -111,3 +111,8 @@ class SoftMoeMlp(MoeMlp):
         if not torch.jit.is_scripting():
             record_routing(self.layer_name, routing, out, x, expert_out)
         return out
+
+
+def soft_moe_layers(model: nn.Module) -> List[str]:
+    """Module paths of the Soft MoE layers of `model` (tools built on slot routing refuse them by name)."""
+    return [name for name, m in model.named_modules() if isinstance(m, SoftMoeMlp)]

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import onnx
 import torch
 
-from ..layers import capture_routing
+from ..layers import capture_routing, soft_moe_layers
 from .metadata import METADATA_KEY, ROUTING_OUTPUTS_KEY, model_metadata
 
 __all__ = ['export_onnx', 'OnnxExportError', 'DEFAULT_EXTERNAL_DATA_THRESHOLD', 'RoutingProbe', 'ROUTING_KINDS']
@@ -187,6 +187,10 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
         layers = graph.layer_names(example)
         if not layers:
             raise OnnxExportError(f'{type(model).__name__} has no MoE layer: there is no routing to expose')
+        soft = soft_moe_layers(model)
+        if soft:
+            raise OnnxExportError(f'{soft[0]} is a Soft MoE layer: its slots mix all tokens, there is no slot routing '
+                                  f'to expose; accepted: expert_choice / token_choice layers (check Soft MoE end to end)')
         output_names += [f'{n}/{kind}' for n in layers for kind in ROUTING_KINDS]
     try:
         with _quiet_exporter_logs():

@@ -162,7 +162,14 @@ def check_moe_layer(layer, ort: Dict[str, np.ndarray], kind: str = 'fp32', tie_r
     combined = combine_by_matmul(expert_out, token_index, combine, T)  # [B, T, D]
     if layer.output_scale is not None:
         combined = combined * layer.output_scale.float()
+    shared_error = 0.0
+    if layer.shared_experts is not None:  # what is left of the output is the shared experts', checked as an expert
+        reference_shared = layer.shared_output(x).float()  # [B, T, D]
+        shared_error = _relative(output - combined - reference_shared, reference_shared)
+        combined = combined + reference_shared
     combine_error = float((output - combined).abs().max()) / max(float(combined.abs().max()), 1e-12)
+    if layer.shared_experts is not None:
+        combine_error = 0.0  # the residual above holds both the combine and the shared experts' arithmetic
 
     reason = ''
     non_ties = [f for f in flips if not f['tie']]
@@ -175,11 +182,14 @@ def check_moe_layer(layer, ort: Dict[str, np.ndarray], kind: str = 'fp32', tie_r
     elif expert_errors[worst] > expert_rtol:
         reason = (f'expert {worst} output differs by {expert_errors[worst]:.1e} (relative RMS) on its own inputs, '
                   f'allowed {expert_rtol:g}')
+    elif shared_error > expert_rtol:
+        reason = (f'shared experts plus combine differ by {shared_error:.1e} (relative RMS) on the layer input, '
+                  f'allowed {expert_rtol:g}')
     elif combine_error > COMBINE_RTOL[kind]:
         reason = f'combine of the expert outputs differs by {combine_error:.1e} (relative)'
     return dict(ok=not reason, reason=reason, flips=flips, near_ties=_near_ties(own.probs, capacity, tie_rtol),
                 weights_error=weights_error, expert_errors=expert_errors, worst_expert=worst,
-                combine_error=combine_error)
+                combine_error=combine_error, shared_error=shared_error)
 
 
 def _check_batch(model, classifier, x, layers, kind: str = 'fp32', atol: Optional[float] = 1e-3,

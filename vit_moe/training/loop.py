@@ -378,11 +378,14 @@ class Trainer:
         means = self.meter.means(self.accelerator)
         layers = means.pop('layers')
         self.meter.reset()
+        soft = {n: {k: m[k] for k in ('dispatch_entropy', 'combine_entropy')}  # Soft MoE layers (nats)
+                for n, m in layers.items() if 'dispatch_entropy' in m}
         self.log.write(dict(
             type='train', step=self.state.step, epoch=epoch, elapsed_s=self.state.elapsed_s, **means,
             lr=learning_rate(self.state.step - 1, self.cfg), images_per_s=self.window_images / elapsed,
             expert_load={n: m['expert_load'] for n, m in layers.items()},
-            importance={n: m['importance'] for n, m in layers.items()}), step=self.state.step)
+            importance={n: m['importance'] for n, m in layers.items()}, **(dict(soft_routing=soft) if soft else {})),
+            step=self.state.step)
         self.progress.set_postfix(loss=f'{means["loss"]:.3f}')
         self._log_bad_images()
         self.window_start, self.window_images = time.perf_counter(), 0
