@@ -1,8 +1,12 @@
 """time(MoE layer) / time(dense MLP) at ViT-B/16 shapes, measured side by side (interleaved) in one run.
 
     python benchmarks/moe_layer_speed.py [--batch 8] [--tokens 197] [--dim 768] [--experts 32] [--capacity-factor 2]
+    python benchmarks/moe_layer_speed.py --designs      # every design beside the dense MLP, a markdown table
 
-The FLOP ratio is (E * capacity) / tokens (2.11 for the defaults): the speed limit to aim at.
+The FLOP ratio is (E * capacity) / tokens (2.11 for the defaults): the speed limit to aim at. With --designs, at
+equal expert FLOPs per token: expert choice (C), token choice (top-2, C = 1), Soft MoE (ceil(C * T / E) slots per
+expert, plus its dispatch and combine matmuls), 1 shared expert + expert choice C - 1, fine-grained experts (G = 4:
+4 E quarter-size experts, C).
 """
 import argparse
 import statistics
@@ -11,7 +15,7 @@ import time
 import torch
 from timm.layers import Mlp
 
-from vit_moe import MoeMlp
+from vit_moe import MoeMlp, expert_choice_capacity
 
 
 def _time(fn, x, repeats: int) -> float:
@@ -32,7 +36,10 @@ def main(argv=None):
     parser.add_argument('--router', default='expert_choice', choices=['expert_choice', 'token_choice'])
     parser.add_argument('--rounds', type=int, default=15, help='interleaved measurement rounds')
     parser.add_argument('--repeats', type=int, default=3, help='calls per round')
+    parser.add_argument('--designs', action='store_true', help='every MoE design beside the dense MLP (a table)')
     args = parser.parse_args(argv)
+    if args.designs:
+        return compare_designs(args)
 
     torch.manual_seed(0)
     hidden = int(args.dim * args.mlp_ratio)
@@ -58,6 +65,53 @@ def main(argv=None):
     print(f'FLOP ratio {flop_ratio:.2f}')
     print(f'time ratio MoE / dense: median {statistics.median(ratios):.2f} '
           f'(min {min(ratios):.2f}, max {max(ratios):.2f}) over {args.rounds} interleaved rounds')
+
+
+def _designs(dense: Mlp, args) -> dict:
+    """Design name -> (layer, expert FLOPs per token relative to the dense MLP), at equal FLOPs per token."""
+    E, C, T = args.experts, args.capacity_factor, args.tokens
+    slots = expert_choice_capacity(T, E, C)
+    designs = {
+        f'expert choice C={C:g}': (dict(capacity_factor=C), E * slots / T),
+        'token choice top-2, C=1': (dict(router='token_choice', top_k=2, capacity_factor=1.0), 2.0),
+        f'Soft MoE, {slots} slots/expert': (dict(router='soft', slots_per_expert=slots), E * slots / T),
+        f'1 shared + expert choice C={C - 1:g}': (dict(num_shared_experts=1, capacity_factor=C - 1),
+                                                  1 + E * expert_choice_capacity(T, E, C - 1) / T),
+        f'fine-grained G=4, E={4 * E}, C={C:g}': (dict(expert_granularity=4, capacity_factor=C), None),
+    }
+    out = {}
+    for name, (kwargs, flops) in designs.items():
+        experts = 4 * E if 'expert_granularity' in kwargs else E
+        layer = MoeMlp.from_mlp(dense, experts, **kwargs).eval()
+        if flops is None:  # 4E experts of a quarter of the hidden units
+            flops = experts * layer.router.capacity(T) / 4 / T
+        out[name] = (layer, flops)
+    return out
+
+
+def compare_designs(args) -> None:
+    torch.manual_seed(0)
+    hidden = int(args.dim * args.mlp_ratio)
+    dense = Mlp(args.dim, hidden).eval()
+    designs = _designs(dense, args)
+    x = torch.randn(args.batch, args.tokens, args.dim)
+    times = {name: [] for name in ['dense MLP', *designs]}
+    layers = dict({'dense MLP': dense}, **{name: layer for name, (layer, _) in designs.items()})
+    with torch.inference_mode():
+        for layer in layers.values():  # warm-up
+            layer(x)
+        for _ in range(args.rounds):  # interleaved: every design sees the same machine state in each round
+            for name, layer in layers.items():
+                times[name].append(_time(layer, x, args.repeats))
+    print(f'shapes: batch {args.batch}, tokens {args.tokens}, dim {args.dim}, hidden {hidden}, experts {args.experts}, '
+          f'threads {torch.get_num_threads()}, {args.rounds} interleaved rounds')
+    print('| layer | expert FLOPs / dense | median ms | time / dense (median, min-max over rounds) |')
+    print('|---|---|---|---|')
+    for name, t in times.items():
+        ratios = [a / b for a, b in zip(t, times['dense MLP'])]
+        flops = 1.0 if name == 'dense MLP' else designs[name][1]
+        print(f'| {name} | {flops:.2f} | {statistics.median(t) * 1e3:.1f} | {statistics.median(ratios):.2f} '
+              f'({min(ratios):.2f}-{max(ratios):.2f}) |')
 
 
 if __name__ == '__main__':
