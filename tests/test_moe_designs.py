@@ -18,7 +18,7 @@ from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.onnx import OnnxExportError, check_onnx_parity, export_onnx
 from vit_moe.training import load_config, train, validate
 
-from conftest import make_image_folder, run_front_end, tiny_dense
+from conftest import launch_processes, log_records, make_image_folder, run_front_end, run_script, tiny_dense
 
 DENSE_MLPS = {  # one of each bank
     'Mlp': lambda: Mlp(16, 64),
@@ -191,8 +191,13 @@ def test_design_trains_saves_reloads_and_exports(design, sources, tmp_path):
     cfg = load_config(None, dict(
         model='vit_ti16_moe_upcycled', pretrained=str(dense), model_kwargs=kwargs, data_dir=str(data),
         output_dir=str(tmp_path / 'run'), batch_size=6, num_workers=0, steps=3, lr=3e-3, warmup_steps=1, log_every=1,
-        checkpoint_every=100, trackers='none', progress=False, hflip=0.0, scale=[0.8, 1.0], color_jitter=0.0))
+        checkpoint_every=100, trackers='none', progress=False, hflip=0.0, scale=[0.8, 1.0], color_jitter=0.0,
+        ema_decay=0.9 if design == 'soft' else None))
     logged = train(cfg)['eval']
+    if design == 'soft':  # the EMA copy of a Soft MoE model is saved and scores what the trainer logged for it
+        ema = validate('vit_ti16_moe_upcycled', str(tmp_path / 'run' / 'model_ema'), str(data), num_workers=0,
+                       batch_size=6)
+        assert ema['top1'] == logged['ema_top1'] and ema['loss'] == pytest.approx(logged['ema_loss'], rel=1e-5)
     folder = tmp_path / 'run' / 'model'
     model = create_model_from_checkpoint('vit_ti16_moe_upcycled', str(folder)).eval()
     for key, value in DESIGNS[design].items():
@@ -212,3 +217,30 @@ def test_design_trains_saves_reloads_and_exports(design, sources, tmp_path):
                                      '--batch-sizes', '3', '--data-dir', str(data))
         assert rc == 0, out + err
         assert 'real images (9 of' in out and 'of max |logit|' in out
+
+
+@pytest.mark.xdist_group('fsdp')
+def test_soft_moe_with_shared_experts_trains_under_fsdp2_through_accelerate(sources, tmp_path):
+    """Two processes, FSDP2 through Accelerator.prepare (tests/fsdp_on_cpu.py): the slot parameters, the [1] logit
+    scale and the shared experts shard, the saved model reloads and scores what the trainer logged."""
+    data, dense = sources
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1,
+                  router='soft', slots_per_expert=3, num_shared_experts=1)
+    cfg = load_config(None, dict(
+        model='vit_ti16_moe_upcycled', pretrained=str(dense), model_kwargs=kwargs, data_dir=str(data),
+        output_dir=str(tmp_path / 'run'), batch_size=3, num_workers=0, steps=2, lr=3e-3, warmup_steps=1, log_every=1,
+        checkpoint_every=100, trackers='none', progress=False, hflip=0.0, scale=[0.8, 1.0], color_jitter=0.0,
+        eval_batch_size=3))
+    path = tmp_path / 'run.yaml'
+    path.write_text(cfg.to_yaml())
+    result = run_script([*launch_processes(2), 'tests/fsdp_on_cpu.py', 'train_scripts/train.py', '--config',
+                         str(path)], timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    start, = log_records(cfg.output_dir, 'start')
+    assert start['num_processes'] == 2 and start['distributed_type'] == 'FSDP'
+    logged = log_records(cfg.output_dir, 'eval')[-1]
+    model = create_model_from_checkpoint('vit_ti16_moe_upcycled', str(tmp_path / 'run' / 'model'))
+    assert model.blocks[-1].mlp.router.scale.shape == (1,) and model.blocks[-1].mlp.shared_experts is not None
+    reloaded = validate('vit_ti16_moe_upcycled', str(tmp_path / 'run' / 'model'), str(data), num_workers=0,
+                        batch_size=3)
+    assert reloaded['top1'] == logged['top1'] and reloaded['loss'] == pytest.approx(logged['loss'], rel=1e-4)
