@@ -1,13 +1,15 @@
 """Command-line front ends as users run them: one stderr line and exit 2 for a user mistake, the traceback with
 --debug / VIT_MOE_DEBUG=1, a quiet successful export (more with --verbose); and vit_moe._cli in-process."""
 import argparse
+import os
+import subprocess
 import sys
 
 import pytest
 
 from vit_moe import _cli
 
-from conftest import run_script
+from conftest import ROOT, run_script
 
 TINY_KWARGS = '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}'
 
@@ -204,3 +206,25 @@ def test_export_options_are_checked_before_anything_is_written(tmp_path, flags, 
                                  str(tmp_path / 'x.onnx'), *flags)
     assert rc == 2 and out == '' and len(err.splitlines()) == 1 and expected in err, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('verbose', [False, True])
+def test_the_no_cuda_runtime_warning_of_compiled_runs_shows_only_with_verbose(verbose):
+    """torch.compile imports torch.utils.cpp_extension, which warns 'No CUDA runtime is found, using CUDA_HOME=...'
+    wherever a CUDA toolkit is found without a GPU: quiet by default, like every other library's chatter."""
+    code = (f'from vit_moe import _cli; _cli.setup_logging(verbose={verbose}); '
+            'import torch.utils.cpp_extension')
+    run = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, PYTHONPATH=str(ROOT), CUDA_HOME=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    import torch
+    warns = verbose and not torch.cuda.is_available()  # torch warns only where it finds no GPU
+    assert ('No CUDA runtime is found' in run.stderr) == warns, run.stderr
+
+
+def test_the_external_data_threshold_in_help_and_readme_is_the_code_s():
+    from vit_moe.onnx.export import DEFAULT_EXTERNAL_DATA_THRESHOLD
+    said = f'Weights over {DEFAULT_EXTERNAL_DATA_THRESHOLD / 1e9:g} GB'
+    run = subprocess.run([sys.executable, 'export/onnx_export.py', '--help'], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert said in ' '.join(run.stdout.split()) and said in ' '.join((ROOT / 'README.md').read_text().split())

@@ -27,7 +27,10 @@ def test_every_config_key_can_be_overridden_on_the_command_line():
 
 
 @pytest.mark.parametrize('values, message', [
-    (dict(lrr=0.1), r"unknown config key\(s\) \['lrr'\] in command-line overrides; accepted keys: model, "),
+    (dict(lrr=0.1), r"unknown config key\(s\) \['lrr'\] in command-line overrides; did you mean lrr -> lr\? "
+                    r"\(accepted keys: model, "),
+    (dict(batch_sise=8), r"\['batch_sise'\] in command-line overrides; did you mean batch_sise -> batch_size\?"),
+    (dict(zzz=1), r"unknown config key\(s\) \['zzz'\] in command-line overrides \(accepted keys: model, "),
     (dict(schedule='linear'), "schedule='linear' is not valid; accepted: rsqrt, cosine, constant"),
     (dict(mixed_precision='fp8'), "mixed_precision='fp8' is not valid; accepted: no, bf16, fp16"),
     (dict(batch_size=0), 'batch_size=0 is not valid; expected an integer >= 1'),

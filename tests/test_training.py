@@ -65,6 +65,23 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data):
     assert resumed['eval']['loss'] == pytest.approx(full['eval']['loss'], rel=1e-5)
 
 
+def test_a_resumed_log_reads_as_one_run_when_the_resume_splits_a_logging_window(tmp_path, data):
+    """log_every 3, checkpoint at step 4: the window of steps 4-6 was open at the save; the resumed run's step-6
+    record averages the same three steps as the uninterrupted run's (not only steps 5 and 6)."""
+    options = dict(steps=9, log_every=3, checkpoint_every=4)
+    full = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'full'), **options))
+    resumed = train(tiny_config(tmp_path, output_dir=str(tmp_path / 'resumed'), **options,
+                                resume=str(tmp_path / 'full' / 'checkpoints' / 'checkpoint_step_4')))
+    expected = {r['step']: r for r in log_records(full['output_dir'])}
+    got = log_records(resumed['output_dir'])
+    assert [r['step'] for r in got] == [6, 9]
+    for record in got:
+        for key in ('loss', 'task_loss', 'dropped_fraction'):
+            assert record[key] == pytest.approx(expected[record['step']][key], rel=1e-5, abs=1e-7), key
+        for layer, load in record['expert_load'].items():
+            np.testing.assert_allclose(load, expected[record['step']]['expert_load'][layer], rtol=1e-5)
+
+
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, data, monkeypatch):
     calls = {'n': 0}
     real = RoutingCapture.aux_loss.fget
@@ -280,3 +297,30 @@ def test_per_sample_augmentations_are_seeded_without_touching_the_cuda_generator
     other_epoch = dataset[3][0]
     assert torch.equal(first, again) and not torch.equal(first, other_epoch)
     assert torch.equal(torch.get_rng_state(), cpu_state) and reseeded == []
+
+
+@pytest.mark.parametrize('launcher', ['torch.distributed.run', 'accelerate launch --cpu'])
+def test_a_launch_that_would_start_lone_processes_is_refused_before_anything_is_written(tmp_path, data, launcher):
+    """torch.distributed.run without ACCELERATE_USE_CPU on a machine without GPUs, or `accelerate launch --cpu
+    --num_processes 2` (Accelerate's simple launcher: one process), would have trained alone into one output folder."""
+    env = script_env()
+    if launcher == 'torch.distributed.run':
+        env.pop('ACCELERATE_USE_CPU')
+        command, expected = launch_processes(2), 'WORLD_SIZE=2: the launcher started 2 processes but Accelerate sees 1'
+    else:
+        command = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--cpu', '--num_processes', '2',
+                   '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+        expected = 'accelerate launch --cpu with --num_processes > 1 starts a single process'
+    run = subprocess.run([*command, 'train_scripts/train.py', *_cli_args(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
+    assert lines and expected in lines[0] and 'ACCELERATE_USE_CPU=1 python -m torch.distributed.run' in lines[0], \
+        run.stderr[-3000:]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_refused_at_start_leaves_nothing_in_its_output_folder(tmp_path, data):
+    with pytest.raises(ValueError, match='num_experts must be an integer >= 1, got 0'):
+        train(tiny_config(tmp_path, model_kwargs=dict(TRAIN_MOE, num_experts=0)))
+    assert not (tmp_path / 'run').exists()  # no config.yaml, no empty bad_images.jsonl

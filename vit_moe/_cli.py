@@ -45,6 +45,9 @@ DEBUG_ENV = 'VIT_MOE_DEBUG'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # vit_moe.onnx.export.EXPORTER_LOGGERS (not imported here): quiet during an export unless a level is set on them
 SELF_QUIETING_LOGGERS = ('torch.onnx', 'onnxscript', 'onnx_ir')
+# warnings that are not the user's business by default: torch.compile imports torch.utils.cpp_extension, which warns
+# 'No CUDA runtime is found, using CUDA_HOME=...' on any machine with a CUDA toolkit but no GPU
+QUIET_UNLESS_VERBOSE = ('torch.utils.cpp_extension',)
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -133,6 +136,8 @@ def setup_logging(verbose: bool = False, fmt: str = LOG_FORMAT) -> None:
     logging.basicConfig(format=fmt)  # a no-op where handlers exist (e.g. under pytest)
     logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger('vit_moe').setLevel(logging.INFO)
+    for name in QUIET_UNLESS_VERBOSE:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     if verbose:
         for name in SELF_QUIETING_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)

@@ -84,9 +84,7 @@ class BadImageLog:
         if path is None:
             fd, path = tempfile.mkstemp(prefix='vit_moe_bad_images_', suffix='.jsonl')
             os.close(fd)
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        self.path = Path(path)  # created by the first `add`: a run refused at start leaves no empty file
         self._seen: set = set()  # this process's cache: no file access for repeats
 
     def add(self, split: str, path: str, error: str) -> bool:
@@ -94,6 +92,7 @@ class BadImageLog:
         if path in self._seen:
             return False
         self._seen.add(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, 'a+') as f:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX)  # released on close

@@ -40,7 +40,11 @@ MoeBlocks = Union[int, str, Sequence[int]]
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint whose keys or shapes do not fit the model."""
+    """A checkpoint whose keys or shapes do not fit the model; `details`: what does not fit (no model name)."""
+
+    def __init__(self, message: str, details: str = ''):
+        super().__init__(message)
+        self.details = details or message
 
 
 def _tile_expert(dense: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
@@ -283,15 +287,14 @@ def convert_dense_to_moe(
         if mismatched:
             order = {k: i for i, k in enumerate(target)}  # report in the model's order: embeddings first
             mismatched = [text for _, text in sorted(mismatched, key=lambda m: order[m[0]])]
-            more = f'; ... ({len(mismatched)} in all)' if len(mismatched) > 8 else ''
-            parts.append('shape mismatch: ' + '; '.join(mismatched[:8]) + more)
+            more = f'; ... ({len(mismatched)} in all)' if len(mismatched) > 3 else ''
+            parts.append('shape mismatch: ' + '; '.join(mismatched[:3]) + more)
         if missing:
-            parts.append('missing keys: ' + _format_keys(missing))
+            parts.append('missing keys: ' + _format_keys(missing, limit=4))
         if unexpected:
-            parts.append('unexpected keys: ' + _format_keys(unexpected))
-        raise CheckpointMismatchError(
-            f'Checkpoint does not fit {type(model).__name__} '
-            f'({"MoE" if moe_input else "dense"} checkpoint): ' + ' | '.join(parts))
+            parts.append('unexpected keys: ' + _format_keys(unexpected, limit=4))
+        details = f'{"MoE" if moe_input else "dense"} checkpoint: ' + ' | '.join(parts)
+        raise CheckpointMismatchError(f'Checkpoint does not fit {type(model).__name__} ({details})', details)
     if expert_init != 'random' and not moe_input:
         scale_for_shared_experts(out, model)
     if expert_init == 'drop' and not moe_input:

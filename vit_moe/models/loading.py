@@ -174,4 +174,6 @@ def create_model_from_checkpoint(
     try:
         return _create_from_local(model_name, checkpoint, num_classes, kwargs)
     except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f'checkpoint {checkpoint!r} given for {model_name}: {e}') from e
+        if f"file '{checkpoint}'" in str(e):  # the message names the file as given already
+            raise
+        raise CheckpointMismatchError(f'checkpoint {checkpoint!r} given for {model_name}: {e}', e.details) from e

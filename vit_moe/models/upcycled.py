@@ -35,10 +35,8 @@ SOFT_UPCYCLING_SCALE = 100.0
 # registered name -> dense timm weights ('<architecture>.<tag>') it is upcycled from
 DENSE_SOURCES: Dict[str, str] = {}
 
-ACCEPTED_CHECKPOINTS = (
-    'Accepted: a dense checkpoint of the same backbone with the model\'s patch size, embed_dim, depth and MLP size '
-    '(its MLPs become the experts), or an MoE checkpoint saved from a model built with the same arguments '
-    '(num_experts, moe_blocks)')
+ACCEPTED_CHECKPOINTS = ('Accepted: a dense checkpoint of this backbone and size (its MLPs become the experts), or an '
+                        'MoE one saved with the same model arguments')
 
 
 class UpcycledMoE:
@@ -143,7 +141,8 @@ def upcycling_filter(dense_filter: Callable[..., Dict[str, Any]]) -> Callable[..
                 ignore_shape_of=tuple(c + '.' for c in classifiers) if adapting_head else ())
         except CheckpointMismatchError as e:
             raise CheckpointMismatchError(
-                f'{_weights_location(cfg)} does not fit {_model_summary(model)}. {e}. {ACCEPTED_CHECKPOINTS}') from e
+                f'{_weights_location(cfg)} does not fit {_model_summary(model)}: {e.details}. {ACCEPTED_CHECKPOINTS}',
+                e.details) from e
 
     return checkpoint_filter_fn
 

@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._files import install_folder
 
@@ -38,14 +38,17 @@ class TrainState:
     batches: int = 0  # micro-batches consumed per process (positions the data order)
     num_processes: int = 1  # of the run that saved it
     elapsed_s: float = 0.0  # wall-clock seconds spent in the training loop, summed over resumes
+    log_window: Optional[Dict[str, Any]] = None  # the open logging window (StepMeter.window_state) at the save
 
-    def state_dict(self) -> Dict[str, float]:
-        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes, elapsed_s=self.elapsed_s)
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes, elapsed_s=self.elapsed_s,
+                    log_window=self.log_window)
 
-    def load_state_dict(self, state: Dict[str, float]) -> None:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.batches = int(state['step']), int(state['batches'])
         self.num_processes = int(state.get('num_processes', 1))
         self.elapsed_s = float(state.get('elapsed_s', 0.0))
+        self.log_window = state.get('log_window')  # absent in checkpoints of vit-moe <= 0.2: the window restarts
 
 
 def checkpoint_root(output_dir) -> Path:

@@ -5,6 +5,7 @@ Every key of `TrainConfig` can be set in a YAML file (`--config X.yaml`) and ove
 """
 import argparse
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,10 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def _check_keys(values: Dict[str, Any], source: str) -> None:
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
-        raise ConfigError(f'unknown config key(s) {unknown} in {source}; accepted keys: {", ".join(_FIELDS)}')
+        close = {key: difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6) for key in unknown}
+        hints = [f'{key} -> {match[0]}' for key, match in close.items() if match]
+        hint = f'; did you mean {", ".join(hints)}?' if hints else ''
+        raise ConfigError(f'unknown config key(s) {unknown} in {source}{hint} (accepted keys: {", ".join(_FIELDS)})')
 
 
 def _coerce(name: str, value: Any) -> Any:

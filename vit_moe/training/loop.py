@@ -108,6 +108,27 @@ def forward_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Te
     return task_loss + aux_loss, task_loss, aux_loss, routing
 
 
+CPU_LAUNCH = 'ACCELERATE_USE_CPU=1 python -m torch.distributed.run --nproc_per_node N train_scripts/train.py ...'
+
+
+def _refuse_lone_processes(num_processes: int, output_dir: str) -> None:
+    """A launcher asked for several processes but Accelerate runs this one alone: each would train its own model into
+    the same output_dir. Refused before anything is written, naming the launch that works on CPUs."""
+    if num_processes != 1:
+        return
+    world = os.environ.get('WORLD_SIZE', '')
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(
+            f'WORLD_SIZE={world}: the launcher started {world} processes but Accelerate sees 1 (no GPU, and '
+            f'ACCELERATE_USE_CPU is not set), so each would train alone into output_dir {output_dir!r}; on CPUs run '
+            f'{CPU_LAUNCH.replace("N", world)}')
+    simple_launcher = 'ACCELERATE_USE_CPU' in os.environ and 'MASTER_PORT' in os.environ and not world
+    if simple_launcher:  # `accelerate launch --cpu --num_processes N` (N > 1 sets MASTER_PORT) runs one process
+        raise ConfigError(
+            f'accelerate launch --cpu with --num_processes > 1 starts a single process (Accelerate\'s simple '
+            f'launcher), not the processes asked for; on CPUs run {CPU_LAUNCH}')
+
+
 class Trainer:
     """One training run as `cfg` says. `Trainer(cfg).fit()` returns a summary (final eval, paths, interruption)."""
 
@@ -117,13 +138,13 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
         resume_from = self._checkpoint_to_resume()
+        set_seed(cfg.seed)  # the same model init on every process
+        self._build_data_and_model()  # a bad option, path or checkpoint is refused here: nothing written yet
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.out)
             atomic_write(self.out / 'config.yaml', cfg.to_yaml())
         self.accelerator.wait_for_everyone()
-        set_seed(cfg.seed)  # the same model init on every process
-        self._build_data_and_model()
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
         if self.ema is not None:
@@ -225,6 +246,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
             dynamo_plugin=dynamo,
         )
+        _refuse_lone_processes(accelerator.num_processes, cfg.output_dir)
         if accelerator.distributed_type == DistributedType.FSDP and cfg.ema_decay:
             raise ConfigError('ema_decay is not supported with FSDP yet (the EMA would hold a full copy of the model '
                               'on every process); train without it or with DDP')
@@ -288,6 +310,7 @@ class Trainer:
         self.progress = tqdm(total=cfg.steps, initial=state.step, disable=not (self.main and cfg.progress),
                              desc='train')
         self.meter = StepMeter(self.accelerator.device)
+        self.meter.load_window(state.log_window)  # resumed: continue the checkpoint's logging window
         self.window_start, self.window_images = time.perf_counter(), 0
         self._clock = time.perf_counter()  # for state.elapsed_s
         if cfg.eval_at_start and state.step == 0:
@@ -401,6 +424,7 @@ class Trainer:
         """Write `checkpoint_step_<step>` atomically, then keep the newest `keep_checkpoints`."""
         if self.last_saved == self.state.step:
             return
+        self.state.log_window = self.meter.window_state(self.accelerator)  # a resumed log reads as one run
         write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml())
         if self.main:
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)

@@ -56,3 +56,23 @@ class StepMeter:
 
     def reset(self) -> None:
         self.__init__(self.device)
+
+    def window_state(self, accelerator: Optional[object] = None) -> Optional[Dict[str, object]]:
+        """The open window as plain numbers for a checkpoint: its means over processes and its micro-batch count (None
+        for an empty window). Call on every process (one collective)."""
+        if not self.count:
+            return None
+        return dict(count=self.count, means=self.means(accelerator))
+
+    def load_window(self, state: Optional[Dict[str, object]]) -> None:
+        """Continue a checkpoint's open window: sums = means x count on every process, so the next window mean over
+        processes is the uninterrupted run's (each process's sums enter the mean over processes)."""
+        self.reset()
+        if not state:
+            return
+        count, means = int(state['count']), dict(state['means'])
+        layers = means.pop('layers', {})
+        tensor = lambda value: torch.tensor(value, dtype=torch.float32, device=self.device) * count  # noqa: E731
+        self.scalars = {key: tensor(value) for key, value in means.items()}
+        self.layers = {name: {key: tensor(value) for key, value in metrics.items()} for name, metrics in layers.items()}
+        self.count = count
