@@ -147,7 +147,7 @@ def test_upcycled_soft_moe_starts_from_the_measured_scale_and_registered_kwargs_
     dense = tiny_dense()
     moe = upcycle(dense, num_experts=4, router='soft', slots_per_expert=3)
     layer = moe.blocks[-1].mlp
-    assert isinstance(layer, SoftMoeMlp) and float(layer.router.scale) == 100.0
+    assert isinstance(layer, SoftMoeMlp) and layer.router.scale.item() == 100.0
     assert torch.equal(layer.experts.fc1.weight[2], dense.blocks[-1].mlp.fc1.weight.t())
     model = timm.create_model('vit_ti16_moe_upcycled', img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
                               num_experts=8, num_shared_experts=2, expert_granularity=4)

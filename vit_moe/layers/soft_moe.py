@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from .moe_mlp import MoeMlp
-from .routing_capture import record_routing
 
 __all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize', 'soft_moe_layers']
 
@@ -95,6 +94,7 @@ class SoftMoeMlp(MoeMlp):
         self.router = SoftRouter(dim, num_experts, slots_per_expert, soft_scale)  # replaces the slot router
 
     def routed(self, x: torch.Tensor):
+        """(routed output [B, T, D], SoftRouting, expert outputs [E, B*slots, D]); `MoeMlp.forward` does the rest."""
         B, T, D = x.shape
         E, S = self.num_experts, self.router.slots_per_expert
         routing = self.router(x)
@@ -104,13 +104,6 @@ class SoftMoeMlp(MoeMlp):
         slot_out = expert_out.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)  # [B, E*S, D]
         out = torch.matmul(routing.combine_weights.to(slot_out.dtype), slot_out)  # [B, T, D]
         return out.to(x.dtype), routing, expert_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, routing, expert_out = self.routed(x)
-        out = self.scaled_with_shared(out, x)
-        if not torch.jit.is_scripting():
-            record_routing(self.layer_name, routing, out, x, expert_out)
-        return out
 
 
 def soft_moe_layers(model: nn.Module) -> List[str]:
