@@ -5,6 +5,7 @@ import copy
 import math
 import pickle
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +15,7 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 from vit_moe import MoeMlp, capture_routing, upcycle
 from vit_moe.analysis import routing_report
 from vit_moe.layers import SoftMoeMlp, SoftRouter, expert_choice_capacity
+from vit_moe.layers.soft_moe import slot_similarity
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.onnx import OnnxExportError, check_onnx_parity, export_onnx
 from vit_moe.training import load_config, train, validate
@@ -156,12 +158,47 @@ def test_upcycled_soft_moe_starts_from_the_measured_scale_and_registered_kwargs_
     assert model.moe_config['num_shared_experts'] == 2 and model.moe_config['expert_granularity'] == 4
 
 
-def test_slot_routing_tools_refuse_a_soft_moe_model_by_layer(tmp_path):
+def test_the_debug_export_refuses_a_soft_moe_model_by_layer(tmp_path):
     moe = upcycle(tiny_dense(), num_experts=4, router='soft').eval()
     with pytest.raises(OnnxExportError, match=r'blocks.2.mlp is a Soft MoE layer: its slots mix all tokens'):
         export_onnx(moe, tmp_path / 'debug.onnx', expose_routing=True)
-    with pytest.raises(ValueError, match=r'blocks.2.mlp of model .* is a Soft MoE layer \(router=soft\)'):
-        routing_report(moe, str(tmp_path), str(tmp_path / 'report'), progress=False)
+
+
+def test_slot_similarity_is_one_for_identical_slots_and_the_pairwise_cosine_mean_otherwise():
+    torch.manual_seed(0)
+    dispatch = torch.randn(2, 7, 5).softmax(dim=1)  # [B, T, N]
+    unit = torch.nn.functional.normalize(dispatch.transpose(1, 2), dim=-1)  # [B, N, T]
+    pairs = [(unit[b, i] * unit[b, j]).sum() for b in range(2) for i in range(5) for j in range(5) if i != j]
+    torch.testing.assert_close(slot_similarity(dispatch), torch.stack(pairs).mean())
+    same = dispatch[..., :1].expand(2, 7, 5)
+    torch.testing.assert_close(slot_similarity(same), torch.tensor(1.0))
+
+
+def test_routing_report_of_a_soft_moe_model_reports_mixes_that_a_direct_capture_confirms(tmp_path):
+    data = make_image_folder(tmp_path / 'data', per_class=(2, 3), size=32)
+    torch.manual_seed(0)
+    model = upcycle(tiny_dense(num_classes=3), num_experts=4, router='soft', slots_per_expert=2,
+                    soft_scale=3.0).eval()
+    start = upcycle(tiny_dense(num_classes=3), num_experts=4, router='soft', slots_per_expert=2,
+                    soft_scale=1.0).eval()
+    result = routing_report(model, str(data), str(tmp_path / 'report'), start_model=start, progress=False)
+    assert result['kind'] == 'soft' and result['num_images'] == 9 and list(result['layers']) == ['blocks.2.mlp',
+                                                                                                   'blocks.3.mlp']
+    layer = result['layers']['blocks.3.mlp']
+    assert 1 <= layer['tokens_per_slot'] <= 17 and 1 <= layer['slots_per_token'] <= 8
+    assert result['start_layers']['blocks.3.mlp']['tokens_per_slot'] > layer['tokens_per_slot']  # scale 1: flatter
+    from vit_moe.data import ImageFolderDataset, build_transforms, data_config_for
+    dataset = ImageFolderDataset(str(data), 'val', transform=build_transforms(data_config_for(model), None, False))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad(), capture_routing(keep_tensors=True) as capture:
+        model(images)
+    per_expert = dict(capture.tensors)['blocks.3.mlp'].probs  # [B, T, E]
+    np.testing.assert_allclose(layer['expert_importance'], (per_expert.sum((0, 1)) / per_expert.sum()).numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(layer['dispatch_entropy'],
+                               float(capture.layers['blocks.3.mlp']['dispatch_entropy']), rtol=1e-5)
+    assert layer['tokens_by_category']['prefix'] == 9 and 'tokens per slot' in (tmp_path / 'report' /
+                                                                               'report.md').read_text()
 
 
 DESIGNS = {
@@ -217,6 +254,11 @@ def test_design_trains_saves_reloads_and_exports(design, sources, tmp_path):
                                      '--batch-sizes', '3', '--data-dir', str(data))
         assert rc == 0, out + err
         assert 'real images (9 of' in out and 'of max |logit|' in out
+        rc, out, err = run_front_end('train_scripts/routing_report.py', '--model', 'vit_ti16_moe_upcycled',
+                                     '--checkpoint', str(folder), '--data-dir', str(data), '--output',
+                                     str(tmp_path / 'report'), '--no-progress')
+        assert rc == 0, out + err
+        assert 'Soft MoE, tokens per slot / slots per token' in out and 'blocks.1.mlp: ' in out
 
 
 @pytest.mark.xdist_group('fsdp')

@@ -75,6 +75,14 @@ def main(argv=None) -> int:
         num_example_images=args.examples, experts_shown=args.experts_shown, batch_size=args.batch_size,
         num_workers=args.num_workers, progress=not args.no_progress, background_threshold=args.background_threshold,
         model_name=args.model, checkpoint=args.checkpoint, start_checkpoint=args.start_checkpoint)
+    if result.get('kind') == 'soft':  # Soft MoE: slots mix tokens; no token is left out
+        print(f'{args.model} on {result["split"]} ({result["num_images"]} images): Soft MoE, tokens per slot / slots '
+              f'per token (effective numbers)')
+        for name, layer in result['layers'].items():
+            print(f'  {name}: {layer["tokens_per_slot"]:.1f} of {layer["num_tokens"]} / {layer["slots_per_token"]:.1f}'
+                  f' of {layer["num_experts"] * layer["slots_per_expert"]}')
+        print(f'report: {args.output}/report.md ({result["seconds"]:.1f} s)')
+        return 0
     print(f'{args.model} on {result["split"]} ({result["num_images"]} images): tokens taken by no expert '
           f'(all / background / object patches)' + (' [start -> end]' if start is not None else ''))
     for name, layer in result['layers'].items():

@@ -6,6 +6,8 @@ report.json.
                                       start_checkpoint='outputs/main_job/dense/model')
     numbers = routing_report(model, 'outputs/main_job/data', 'outputs/main_job/routing_report', start_model=start)
 
+A model with Soft MoE layers gets the report of `soft_routing_report` (mixes instead of choices).
+
 One pass over the split (a progress bar over the batches) runs the model (and the start model, on the same
 batches) inside `vit_moe.capture_routing(keep_tensors=True)`; `routing_stats.LayerStats` turns each layer's
 captured tensors into the numbers, which report.json holds, report.md tabulates and the figures draw.
@@ -24,6 +26,7 @@ from ..layers import ExpertChoiceRouter, capture_routing, moe_layers, soft_moe_l
 from ..models import create_model_from_checkpoint
 from . import routing_figures as figures
 from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats, patch_categories
+from .soft_routing_report import soft_routing_report
 
 __all__ = ['routing_report', 'load_report_models', 'moe_layer_info', 'format_report', 'DEFAULT_BACKGROUND_THRESHOLD']
 
@@ -45,12 +48,6 @@ def moe_layer_info(model: torch.nn.Module, model_name: Optional[str] = None) -> 
     if not layers:
         raise ValueError(f'model {model_name or _model_name(model)!r} has no MoE layer (a dense model?); a routing '
                          f'report needs a MoE model, e.g. vit_ti16_moe_upcycled or vit_moe.upcycle(dense_model)')
-    soft = soft_moe_layers(model)
-    if soft:
-        raise ValueError(f'{soft[0]} of model {model_name or _model_name(model)!r} is a Soft MoE layer (router=soft): '
-                         f'its slots mix all tokens, so there are no per-token expert choices to report; a routing '
-                         f'report needs expert_choice or token_choice layers (Soft MoE metrics: dispatch_entropy, '
-                         f'combine_entropy in the training log)')
     return {m.layer_name: dict(num_experts=m.num_experts, router=type(m.router).__name__,
                                expert_choice=isinstance(m.router, ExpertChoiceRouter)) for m in layers.values()}
 
@@ -164,7 +161,9 @@ def routing_report(
     started = time.perf_counter()
     model_name = model_name or _model_name(model)
     info = moe_layer_info(model, model_name)
-    figures.require_matplotlib()  # before the pass over the data
+    soft = bool(soft_moe_layers(model))  # Soft MoE: slots mix tokens, a report of mixes (soft_routing_report)
+    if not soft:
+        figures.require_matplotlib()  # before the pass over the data
     if start_model is not None and set(moe_layer_info(start_model, model_name)) != set(info):
         raise ValueError(f'the start model has MoE layers {sorted(moe_layer_info(start_model))}, the model '
                          f'{sorted(info)}; give a start model of the same layout')
@@ -187,6 +186,14 @@ def routing_report(
     example_positions = set(np.unique(np.linspace(0, len(subset) - 1, min(num_example_images, len(subset))).round()
                                       .astype(int)).tolist()) if num_example_images > 0 else set()
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    if soft:
+        layers = {m.layer_name: m for m in moe_layers(model).values()}
+        header = dict(model=model_name, checkpoint=checkpoint, start_checkpoint=start_checkpoint,
+                      data_dir=str(data_dir), split=split, input_size=[int(v) for v in data_config['input_size']])
+        return soft_routing_report(
+            model, loader, len(subset), output_dir, data_config, layers, start_model, background_threshold,
+            lambda it, total: _progress(it, progress, total, 'routing report'), device, header, top1_known)
 
     mean = torch.tensor(data_config['mean']).view(1, -1, 1, 1)
     std = torch.tensor(data_config['std']).view(1, -1, 1, 1)

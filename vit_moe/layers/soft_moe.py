@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .moe_mlp import MoeMlp
 
-__all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize', 'soft_moe_layers']
+__all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize', 'slot_similarity', 'soft_moe_layers']
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-6) -> torch.Tensor:
@@ -33,6 +33,17 @@ class SoftRouting(NamedTuple):
     metrics: Dict[str, torch.Tensor]
     probs: torch.Tensor  # [B, T, E] combine mass per expert (for the expert metrics)
     token_index = None  # no slot holds a single token: the slot-based tools refuse a Soft MoE layer
+
+
+def slot_similarity(dispatch: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity of the dispatch weights [B, T, N] of every pair of different slots (vmoe's
+    dispatch_weights_similarity_mean); 0-dim. One slot: 1."""
+    N = dispatch.shape[-1]
+    if N == 1:
+        return dispatch.new_ones(())
+    unit = l2_normalize(dispatch.transpose(1, 2), eps=1e-12)  # [B, N, T]
+    similarity = torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
+    return (similarity.sum(dim=(1, 2)) - similarity.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (N * (N - 1))
 
 
 class SoftRouter(nn.Module):
@@ -77,6 +88,7 @@ class SoftRouter(nn.Module):
                 dropped_fraction=torch.zeros((), device=x.device),  # no token is dropped
                 dispatch_entropy=-(dispatch * dispatch.clamp_min(1e-30).log()).sum(dim=1).mean(),  # nats, max log T
                 combine_entropy=-(combine * combine.clamp_min(1e-30).log()).sum(dim=2).mean(),  # max log(E*S)
+                slot_similarity=slot_similarity(dispatch),  # 1: every slot mixes the same tokens
             )
         return SoftRouting(dispatch, combine, logits.new_zeros(()), metrics, per_expert)
 

@@ -401,7 +401,7 @@ class Trainer:
         means = self.meter.means(self.accelerator)
         layers = means.pop('layers')
         self.meter.reset()
-        soft = {n: {k: m[k] for k in ('dispatch_entropy', 'combine_entropy')}  # Soft MoE layers (nats)
+        soft = {n: {k: m[k] for k in ('dispatch_entropy', 'combine_entropy', 'slot_similarity')}  # Soft MoE layers
                 for n, m in layers.items() if 'dispatch_entropy' in m}
         self.log.write(dict(
             type='train', step=self.state.step, epoch=epoch, elapsed_s=self.state.elapsed_s, **means,
