@@ -134,6 +134,11 @@ def test_soft_moe_is_the_reference_per_image_and_drops_nothing(seed, E, S, token
     assert 0 <= float(metrics['combine_entropy']) <= math.log(E * S) + 1e-4
 
 
+def test_soft_moe_output_scale_starts_at_one_since_its_combine_weights_sum_to_one():
+    layer = MoeMlp.from_mlp(Mlp(16, 32), 8, router='soft', output_scale=True, capacity_factor=2.0)
+    assert layer.output_scale.tolist() == [1.0]  # not E / C = 4: that would scale the start up four-fold
+
+
 def test_soft_moe_trains_its_slots_and_scale_and_copies_after_a_forward():
     layer = MoeMlp.from_mlp(Mlp(16, 32), 4, router='soft', slots_per_expert=2)
     with capture_routing():

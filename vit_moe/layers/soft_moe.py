@@ -104,6 +104,8 @@ class SoftMoeMlp(MoeMlp):
         kwargs.pop('router', None)
         super().__init__(dim, hidden_features, num_experts, router='expert_choice', **kwargs)
         self.router = SoftRouter(dim, num_experts, slots_per_expert, soft_scale)  # replaces the slot router
+        if self.output_scale is not None:  # a token's combine weights sum to 1 here: no scale-down to undo
+            nn.init.ones_(self.output_scale)
 
     def routed(self, x: torch.Tensor):
         """(routed output [B, T, D], SoftRouting, expert outputs [E, B*slots, D]); `MoeMlp.forward` does the rest."""
