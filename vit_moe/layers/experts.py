@@ -113,6 +113,15 @@ class _ExpertBank(nn.Module):
     def hidden_units(self) -> HiddenUnits:
         raise NotImplementedError
 
+    def _hidden_to_output(self, num_experts: int, act_layer, drop_probs: Tuple[float, float], norm: Optional[nn.Module],
+                          bias: bool) -> None:
+        """What every bank has after its input projection(s): act, drop, [norm], fc2 [E, hidden, out], drop."""
+        self.act = _act(act_layer)
+        self.drop1 = nn.Dropout(drop_probs[0])
+        self.norm = norm if norm is not None else nn.Identity()
+        self.fc2 = StackedLinear(num_experts, self.hidden_features, self.out_features, bias=bias)
+        self.drop2 = nn.Dropout(drop_probs[1])
+
     def extra_repr(self) -> str:
         return f'in_features={self.in_features}, hidden_features={self.hidden_features}'
 
@@ -136,11 +145,7 @@ class ExpertMlps(_ExpertBank):
         bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.fc1 = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
-        self.act = _act(act_layer)
-        self.drop1 = nn.Dropout(drop_probs[0])
-        self.norm = norm if norm is not None else nn.Identity()
-        self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
-        self.drop2 = nn.Dropout(drop_probs[1])
+        self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
 
     @classmethod
     def like(cls, mlp: nn.Module, num_experts: int, granularity: int = 1) -> 'ExpertMlps':
@@ -188,11 +193,7 @@ class ExpertGluMlps(_ExpertBank):
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.gate_last = gate_last
         self.fc1 = StackedLinear(num_experts, in_features, 2 * hidden_features, bias=bias[0])
-        self.act = _act(act_layer)
-        self.drop1 = nn.Dropout(drop_probs[0])
-        self.norm = norm if norm is not None else nn.Identity()
-        self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
-        self.drop2 = nn.Dropout(drop_probs[1])
+        self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
 
     @classmethod
     def like(cls, mlp: GluMlp, num_experts: int, granularity: int = 1) -> 'ExpertGluMlps':
@@ -239,11 +240,7 @@ class ExpertSwiGLUs(_ExpertBank):
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.fc1_g = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
         self.fc1_x = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
-        self.act = _act(act_layer)
-        self.drop1 = nn.Dropout(drop_probs[0])
-        self.norm = norm if norm is not None else nn.Identity()
-        self.fc2 = StackedLinear(num_experts, hidden_features, out_features, bias=bias[1])
-        self.drop2 = nn.Dropout(drop_probs[1])
+        self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
 
     @classmethod
     def like(cls, mlp: SwiGLU, num_experts: int, granularity: int = 1) -> 'ExpertSwiGLUs':

@@ -16,6 +16,11 @@ from .conversion import MoeBlocks, check_expert_init, convert_dense_to_moe, reso
 __all__ = ['upcycle', 'replace_mlps_with_moe']
 
 
+# Soft MoE's initial logit scale for upcycled models: sharp dispatch and combine keep each slot close to one token.
+# Validation loss right after upcycling the digits ViT (dense 0.699; expert choice C = 2: 0.709): scale 1 (vmoe's
+# from-scratch init) 0.730, 10: 0.725, 30: 0.712, 100: 0.705, 300: 0.705 (benchmarks/results/digits_upcycled_start.md)
+SOFT_UPCYCLING_SCALE = 100.0
+
 Backbone = Union[VisionTransformer, Eva]
 BACKBONES = (VisionTransformer, Eva)
 
@@ -119,7 +124,7 @@ def upcycle(
     """
     _check_backbone(dense_model)
     if router == 'soft':
-        router_kwargs.setdefault('soft_scale', 100.0)  # vit_moe.models.upcycled.SOFT_UPCYCLING_SCALE (no import circle)
+        router_kwargs.setdefault('soft_scale', SOFT_UPCYCLING_SCALE)
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(
         moe_model, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,

@@ -21,16 +21,11 @@ from safetensors import safe_open
 from timm.models import build_model_with_cfg, clean_state_dict, get_pretrained_cfg, resolve_pretrained_cfg
 
 from .conversion import CheckpointMismatchError, MoeBlocks, convert_dense_to_moe
-from .upcycle import replace_mlps_with_moe
+from .upcycle import SOFT_UPCYCLING_SCALE, replace_mlps_with_moe
 
 __all__ = ['UpcycledMoE', 'upcycling_filter', 'create_upcycled', 'cfg_from_dense', 'DENSE_SOURCES']
 
 _logger = logging.getLogger(__name__)
-
-# Soft MoE's initial logit scale for upcycled models: sharp dispatch and combine keep each slot close to one token.
-# Validation loss right after upcycling the digits ViT (dense 0.699; expert choice C = 2: 0.709): scale 1 (vmoe's
-# from-scratch init) 0.730, 10: 0.725, 30: 0.712, 100: 0.705, 300: 0.705 (benchmarks/results/digits_upcycled_start.md)
-SOFT_UPCYCLING_SCALE = 100.0
 
 # registered name -> dense timm weights ('<architecture>.<tag>') it is upcycled from
 DENSE_SOURCES: Dict[str, str] = {}
@@ -91,13 +86,13 @@ class UpcycledMoE:
         super().__init__(**kwargs)
         router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
                              z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
-        router_kwargs.update(dict(slots_per_expert=slots_per_expert, soft_scale=soft_scale) if router == 'soft' else {})
-        router_kwargs.update(dict(num_shared_experts=num_shared_experts) if num_shared_experts else {})
-        router_kwargs.update(dict(expert_granularity=expert_granularity) if expert_granularity != 1 else {})
+        if router == 'soft':
+            router_kwargs.update(slots_per_expert=slots_per_expert, soft_scale=soft_scale)
         replace_mlps_with_moe(  # sets self.moe_config
             self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,
             capacity_factor=capacity_factor, top_k=top_k, router_norm=router_norm,
-            capacity_multiple_of=capacity_multiple_of, output_scale=output_scale, **router_kwargs)
+            capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
+            num_shared_experts=num_shared_experts, expert_granularity=expert_granularity, **router_kwargs)
 
 
 def _weights_location(cfg: Dict[str, Any]) -> str:
