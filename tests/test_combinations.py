@@ -7,10 +7,13 @@ FSDP2 through `Accelerator.prepare` with the shipped fsdp2 config), then reloads
 `export/onnx_export.py` in float32 and int8 (layer-by-layer parity, then top-1 agreement on the validation images).
 The reloaded model must score exactly what the trainer logged for its final evaluation (EMA weights too).
 
-The cells cover every pair of option values (a pairwise covering array; EMA is refused under FSDP, so that pair is
-absent): torch_compile (inductor in one process; aot_eager under DDP / FSDP2, where two processes compiling with
-inductor cost a minute of this CI's two cores: dynamo, the wrappers and the saved keys are the same), grad_checkpointing, ema_decay, output_scale, router, expert_init (copy / drop),
-grad_accum_steps (2, with an epoch of 5 batches per process: not a multiple), mixed_precision (no / bf16).
+The cells cover every pair of option values (a pairwise covering array; EMA is refused under FSDP and Soft MoE has
+no fine-grained slices, so those pairs are absent): torch_compile (inductor in one process; aot_eager under DDP /
+FSDP2, where two processes compiling with inductor cost a minute of this CI's two cores: dynamo, the wrappers and the
+saved keys are the same), grad_checkpointing, ema_decay, output_scale, router (expert choice / token choice / soft),
+expert_init (copy / drop), grad_accum_steps (2, with an epoch of 5 batches per process: not a multiple),
+mixed_precision (no / bf16), prefix_tokens (compete / always), num_shared_experts (0 / 1), expert_granularity (1 / 2).
+Soft MoE files are checked end to end by the export CLI (no slot routing to expose), the others layer by layer.
 """
 import json
 import sys
@@ -33,23 +36,38 @@ MOE = dict(ARCH, num_experts=4, moe_blocks=1)
 
 # (mode, options): every pair of option values appears in at least one cell
 CELLS = {
-    'single-compile-ema-scale-drop-accum-bf16': ('single', dict(
+    'single-compile-ema-scale-drop-accum-bf16-g2': ('single', dict(
         torch_compile='default', ema_decay=0.9, output_scale=True, expert_init='drop', grad_accum_steps=2,
-        mixed_precision='bf16')),
-    'single-ckpt-drop': ('single', dict(grad_checkpointing=True, expert_init='drop')),
-    'single-ema-scale-tokenchoice': ('single', dict(ema_decay=0.9, output_scale=True, router='token_choice')),
-    'ddp-ema-tokenchoice-drop-bf16': ('ddp', dict(ema_decay=0.9, router='token_choice', expert_init='drop',
-                                                  mixed_precision='bf16')),
-    'ddp-scale-accum-bf16': ('ddp', dict(output_scale=True, grad_accum_steps=2, mixed_precision='bf16')),
-    'ddp-compile-ckpt-ema-tokenchoice-accum': ('ddp', dict(
+        mixed_precision='bf16', expert_granularity=2)),
+    'single-ckpt-drop-prefix-g2': ('single', dict(grad_checkpointing=True, expert_init='drop', prefix_tokens='always',
+                                                  expert_granularity=2)),
+    'single-ema-scale-tokenchoice-prefix': ('single', dict(ema_decay=0.9, output_scale=True, router='token_choice',
+                                                           prefix_tokens='always')),
+    'ddp-ema-tokenchoice-drop-bf16-prefix-shared': ('ddp', dict(
+        ema_decay=0.9, router='token_choice', expert_init='drop', mixed_precision='bf16', prefix_tokens='always',
+        num_shared_experts=1)),
+    'ddp-scale-accum-bf16-prefix-shared': ('ddp', dict(output_scale=True, grad_accum_steps=2, mixed_precision='bf16',
+                                                       prefix_tokens='always', num_shared_experts=1)),
+    'ddp-compile-ckpt-ema-tokenchoice-accum-prefix-g2': ('ddp', dict(
         torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True, ema_decay=0.9,
-        router='token_choice', grad_accum_steps=2)),
-    'fsdp-ckpt-scale-tokenchoice-accum-bf16': ('fsdp', dict(grad_checkpointing=True, output_scale=True,
-                                                            router='token_choice', grad_accum_steps=2,
-                                                            mixed_precision='bf16')),
-    'fsdp-compile-drop': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager', expert_init='drop')),
+        router='token_choice', grad_accum_steps=2, prefix_tokens='always', expert_granularity=2)),
+    'fsdp-ckpt-scale-tokenchoice-accum-bf16-shared-g2': ('fsdp', dict(
+        grad_checkpointing=True, output_scale=True, router='token_choice', grad_accum_steps=2, mixed_precision='bf16',
+        num_shared_experts=1, expert_granularity=2)),
+    'fsdp-compile-drop-g2': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager', expert_init='drop',
+                                          expert_granularity=2)),
+    'single-soft-compile-ckpt-ema-scale-drop-shared': ('single', dict(
+        router='soft', torch_compile='default', grad_checkpointing=True, ema_decay=0.9, output_scale=True,
+        expert_init='drop', num_shared_experts=1)),
+    'ddp-soft-accum-bf16-shared': ('ddp', dict(router='soft', grad_accum_steps=2, mixed_precision='bf16',
+                                               num_shared_experts=1)),
+    'fsdp-soft-compile-ckpt-drop-accum-prefix': ('fsdp', dict(
+        router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
+        expert_init='drop', grad_accum_steps=2, prefix_tokens='always')),
 }
-MODEL_KEYS = ('output_scale', 'expert_init', 'router')
+MODEL_KEYS = ('output_scale', 'expert_init', 'router', 'prefix_tokens', 'num_shared_experts', 'expert_granularity')
+MODEL_DEFAULTS = dict(output_scale=False, expert_init='copy', router='expert_choice', prefix_tokens='compete',
+                      num_shared_experts=0, expert_granularity=1)
 
 
 @pytest.fixture(scope='module')
@@ -115,8 +133,7 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
     model = create_model_from_checkpoint(NAME, str(folder)).eval()
     assert saved.keys() == model.state_dict().keys()
     for key in MODEL_KEYS:  # the options are in the saved model, not just in the config
-        assert model.moe_config[key] == cfg.model_kwargs.get(key, {'output_scale': False, 'expert_init': 'copy',
-                                                                   'router': 'expert_choice'}[key])
+        assert model.moe_config[key] == cfg.model_kwargs.get(key, MODEL_DEFAULTS[key])
     experts = model.blocks[-1].mlp.experts.fc1.weight
     assert not torch.equal(experts[0], experts[1])  # trained (and, with drop, re-initialised) apart
     local = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
@@ -148,8 +165,11 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
 
 def test_the_matrix_covers_every_pair_of_option_values():
     values = dict(mode=('single', 'ddp', 'fsdp'), torch_compile=(None, 'default'), grad_checkpointing=(False, True),
-                  ema_decay=(None, 0.9), output_scale=(False, True), router=('expert_choice', 'token_choice'),
-                  expert_init=('copy', 'drop'), grad_accum_steps=(1, 2), mixed_precision=(None, 'bf16'))
+                  ema_decay=(None, 0.9), output_scale=(False, True), router=('expert_choice', 'token_choice', 'soft'),
+                  expert_init=('copy', 'drop'), grad_accum_steps=(1, 2), mixed_precision=(None, 'bf16'),
+                  prefix_tokens=('compete', 'always'), num_shared_experts=(0, 1), expert_granularity=(1, 2))
+    refused = ({'mode': 'fsdp', 'ema_decay': 0.9},  # the EMA would hold a full model copy on every process
+               {'router': 'soft', 'expert_granularity': 2})  # Soft MoE mixes tokens into slots: no slices
     defaults = {k: v[0] for k, v in values.items()}
     rows = [dict(defaults, mode=mode, **options) for mode, options in CELLS.values()]
     keys = list(values)
@@ -158,8 +178,8 @@ def test_the_matrix_covers_every_pair_of_option_values():
         for b in keys[i + 1:]:
             for va in values[a]:
                 for vb in values[b]:
-                    if {a: va, b: vb} in ({'mode': 'fsdp', 'ema_decay': 0.9}, {'ema_decay': 0.9, 'mode': 'fsdp'}):
-                        continue  # refused: the EMA would hold a full model copy on every process
+                    if {a: va, b: vb} in refused:
+                        continue
                     if not any(r[a] == va and r[b] == vb for r in rows):
                         missing.append(f'{a}={va} with {b}={vb}')
     assert not missing, missing
