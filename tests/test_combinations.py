@@ -56,9 +56,9 @@ CELLS = {
         num_shared_experts=1, expert_granularity=2)),
     'fsdp-compile-drop-g2': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager', expert_init='drop',
                                           expert_granularity=2)),
-    'single-soft-compile-ckpt-ema-scale-drop-shared': ('single', dict(
-        router='soft', torch_compile='default', grad_checkpointing=True, ema_decay=0.9, output_scale=True,
-        expert_init='drop', num_shared_experts=1)),
+    'single-soft-compile-ckpt-ema-scale-drop-shared': ('single', dict(  # aot_eager: inductor runs in the first cell
+        router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
+        ema_decay=0.9, output_scale=True, expert_init='drop', num_shared_experts=1)),
     'ddp-soft-accum-bf16-shared': ('ddp', dict(router='soft', grad_accum_steps=2, mixed_precision='bf16',
                                                num_shared_experts=1)),
     'fsdp-soft-compile-ckpt-drop-accum-prefix': ('fsdp', dict(
