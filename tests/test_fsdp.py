@@ -26,7 +26,8 @@ def runs(tmp_path_factory):
     one = run_script([sys.executable, 'tests/fsdp2_worker.py', settings])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_script([*launch_processes(2), 'tests/fsdp2_worker.py', settings], timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    written = sorted(p.name for p in out.iterdir())  # tells a crash during the run from one at exit
+    assert two.returncode == 0, f'outputs written: {written}\n{two.stderr[-3000:]}'
     return out
 
 
