@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,8 +27,7 @@ from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 
-__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError', 'BadImageLog',
-           'ignore_stop_signals']
+__all__ = ['check_image_folder', 'ImageFolderDataset', 'verify_images', 'BadImageError', 'BadImageLog']
 
 _logger = logging.getLogger(__name__)
 
@@ -207,18 +205,6 @@ class ImageFolderDataset(ImageDataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGINT.
-
-    A preempted job (SLURM, `kill -TERM -<pgid>`) or Ctrl-C signals every process of the group, data-loader workers
-    included. A worker killed by it makes the main process raise "DataLoader worker ... is killed by signal" before
-    it can save; ignoring the signal lets the main process finish its step, save a checkpoint, then shut the workers
-    down as usual (they also exit on their own when the main process dies).
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def verify_images(dataset: ImageFolderDataset) -> List[Tuple[str, str]]:

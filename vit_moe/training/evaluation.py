@@ -13,7 +13,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..data import ImageFolderDataset, build_transforms, data_config_for
+from ..data import (
+    ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
+)
 from ..layers import capture_routing
 from ..models import checkpoint_label_names, create_model_from_checkpoint
 
@@ -36,7 +38,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator, num_classes: int) -> D
                               sync_on_compute=False).to(device)
     loss_sum, count, excluded, routing = torch.zeros((), device=device), 0, 0, {}
     start = time.perf_counter()
-    for batch in loader:
+    for batch in iter_with_shielded_workers(loader):  # a stop signal mid-run kills no worker
         images, targets = batch[0], batch[1]
         readable = batch[2] if len(batch) > 2 else torch.ones_like(targets, dtype=torch.bool)
         with capture_routing() as captured:
@@ -98,7 +100,8 @@ def validate(
     num_classes = len(label_names) if label_names else len(dataset.class_to_idx)
     model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **(model_kwargs or {}))
     dataset.transform = build_transforms(data_config_for(model), None, is_training=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         worker_init_fn=ignore_stop_signals)
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, num_classes)
     result.update(model=model_name, checkpoint=checkpoint, split=str(dataset.reader.root), excluded=dataset.skipped,

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..data import (
-    BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, verify_images,
+    BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
+    verify_images,
 )
 from ..layers import capture_routing
 from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
@@ -322,7 +323,7 @@ class Trainer:
                 self.train_loader.set_epoch(epoch)
                 self.train_set.set_epoch(epoch)
                 loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-                for images, targets in loader:
+                for images, targets in iter_with_shielded_workers(loader):  # a stop signal kills no worker
                     self.train_step(images, targets)
                     if not self.accelerator.sync_gradients:
                         continue  # accumulating: not an optimizer step yet
