@@ -17,6 +17,7 @@ __all__ = ['STOP_SIGNALS', 'ignore_stop_signals', 'iter_with_shielded_workers', 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 T = TypeVar('T')
+_END = object()  # an exhausted iterator's first `next`
 
 
 @contextmanager
@@ -55,5 +56,3 @@ def iter_with_shielded_workers(loader: Iterable[T]) -> Iterator[T]:
     yield first
     yield from iterator
 
-
-_END = object()

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..data import (
-    BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
-    verify_images,
+    STOP_SIGNALS, BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals,
+    iter_with_shielded_workers, verify_images,
 )
 from ..layers import capture_routing
 from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
@@ -72,7 +72,7 @@ class _StopSignal:
 
     @contextmanager
     def installed(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
         try:
             yield self
         finally:

@@ -72,6 +72,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import yaml
 
 from .._files import atomic_write
+from ..data import STOP_SIGNALS
 from .checkpoints import checkpoint_step, latest_checkpoint
 from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, read_yaml, resume_conflicts
 from .loop import NonFiniteLossError, train
@@ -555,7 +556,7 @@ def _train_in_subprocess(run: Run, command: Sequence[str]) -> Dict[str, Any]:
         process.send_signal(signum)
 
     tail: List[str] = []
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         for line in process.stderr:  # shown as it comes; the last lines kept for the outcome
             sys.stderr.write(line)
