@@ -13,7 +13,6 @@ A bad argument or model option exits with 2 and one line on stderr; --debug (or 
 traceback instead. --verbose shows the exporter's own INFO logs and other libraries' warnings.
 """
 import json
-import sys
 from pathlib import Path
 
 import timm
@@ -66,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

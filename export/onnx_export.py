@@ -184,4 +184,4 @@ def same_logits(a: Path, b: Path) -> float:
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

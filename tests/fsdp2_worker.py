@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import vit_moe  # noqa: F401  registers the models
+from vit_moe import _cli
 from vit_moe.training import create_optimizer, forward_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,13 +87,8 @@ def main(settings: dict) -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-        # Leave without interpreter finalization: Gloo objects destroyed there can abort the process ("terminate
-        # called without an active exception", pytorch/pytorch#179291). Seen once in CI (rank 0, SIGABRT), not in
-        # 48 runs here; every output above is written and closed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == '__main__':
     main(json.loads(sys.argv[1]))
+    _cli.leave(0)  # a process of a distributed launch ends without interpreter finalization (see vit_moe._cli)

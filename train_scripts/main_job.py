@@ -20,7 +20,6 @@ Exits with 2 and one line on stderr for a bad argument or path (--debug or VIT_M
 """
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -173,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

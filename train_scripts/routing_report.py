@@ -18,7 +18,6 @@ A bad argument, path, checkpoint or a model without MoE layers exits with 2 and 
 VIT_MOE_DEBUG=1) shows the traceback instead. --verbose shows other libraries' INFO logs and warnings.
 """
 import json
-import sys
 
 import timm
 
@@ -96,4 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

@@ -41,4 +41,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

@@ -15,7 +15,6 @@ A bad argument, path, checkpoint or model file exits with 2 and one line on stde
 shows the traceback instead. --verbose shows other libraries' INFO logs and warnings.
 """
 import json
-import sys
 
 import timm
 import yaml
@@ -85,4 +84,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(_cli.run(main))
+    _cli.run_and_exit(main)

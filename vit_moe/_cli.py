@@ -7,7 +7,7 @@
         ...
 
     if __name__ == '__main__':
-        sys.exit(_cli.run(main))
+        _cli.run_and_exit(main)
 
 Exit codes:
 
@@ -27,19 +27,30 @@ Logging: `vit_moe` loggers at INFO (the trainer's one-line progress), everything
 deprecation / future warnings (unless -W or PYTHONWARNINGS is given); `--verbose` puts everything at INFO,
 including loggers that quiet themselves unless a level is set on them (the ONNX exporter's).
 
+Leaving a process that ran a torch.distributed process group (`leave`): Gloo's worker threads release the tensors of
+a finished collective after the Python side has seen it complete. When that release comes after the interpreter has
+begun finalizing, taking the GIL makes the thread exit through a forced unwind, which a noexcept C++ destructor turns
+into `std::terminate` ("terminate called without an active exception", SIGABRT): a job that finished its work ends
+with exit code -6. `destroy_process_group` does not prevent it where other objects keep the group alive (FSDP2's
+device mesh, held by torch's DTensor caches). So a process started by a launcher ends as multiprocessing's children
+do: atexit handlers, flushed output, then `os._exit`, with no interpreter finalization for a C++ thread to race.
+
 This module imports only the standard library.
 """
 import argparse
+import atexit
 import contextlib
 import difflib
 import logging
 import os
 import sys
+import traceback
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 __all__ = ['ArgumentParser', 'UsageError', 'add_common_flags', 'pop_common_flags', 'raise_usage_errors', 'mapping_type',
-           'name_type', 'setup_logging', 'run', 'debug_requested', 'is_user_error', 'one_line']
+           'name_type', 'setup_logging', 'run', 'run_and_exit', 'leave', 'debug_requested', 'is_user_error',
+           'one_line']
 
 DEBUG_ENV = 'VIT_MOE_DEBUG'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
@@ -183,3 +194,42 @@ def run(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[
             raise
         print(f'{prog}: error: {one_line(e)}', file=sys.stderr)
         return 2
+
+
+def _in_process_group_launch() -> bool:
+    """Started by a distributed launcher (torch.distributed.run / accelerate launch set WORLD_SIZE), or a process group
+    is up in this process."""
+    distributed = sys.modules.get('torch.distributed')
+    initialized = distributed is not None and distributed.is_available() and distributed.is_initialized()
+    return 'WORLD_SIZE' in os.environ or initialized
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with `code`. A process of a distributed launch runs its atexit handlers, flushes its output and ends with
+    `os._exit`: no interpreter finalization for Gloo's threads to race (see the module doc); any other exits as usual."""
+    if not _in_process_group_launch():
+        sys.exit(code)
+    try:
+        atexit._run_exitfuncs()  # logging.shutdown, trackers, compile workers: as a normal exit would run them
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def run_and_exit(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
+    """A front end's entry point: `run(main)` on the command line's arguments, then `leave` with its exit code (an
+    unexpected error: its traceback and 1, as Python would; `sys.exit` inside `main` keeps its code)."""
+    try:
+        code = run(main)
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    leave(code)
