@@ -8,7 +8,6 @@ import io
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,20 +82,14 @@ def run_front_end(script: str, *args: str):
     return rc, out.getvalue(), err.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 def launch_processes(num_processes: int = 2):
     """`num_processes` processes on CPU (DDP over gloo) through torch's launcher, which Accelerate picks up.
 
     `accelerate launch --cpu --num_processes N` starts a single process on a machine without GPUs (its simple
-    launcher), so the tests use `torch.distributed.run` and check that the run saw N processes.
+    launcher), so the tests use `torch.distributed.run` and check that the run saw N processes. `--standalone`: the
+    launcher's store binds a port the system picks (no port chosen here that another test could take first).
     """
-    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(num_processes),
-            '--master_addr', '127.0.0.1', '--master_port', str(free_port())]
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(num_processes)]
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """Preemption as users meet it: SIGTERM / SIGKILL at any moment, resume in the same output folder, again and
 again; the run ends with exactly the weights of an uninterrupted one and loses no completed checkpoint."""
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,49 +81,42 @@ def test_resume_after_resume_after_resume_in_the_same_folder(tmp_path, data):
     assert [r['step'] for r in resumes] == [3, 6, 9]  # the first run started fresh
 
 
+DRIVER = 'tests/trainer_driver.py'  # kills or stops a trainer at an exact point (see its doc)
+
+
+def _stopped(proc: subprocess.Popen) -> None:
+    """Wait until `proc` (a child of this process) has stopped itself (SIGSTOP); fails if it exited instead."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f'the run ended (status {status}) before it reached the point to signal it at'
+
+
 def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp_path, data, uninterrupted):
+    """SIGTERM lands after step 3 (the trainer stops itself there, the test signals it and lets it go on): the run
+    saves at the next step boundary, step 4, and the resume reaches the uninterrupted run's losses and weights."""
     out = tmp_path / 'run'
-    proc = subprocess.Popen([sys.executable, 'train_scripts/train.py', *_args(data, out)], cwd=ROOT, env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((out / 'log.jsonl').exists() and len(log_records(out)) >= 3):
-        time.sleep(0.05)
+    proc = subprocess.Popen([sys.executable, DRIVER, 'stop', 'after_step', '3', 'train_scripts/train.py',
+                             *_args(data, out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _stopped(proc)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     stopped_at = torch.load(latest_checkpoint(out) / 'custom_checkpoint_0.pkl', weights_only=True)['step']
-    assert 3 <= stopped_at < 10 and f'checkpoint_step_{stopped_at}' in stderr
+    assert stopped_at == 4 and 'checkpoint_step_4' in stderr
     result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f'at step {stopped_at}' in result.stderr  # the resume line names the step
+    assert 'at step 4' in result.stderr  # the resume line names the step
     np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
     _assert_same_weights(_weights(out), uninterrupted['weights'])
 
 
-# A driver that SIGKILLs its own process at the n-th call of a function: inside a step, after a checkpoint's files
-# are written but before it is renamed into place, and while an old checkpoint is being deleted.
-_KILLER = '''
-import os, runpy, signal, sys
-import vit_moe._files as files, vit_moe.training.checkpoints as checkpoints, vit_moe.training.loop as loop
-target, n = sys.argv[1], int(sys.argv[2])
-owner, name = {'step': (loop.Trainer, 'train_step'), 'save': (files, 'fsync_tree'),
-               'prune': (checkpoints, '_erase')}[target]
-real, calls = getattr(owner, name), [0]
-def killer(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(owner, name, killer)
-sys.argv = ['train.py'] + sys.argv[3:]
-runpy.run_path('train_scripts/train.py', run_name='__main__')
-'''
-
-
 @pytest.mark.parametrize('target, n', [('step', 6), ('save', 2), ('prune', 1)])
 def test_sigkill_during_a_step_a_save_or_a_deletion_loses_nothing(tmp_path, data, uninterrupted, target, n):
+    """Killed inside a step, after a checkpoint's files are written but before it is renamed into place, and while an
+    old checkpoint is being deleted."""
     out = tmp_path / 'run'
-    killed = run_script([sys.executable, '-c', _KILLER, target, str(n), *_args(data, out)])
+    killed = run_script([sys.executable, DRIVER, 'kill', target, str(n), 'train_scripts/train.py', *_args(data, out)])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     _assert_checkpoints_whole(out)
     before = latest_checkpoint(out)
@@ -138,30 +131,32 @@ def test_sigkill_during_a_step_a_save_or_a_deletion_loses_nothing(tmp_path, data
     np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
 
 
-def _last_step(output_dir) -> int:
-    path = Path(output_dir) / 'log.jsonl'
-    return max((r['step'] for r in log_records(output_dir)), default=0) if path.exists() else 0
+def _random_kill_points(rng: random.Random, launches: int):
+    """(where, n) per launch: a point every launch reaches (each has at least 6 steps and 2 checkpoints to go)."""
+    points = []
+    for _ in range(launches):
+        where = rng.choice(['step', 'after_step', 'log', 'save', 'prune'])
+        points.append((where, rng.randint(1, 2) if where in ('save', 'prune') else rng.randint(1, 6)))
+    return points
 
 
-def test_sigkill_at_random_moments_again_and_again_ends_like_an_uninterrupted_run(tmp_path, data):
+def test_sigkill_at_random_points_again_and_again_ends_like_an_uninterrupted_run(tmp_path, data):
+    """Five launches with `--resume auto`, each SIGKILLed at a point drawn at random (seeded: the same points every
+    time) among: inside a step, a step boundary, a log write, a checkpoint's save before its rename, the deletion of
+    an old checkpoint; then a launch that finishes. It ends with the uninterrupted run's losses and weights."""
     settings = dict(steps=40, checkpoint_every=3)
     reference = run_script([sys.executable, 'train_scripts/train.py', *_args(data, tmp_path / 'full', **settings)])
     assert reference.returncode == 0, reference.stderr[-3000:]
-    out, rng = tmp_path / 'run', random.Random(0)
-    args = [sys.executable, 'train_scripts/train.py', *_args(data, out, resume='auto', **settings)]
-    for target in sorted(rng.sample(range(2, 38), 5)):  # kill once the log reaches these steps, plus a random delay
-        proc = subprocess.Popen(args, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while proc.poll() is None and _last_step(out) < target and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.05))
-        proc.kill()
-        _, stderr = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    out = tmp_path / 'run'
+    args = ['train_scripts/train.py', *_args(data, out, resume='auto', **settings)]
+    for where, n in _random_kill_points(random.Random(0), 5):
+        killed = run_script([sys.executable, DRIVER, 'kill', where, str(n), *args])
+        assert killed.returncode == -signal.SIGKILL, (where, n, killed.stderr[-2000:])
         _assert_checkpoints_whole(out)
-    final = run_script(args)
+    final = run_script([sys.executable, *args])
     assert final.returncode == 0, final.stderr[-3000:]
-    assert len(log_records(out, 'resume')) >= 4  # most kills came after a checkpoint, so most launches resumed
+    starts = [r['step'] for r in log_records(out, 'start')]
+    assert len(starts) >= 2 and [r['step'] for r in log_records(out, 'resume')] == [s for s in starts if s > 0]
     _assert_same_weights(_weights(out), _weights(tmp_path / 'full'))
     np.testing.assert_allclose([r['loss'] for r in log_records(out)], [r['loss'] for r in log_records(tmp_path / 'full')],
                                rtol=1e-5, atol=1e-6)

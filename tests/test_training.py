@@ -111,35 +111,49 @@ def _cli_args(tmp_path, **overrides):
 @pytest.mark.parametrize('processes', [1, 2])
 def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp_path, data, processes):
     """As a preempted job meets it (SLURM's scancel, `kill -TERM -<pgid>`): SIGTERM reaches every process at once,
-    the launcher and the DataLoader workers included."""
+    the launcher and the DataLoader workers included. Each trainer stops itself after step 3 (tests/trainer_driver.py),
+    mid-epoch with its two workers running; the test then signals every process of the job, the workers first (the
+    worst order for the trainers), and lets the trainers go on: all of them save at step 4."""
     launch = [sys.executable] if processes == 1 else launch_processes(2)
-    proc = subprocess.Popen([*launch, 'train_scripts/train.py', *_cli_args(
-        tmp_path, steps=100000, checkpoint_every=100000, num_workers=2)], cwd=ROOT, env=script_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    everyone = []  # every process of the job seen, the workers first (the worst order for the trainers)
+    proc = subprocess.Popen([*launch, 'tests/trainer_driver.py', 'stop', 'after_step', '3', 'train_scripts/train.py',
+                             *_cli_args(tmp_path, steps=100000, checkpoint_every=100000, num_workers=2)], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    job, seen = psutil.Process(proc.pid), []
     try:
-        _sigterm_everyone_then_resume(proc, tmp_path, processes, launch, everyone)
+        _sigterm_everyone_then_resume(proc, job, tmp_path, processes, launch, seen)
     finally:  # nothing left running, whatever failed (torchrun's trainers run in sessions of their own)
-        for leftover in everyone:
+        with contextlib.suppress(psutil.Error):
+            seen += job.children(recursive=True)
+        for leftover in seen + [job]:
             with contextlib.suppress(psutil.Error):
                 leftover.kill()
 
 
-def _sigterm_everyone_then_resume(proc, tmp_path, processes, launch, everyone):
-    log, deadline = tmp_path / 'run' / 'log.jsonl', time.time() + 180
-    job, trainers, workers = psutil.Process(proc.pid), [], []
-    while time.time() < deadline and not (log.exists() and log.read_text().count('\n') >= 3
-                                          and len(trainers) == processes and len(workers) >= 2 * processes):
-        time.sleep(0.1)  # training, and every trainer's two DataLoader workers running (they restart each epoch)
+def _stopped_trainers(job: psutil.Process, processes: int):
+    """The job's trainers, once every one has stopped itself (a state it reaches, not a moment to catch)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
         trainers = [job] if processes == 1 else job.children()
-        workers = [worker for trainer in trainers for worker in trainer.children()]
-    everyone += list(dict.fromkeys(workers + trainers + [job]))
-    assert len(trainers) == processes and len(workers) >= 2 * processes
-    for p in everyone:
-        with contextlib.suppress(psutil.NoSuchProcess):  # a worker may have ended with its epoch meanwhile
-            p.send_signal(signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if len(trainers) == processes and all(t.status() == psutil.STATUS_STOPPED for t in trainers):
+                return trainers
+        assert job.is_running() and job.status() != psutil.STATUS_ZOMBIE, 'the job ended before step 3'
+        time.sleep(0.05)
+    pytest.fail('the trainers did not reach step 3 in 300 s')
+
+
+def _sigterm_everyone_then_resume(proc, job, tmp_path, processes, launch, seen):
+    trainers = _stopped_trainers(job, processes)
+    workers = [worker for trainer in trainers for worker in trainer.children()]
+    seen += workers + trainers
+    assert len(workers) == 2 * processes  # a stopped trainer starts and ends no worker: the set is fixed
+    for p in workers + trainers + ([job] if processes == 2 else []):
+        p.send_signal(signal.SIGTERM)
+    for trainer in trainers:
+        trainer.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=180)
-    assert stderr.count('stopped by signal 15 at step') == processes, stderr[-3000:]
+    assert stderr.count('stopped by signal 15 at step 4') == processes, stderr[-3000:]
     assert 'is killed by signal' not in stderr  # no DataLoader worker died of it
     # the trainers exit quietly; torchrun's own agent reports the signal it got with one traceback of its own
     assert stderr.count('Traceback (most recent call last)') == (processes == 2) and ('SignalException' in stderr) == (
@@ -149,7 +163,7 @@ def _sigterm_everyone_then_resume(proc, tmp_path, processes, launch, everyone):
     checkpoint = latest_checkpoint(str(tmp_path / 'run'))
     assert checkpoint is not None and (checkpoint / 'model.safetensors').is_file()
     step = torch.load(checkpoint / 'custom_checkpoint_0.pkl', weights_only=True)['step']
-    assert step >= 2
+    assert step == 4
     resumed = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path, steps=step + 2, num_workers=2,
                                                                          resume='latest')])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
