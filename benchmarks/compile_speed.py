@@ -126,7 +126,7 @@ def _compile(module, args):
 def layer_items(args):
     torch.manual_seed(0)
     hidden = args.hidden or int(args.dim * 4)
-    moe = MoeMlp(args.dim, hidden, args.experts, router=args.router, capacity_factor=args.capacity_factor)
+    moe = MoeMlp(args.dim, hidden, num_experts=args.experts, router=args.router, capacity_factor=args.capacity_factor)
     compiled = _compile(moe, args)
     x = torch.randn(args.batch, args.tokens, args.dim)
     x_grad = x.clone().requires_grad_(True)

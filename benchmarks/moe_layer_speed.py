@@ -15,7 +15,7 @@ import time
 import torch
 from timm.layers import Mlp
 
-from vit_moe import MoeMlp, expert_choice_capacity
+from vit_moe.layers import expert_choice_capacity, moe_layer_like
 
 
 def _time(fn, x, repeats: int) -> float:
@@ -44,7 +44,8 @@ def main(argv=None):
     torch.manual_seed(0)
     hidden = int(args.dim * args.mlp_ratio)
     dense = Mlp(args.dim, hidden).eval()
-    moe = MoeMlp.from_mlp(dense, args.experts, router=args.router, capacity_factor=args.capacity_factor).eval()
+    moe = moe_layer_like(dense, num_experts=args.experts, router=args.router,
+                         capacity_factor=args.capacity_factor).eval()
     x = torch.randn(args.batch, args.tokens, args.dim)
     capacity = moe.router.capacity(args.tokens)
     flop_ratio = args.experts * capacity / args.tokens  # token-MLPs computed vs dense
@@ -72,20 +73,16 @@ def _designs(dense: Mlp, args) -> dict:
     E, C, T = args.experts, args.capacity_factor, args.tokens
     slots = expert_choice_capacity(T, E, C)
     designs = {
-        f'expert choice C={C:g}': (dict(capacity_factor=C), E * slots / T),
-        'token choice top-2, C=1': (dict(router='token_choice', top_k=2, capacity_factor=1.0), 2.0),
-        f'Soft MoE, {slots} slots/expert': (dict(router='soft', slots_per_expert=slots), E * slots / T),
-        f'1 shared + expert choice C={C - 1:g}': (dict(num_shared_experts=1, capacity_factor=C - 1),
-                                                  1 + E * expert_choice_capacity(T, E, C - 1) / T),
-        f'fine-grained G=4, E={4 * E}, C={C:g}': (dict(expert_granularity=4, capacity_factor=C), None),
+        f'expert choice C={C:g}': dict(num_experts=E, capacity_factor=C),
+        'token choice top-2, C=1': dict(num_experts=E, router='token_choice', top_k=2, capacity_factor=1.0),
+        f'Soft MoE, {slots} slots/expert': dict(num_experts=E, router='soft', slots_per_expert=slots),
+        f'1 shared + expert choice C={C - 1:g}': dict(num_experts=E, num_shared_experts=1, capacity_factor=C - 1),
+        f'fine-grained G=4, E={4 * E}, C={C:g}': dict(num_experts=4 * E, expert_granularity=4, capacity_factor=C),
     }
     out = {}
-    for name, (kwargs, flops) in designs.items():
-        experts = 4 * E if 'expert_granularity' in kwargs else E
-        layer = MoeMlp.from_mlp(dense, experts, **kwargs).eval()
-        if flops is None:  # 4E experts of a quarter of the hidden units
-            flops = experts * layer.router.capacity(T) / 4 / T
-        out[name] = (layer, flops)
+    for name, options in designs.items():
+        layer = moe_layer_like(dense, **options).eval()
+        out[name] = (layer, layer.config.expert_evaluations(T) / T)  # every slot computed, empty or not
     return out
 
 

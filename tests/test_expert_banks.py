@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from timm.layers import ConvMlp, GatedMlp, GluMlp, Mlp, QuickGELU, SwiGLU, SwiGLUPacked
 from timm.models.mlp_mixer import SpatialGatingUnit
 
-from vit_moe import MoeMlp
+from vit_moe import MoeMlp, moe_layer_like
 from vit_moe.models import convert_dense_to_moe
 
 HIDDEN_NORM = dict(norm_layer=partial(nn.LayerNorm, eps=1e-6))
@@ -38,7 +38,7 @@ class _Block(nn.Module):
 def _upcycled(dense: nn.Module, num_experts: int, expert_init: str = 'copy', drop_ratio: float = 0.5,
               **kwargs) -> MoeMlp:
     """The MoE layer for `dense` with weights converted from it as a checkpoint would be."""
-    target = _Block(MoeMlp.from_mlp(dense, num_experts, **kwargs))
+    target = _Block(moe_layer_like(dense, num_experts=num_experts, **kwargs))
     target.mlp.layer_name = 'mlp'
     state = convert_dense_to_moe(_Block(dense).state_dict(), target, expert_init=expert_init, drop_ratio=drop_ratio)
     target.load_state_dict(state)
@@ -70,7 +70,7 @@ def test_every_slot_filled_the_upcycled_layer_is_the_dense_mlp(name, seed, token
 @pytest.mark.parametrize('name', list(DENSE_MLPS))
 def test_dense_parameter_names_map_key_by_key_inside_experts(name):
     dense = DENSE_MLPS[name][0](16, 24)
-    moe = MoeMlp.from_mlp(dense, 3)
+    moe = moe_layer_like(dense, num_experts=3)
     dense_keys = set(dense.state_dict())
     bank_keys = {k[len('experts.'):] for k in moe.state_dict() if k.startswith('experts.')}
     assert bank_keys == dense_keys
@@ -114,4 +114,4 @@ class _MyMlp(Mlp):
 ])
 def test_what_cannot_be_upcycled_is_refused_naming_it(make, message):
     with pytest.raises(TypeError, match=message):
-        MoeMlp.from_mlp(make(), 4)
+        moe_layer_like(make(), num_experts=4)

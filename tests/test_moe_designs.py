@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from timm.layers import GluMlp, Mlp, SwiGLU
 
-from vit_moe import MoeMlp, capture_routing, upcycle
+from vit_moe import MoeMlp, capture_routing, moe_layer_like, upcycle
 from vit_moe.analysis import routing_report
 from vit_moe.layers import SoftMoeMlp, SoftRouter, expert_choice_capacity
 from vit_moe.layers.soft_moe import slot_similarity
@@ -43,7 +43,7 @@ def test_shared_and_fine_grained_upcycling_computes_the_dense_mlp_with_every_slo
     dense = DENSE_MLPS[mlp]().eval()
     E, G, S = 8, {'shared': 1}.get(design, 4), 0 if design.startswith('fine') else 2
     router = 'token_choice' if design.endswith('token_choice') else 'expert_choice'
-    layer = MoeMlp.from_mlp(dense, E, num_shared_experts=S, expert_granularity=G,
+    layer = moe_layer_like(dense, num_experts=E, num_shared_experts=S, expert_granularity=G,
                             **_full_capacity(E, G, router)).eval()
     model = torch.nn.Sequential()  # conversion works on any module holding MoE layers
     model.add_module('mlp', layer)
@@ -66,7 +66,7 @@ def test_fine_grained_capacity_keeps_the_flops_per_token_of_whole_experts(tokens
     """E = whole * G experts of H / G hidden units with capacity ceil(C * G * T / E) cost what `whole` experts of H
     units with capacity ceil(C * T / whole) cost, up to the rounding of one slot per expert."""
     E, H = whole * G, 64
-    layer = MoeMlp.from_mlp(Mlp(16, H), E, capacity_factor=factor, expert_granularity=G)
+    layer = moe_layer_like(Mlp(16, H), num_experts=E, capacity_factor=factor, expert_granularity=G)
     fine = E * layer.router.capacity(tokens) * (H // G)
     coarse = whole * expert_choice_capacity(tokens, whole, factor) * H
     assert layer.experts.hidden_features == H // G
@@ -74,27 +74,29 @@ def test_fine_grained_capacity_keeps_the_flops_per_token_of_whole_experts(tokens
 
 
 def test_fine_grained_virtual_groups_sum_their_probabilities_to_one_each():
-    layer = MoeMlp.from_mlp(Mlp(16, 64), 8, expert_granularity=4)
+    layer = moe_layer_like(Mlp(16, 64), num_experts=8, expert_granularity=4)
     probs = layer.router(torch.randn(2, 5, 16)).probs  # [B, T, E]
     torch.testing.assert_close(probs.view(2, 5, 4, 2).sum(-1), torch.ones(2, 5, 4))
 
 
 @pytest.mark.parametrize('options, error, message', [
-    (dict(expert_granularity=3), ValueError, 'expert_granularity must be an integer >= 1 dividing num_experts=8, got 3'),
+    (dict(expert_granularity=3), ValueError,
+     'expert_granularity=3 is not valid for num_experts=8; expected an integer >= 1 that divides num_experts'),
     (dict(expert_granularity=8, num_experts=8, mlp=Mlp(16, 60)), ValueError,
      'expert_granularity=8 does not divide the 60 hidden units of Mlp'),
     (dict(expert_granularity=2, mlp=SwiGLU(16, 64, norm_layer=torch.nn.LayerNorm)), TypeError,
      'an MLP with a hidden norm cannot be split into fine-grained experts'),
-    (dict(expert_granularity=2, router='soft'), ValueError, 'expert_granularity=2 is for expert_choice / token_choice'),
-    (dict(num_shared_experts=-1), ValueError, 'num_shared_experts must be an integer >= 0, got -1'),
-    (dict(router='soft', slots_per_expert=0), ValueError, 'slots_per_expert must be an integer >= 1, got 0'),
-    (dict(router='soft', soft_scale=0.0), ValueError, 'soft_scale must be > 0, got 0.0'),
+    (dict(expert_granularity=2, router='soft'), ValueError,
+     "expert_granularity=2 has no meaning with router='soft' (it applies to router expert_choice / token_choice)"),
+    (dict(num_shared_experts=-1), ValueError, 'num_shared_experts=-1 is not valid; expected an integer >= 0'),
+    (dict(router='soft', slots_per_expert=0), ValueError, 'slots_per_expert=0 is not valid; expected an integer >= 1'),
+    (dict(router='soft', soft_scale=0.0), ValueError, 'soft_scale=0.0 is not valid; expected a number > 0'),
 ])
 def test_impossible_design_options_are_named(options, error, message):
     options = dict(options)
     mlp = options.pop('mlp', Mlp(16, 64))
     with pytest.raises(error) as err:
-        MoeMlp.from_mlp(mlp, options.pop('num_experts', 8), **options)
+        moe_layer_like(mlp, num_experts=options.pop('num_experts', 8), **options)
     assert message in str(err.value)
 
 
@@ -117,7 +119,7 @@ def _soft_reference(x, mu, scale, experts, E, S):
        scale=st.sampled_from([1.0, 10.0, 100.0]))
 def test_soft_moe_is_the_reference_per_image_and_drops_nothing(seed, E, S, tokens, scale):
     torch.manual_seed(seed)
-    layer = MoeMlp.from_mlp(Mlp(16, 32), E, router='soft', slots_per_expert=S, soft_scale=scale).eval()
+    layer = moe_layer_like(Mlp(16, 32), num_experts=E, router='soft', slots_per_expert=S, soft_scale=scale).eval()
     assert isinstance(layer, SoftMoeMlp) and isinstance(layer.router, SoftRouter)
     x = torch.randn(3, tokens, 16)
     with torch.no_grad(), capture_routing(keep_tensors=True) as capture:
@@ -135,12 +137,12 @@ def test_soft_moe_is_the_reference_per_image_and_drops_nothing(seed, E, S, token
 
 
 def test_soft_moe_output_scale_starts_at_one_since_its_combine_weights_sum_to_one():
-    layer = MoeMlp.from_mlp(Mlp(16, 32), 8, router='soft', output_scale=True, capacity_factor=2.0)
+    layer = moe_layer_like(Mlp(16, 32), num_experts=8, router='soft', output_scale=True)
     assert layer.output_scale.tolist() == [1.0]  # not E / C = 4: that would scale the start up four-fold
 
 
 def test_soft_moe_trains_its_slots_and_scale_and_copies_after_a_forward():
-    layer = MoeMlp.from_mlp(Mlp(16, 32), 4, router='soft', slots_per_expert=2)
+    layer = moe_layer_like(Mlp(16, 32), num_experts=4, router='soft', slots_per_expert=2)
     with capture_routing():
         layer(torch.randn(2, 7, 16)).square().mean().backward()
     assert layer.router.mu.grad.abs().sum() > 0 and layer.router.scale.grad.abs() > 0

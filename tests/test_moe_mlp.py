@@ -4,14 +4,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 from timm.layers import Mlp
 
-from vit_moe import MoeMlp, capture_routing, convert_dense_to_moe
+from vit_moe import MoeMlp, capture_routing, convert_dense_to_moe, moe_layer_like
 from vit_moe.layers.moe_mlp import combine_by_matmul
 
 
 def _upcycled_layer(dense: Mlp, num_experts: int, **kwargs) -> MoeMlp:
     """An MoE layer whose experts are copies of `dense` (the conversion rules on a one-layer 'model')."""
     holder, source = torch.nn.Module(), torch.nn.Module()
-    holder.mlp, source.mlp = MoeMlp.from_mlp(dense, num_experts, **kwargs), dense
+    holder.mlp, source.mlp = moe_layer_like(dense, num_experts=num_experts, **kwargs), dense
     holder.load_state_dict(convert_dense_to_moe(source.state_dict(), holder))
     return holder.mlp.eval()
 
@@ -87,7 +87,7 @@ def test_gradients_reach_router_and_every_expert(router):
 
 def test_activation_bias_and_dropout_follow_the_dense_mlp():
     mlp = Mlp(16, 32, act_layer=lambda: torch.nn.GELU(approximate='tanh'), bias=(True, False), drop=(0.1, 0.2))
-    moe = MoeMlp.from_mlp(mlp, 3)
+    moe = moe_layer_like(mlp, num_experts=3)
     assert moe.experts.act.approximate == 'tanh'
     assert moe.experts.fc1.bias is not None and moe.experts.fc2.bias is None
     assert (moe.experts.drop1.p, moe.experts.drop2.p) == (0.1, 0.2)

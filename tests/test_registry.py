@@ -75,9 +75,9 @@ def test_model_kwargs_override_the_defaults():
 
 
 @pytest.mark.parametrize('kwargs, error, message', [
-    (dict(num_experts=0), ValueError, 'num_experts must be an integer >= 1, got 0'),
-    (dict(capacity_factor=0), ValueError, 'capacity_factor must be > 0, got 0'),
-    (dict(router='token_choice', top_k=5), ValueError, r'top_k must be an integer in \[1, num_experts=4\], got 5'),
+    (dict(num_experts=0), ValueError, 'num_experts=0 is not valid; expected an integer >= 1'),
+    (dict(capacity_factor=0), ValueError, 'capacity_factor=0 is not valid; expected a number > 0'),
+    (dict(router='token_choice', top_k=5), ValueError, r'top_k=5 is not valid; expected an integer in \[1, 4\]'),
     (dict(moe_blocks=[7]), ValueError, 'moe_blocks entry 7 is out of range for depth 4'),
     (dict(expert_init='zeros'), ValueError, "expert_init='zeros' is not valid; accepted: copy, random, drop"),
 ])

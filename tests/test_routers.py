@@ -5,8 +5,18 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vit_moe import ExpertChoiceRouter, TokenChoiceRouter, create_router, expert_choice_capacity, \
+from vit_moe import ExpertChoiceRouter, MoeConfig, TokenChoiceRouter, create_router, expert_choice_capacity, \
     token_choice_capacity
+
+
+def expert_choice(dim, experts, capacity_factor, priority_tokens=0, **options):
+    return ExpertChoiceRouter(dim, MoeConfig(num_experts=experts, capacity_factor=capacity_factor, **options),
+                              priority_tokens)
+
+
+def token_choice(dim, experts, capacity_factor, priority_tokens=0, **options):
+    config = MoeConfig(router='token_choice', num_experts=experts, capacity_factor=capacity_factor, **options)
+    return TokenChoiceRouter(dim, config, priority_tokens)
 
 
 def test_capacity_vit_b16_at_224_is_13_tokens_per_expert():
@@ -34,7 +44,7 @@ def test_capacity_factor_equal_experts_takes_every_token():
        experts=st.integers(1, 9), factor=st.sampled_from([0.5, 1.0, 2.0, 3.0]))
 def test_expert_choice_each_expert_takes_its_top_capacity_tokens(seed, batch, tokens, experts, factor):
     torch.manual_seed(seed)
-    router = ExpertChoiceRouter(16, experts, factor)
+    router = expert_choice(16, experts, factor)
     x = torch.randn(batch, tokens, 16)
     routing = router(x)
     cap = expert_choice_capacity(tokens, experts, factor)
@@ -58,7 +68,7 @@ def test_expert_choice_each_expert_takes_its_top_capacity_tokens(seed, batch, to
 def test_token_choice_slots_hold_top_k_choices_within_capacity(seed, tokens, experts, k, factor, bpr):
     k = min(k, experts)
     torch.manual_seed(seed)
-    router = TokenChoiceRouter(16, experts, factor, top_k=k, batch_priority=bpr)
+    router = token_choice(16, experts, factor, top_k=k, batch_priority=bpr)
     x = torch.randn(2, tokens, 16)
     routing = router(x)
     probs = router.logits(x).softmax(-1)  # [B, T, E]
@@ -79,7 +89,7 @@ def test_token_choice_slots_hold_top_k_choices_within_capacity(seed, tokens, exp
 
 
 def test_token_choice_position_priority_drops_the_last_tokens():
-    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=False)
+    router = token_choice(4, 2, capacity_factor=0.5, top_k=1, batch_priority=False)
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
     x = torch.zeros(1, 8, 4)
@@ -90,7 +100,7 @@ def test_token_choice_position_priority_drops_the_last_tokens():
 
 
 def test_token_choice_batch_priority_keeps_most_confident_tokens():
-    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True)
+    router = token_choice(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True)
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
     x = torch.zeros(1, 8, 4)
@@ -107,7 +117,7 @@ def test_expert_choice_priority_tokens_fill_extra_slots_of_every_expert(seed, to
     experts) and chooses among the others exactly what a router without them chooses among those tokens (E >= 2:
     with one expert every token ties at probability 1)."""
     torch.manual_seed(seed)
-    router = ExpertChoiceRouter(16, experts, factor, priority_tokens=prefix)
+    router = expert_choice(16, experts, factor, priority_tokens=prefix)
     x = torch.randn(2, tokens, 16)
     routing = router(x)
     rest_capacity = expert_choice_capacity(tokens - prefix, experts, factor)
@@ -116,7 +126,7 @@ def test_expert_choice_priority_tokens_fill_extra_slots_of_every_expert(seed, to
     probs = router.logits(x).softmax(-1).transpose(1, 2)  # [B, E, T]
     torch.testing.assert_close(routing.combine_weights, probs.gather(-1, routing.token_index))
     assert (routing.token_index[..., :prefix].sort(-1).values == torch.arange(prefix)).all()
-    plain = ExpertChoiceRouter(16, experts, factor)
+    plain = expert_choice(16, experts, factor)
     plain.load_state_dict(router.state_dict())
     others = plain.route(router.logits(x)[:, prefix:]).token_index + prefix  # [B, E, rest_capacity]
     assert torch.equal(routing.token_index[..., prefix:].sort(-1).values, others.sort(-1).values)
@@ -127,7 +137,7 @@ def test_expert_choice_priority_tokens_fill_extra_slots_of_every_expert(seed, to
 
 def test_token_choice_priority_tokens_claim_their_experts_first():
     """Batch priority would drop the first two tokens (least confident); as priority tokens they are kept."""
-    router = TokenChoiceRouter(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True, priority_tokens=2)
+    router = token_choice(4, 2, capacity_factor=0.5, top_k=1, batch_priority=True, priority_tokens=2)
     with torch.no_grad():
         router.gate.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 1., 0, 0]]))
     x = torch.zeros(1, 8, 4)
@@ -137,7 +147,7 @@ def test_token_choice_priority_tokens_claim_their_experts_first():
 
 
 def test_load_balancing_loss_is_its_weight_for_a_uniform_router():
-    router = TokenChoiceRouter(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
+    router = token_choice(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
     torch.nn.init.zeros_(router.gate.weight)
     routing = router(torch.randn(3, 10, 8))
     assert math.isclose(routing.aux_loss.item(), 0.01, rel_tol=1e-5)
@@ -146,7 +156,7 @@ def test_load_balancing_loss_is_its_weight_for_a_uniform_router():
 def test_load_balancing_loss_rewards_spreading_the_first_choices():
     """Every token's first choice is expert 0 with probability p: f = (1, 0, 0, 0), so the loss is w * E * p, far
     above its weight (any assignment of a uniform router gives exactly the weight)."""
-    router = TokenChoiceRouter(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
+    router = token_choice(8, 4, 2.0, top_k=2, aux_loss_weight=0.01)
     logits = torch.tensor([3.0, 1.0, 0.0, -1.0]).expand(2, 6, 4)  # [B, T, E]
     p = logits[0, 0].softmax(-1)[0].item()
     assert math.isclose(router.route(logits).aux_loss.item(), 0.01 * 4 * p, rel_tol=1e-5) and p > 0.8
@@ -156,7 +166,7 @@ def test_load_balancing_loss_rewards_spreading_the_first_choices():
 @given(seed=st.integers(0, 10_000), tokens=st.integers(1, 9), experts=st.integers(2, 6), k=st.integers(1, 2))
 def test_load_balancing_loss_is_experts_times_first_choice_fraction_dot_mean_probability(seed, tokens, experts, k):
     logits = torch.randn(3, tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3  # [B, T, E]
-    router = TokenChoiceRouter(8, experts, 1.0, top_k=k, aux_loss_weight=0.5)
+    router = token_choice(8, experts, 1.0, top_k=k, aux_loss_weight=0.5)
     expected = 0.0
     for image in logits:  # Switch / GShard: E * sum_e (fraction of tokens whose first choice is e) * (mean prob of e)
         probs = image.softmax(-1).tolist()
@@ -167,21 +177,21 @@ def test_load_balancing_loss_is_experts_times_first_choice_fraction_dot_mean_pro
 
 
 def test_z_loss_adds_log_sum_exp_squared():
-    router = TokenChoiceRouter(8, 4, 2.0, aux_loss_weight=0.0, z_loss_weight=1e-3)
+    router = token_choice(8, 4, 2.0, aux_loss_weight=0.0, z_loss_weight=1e-3)
     torch.nn.init.zeros_(router.gate.weight)
     routing = router(torch.randn(1, 5, 8))
     assert math.isclose(routing.aux_loss.item(), 1e-3 * math.log(4) ** 2, rel_tol=1e-5)
 
 
 def test_expert_choice_needs_no_aux_loss():
-    routing = ExpertChoiceRouter(8, 4, 2.0)(torch.randn(2, 6, 8))
+    routing = expert_choice(8, 4, 2.0)(torch.randn(2, 6, 8))
     assert routing.aux_loss.item() == 0.0
 
 
 @pytest.mark.parametrize('router', ['expert_choice', 'token_choice'])
 def test_router_norm_makes_each_routed_tokens_weights_sum_to_one(router):
     torch.manual_seed(0)
-    r = create_router(router, 16, 4, 2.0, top_k=2, router_norm=True)
+    r = create_router(16, MoeConfig(router=router, num_experts=4, router_norm=True))
     routing = r(torch.randn(2, 12, 16))
     sums = torch.zeros(2, 12).scatter_add(1, routing.token_index.flatten(1), routing.combine_weights.flatten(1))
     routed = sums > 0
@@ -191,28 +201,37 @@ def test_router_norm_makes_each_routed_tokens_weights_sum_to_one(router):
 
 def test_router_init_is_normal_std_002_without_bias():
     torch.manual_seed(0)
-    r = ExpertChoiceRouter(768, 32, 2.0)
+    r = expert_choice(768, 32, 2.0)
     assert r.gate.bias is None
     assert abs(r.gate.weight.std().item() - 0.02) < 0.001
     assert abs(r.gate.weight.mean().item()) < 0.001
 
 
 def test_router_logits_are_float32_under_bf16_autocast():
-    r = ExpertChoiceRouter(16, 4, 2.0)
+    r = expert_choice(16, 4, 2.0)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert r.logits(torch.randn(1, 3, 16, dtype=torch.bfloat16)).dtype == torch.float32
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(router='expert_choice', num_experts=0), 'num_experts must be an integer >= 1, got 0'),
-    (dict(router='expert_choice', capacity_factor=0.0), 'capacity_factor must be > 0, got 0.0'),
-    (dict(router='expert_choice', capacity_factor=-1), 'capacity_factor must be > 0, got -1'),
-    (dict(router='token_choice', top_k=5), 'top_k must be an integer in [1, num_experts=4], got 5'),
-    (dict(router='soft'), "router must be one of ['expert_choice', 'token_choice'], got 'soft'"),
-    (dict(router='expert_choice', priority_tokens=-1), 'priority_tokens must be an integer >= 0, got -1'),
+    (dict(router='expert_choice', num_experts=0), 'num_experts=0 is not valid; expected an integer >= 1'),
+    (dict(router='expert_choice', capacity_factor=0.0), 'capacity_factor=0.0 is not valid; expected a number > 0'),
+    (dict(router='expert_choice', capacity_factor=-1), 'capacity_factor=-1 is not valid; expected a number > 0'),
+    (dict(router='token_choice', top_k=5), 'top_k=5 is not valid; expected an integer in [1, 4]'),
+    (dict(router='top_2'), "router='top_2' is not valid; accepted: expert_choice, token_choice, soft"),
+    (dict(router='expert_choice', top_k=2), "top_k=2 has no meaning with router='expert_choice'"),
 ])
 def test_impossible_router_options_raise_clear_errors(kwargs, message):
-    args = dict(dict(dim=8, num_experts=4, capacity_factor=2.0), **kwargs)
     with pytest.raises(ValueError) as err:
-        create_router(args.pop('router'), **args)
+        MoeConfig(**dict(dict(num_experts=4), **kwargs))
     assert message in str(err.value)
+
+
+def test_negative_priority_tokens_are_refused():
+    with pytest.raises(ValueError, match='priority_tokens must be an integer >= 0, got -1'):
+        expert_choice(8, 4, 2.0, priority_tokens=-1)
+
+
+def test_soft_moe_has_no_slot_router():
+    with pytest.raises(ValueError, match="router='soft' has no slot router"):
+        create_router(8, MoeConfig(router='soft', num_experts=4))

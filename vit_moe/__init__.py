@@ -10,8 +10,9 @@ safetensors. Subpackages:
 * `vit_moe.onnx`: export, ONNX Runtime inference and benchmarks (`pip install vit-moe[onnx]`).
 """
 from .layers import (
-    ExpertChoiceRouter, ExpertMlps, MoeMlp, Routing, RoutingCapture, StackedLinear, TokenChoiceRouter, capture_routing,
-    create_router, expert_choice_capacity, moe_layers, token_choice_capacity,
+    ExpertChoiceRouter, ExpertMlps, MoeConfig, MoeMlp, Routing, RoutingCapture, SoftMoeMlp, StackedLinear,
+    TokenChoiceRouter, capture_routing, create_router, expert_choice_capacity, moe_layer_like, moe_layers,
+    token_choice_capacity,
 )
 from .models import (
     DENSE_SOURCES, CheckpointMismatchError, EvaMoE, VisionTransformerMoE, convert_dense_to_moe,

@@ -2,6 +2,7 @@
 from .experts import (
     EXPERT_BANKS, ExpertGluMlps, ExpertMlps, ExpertSwiGLUs, StackedLayerNorm, StackedLinear, expert_bank_like,
 )
+from .moe_config import MOE_OPTIONS, SOFT_UPCYCLING_SCALE, MoeConfig
 from .moe_mlp import MoeMlp, moe_layers
 from .routers import (
     ROUTERS, ExpertChoiceRouter, Routing, TokenChoiceRouter, create_router, expert_choice_capacity,
@@ -9,3 +10,4 @@ from .routers import (
 )
 from .routing_capture import LayerRouting, RoutingCapture, capture_routing, replay_routing
 from .soft_moe import SoftMoeMlp, SoftRouter, soft_moe_layers
+from .moe_layer_like import moe_layer_like

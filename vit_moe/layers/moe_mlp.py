@@ -14,110 +14,72 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from .experts import ExpertMlps, expert_bank_like
+from .experts import ExpertMlps
+from .moe_config import MoeConfig
 from .routers import create_router
 from .routing_capture import record_routing, replayed_routing
 
 __all__ = ['MoeMlp', 'moe_layers', 'combine_by_matmul']
 
 
-def _check_granularity(expert_granularity: int, num_experts: int) -> int:
-    G = expert_granularity
-    if isinstance(G, bool) or not isinstance(G, int) or G < 1 or num_experts % G:
-        raise ValueError(f'expert_granularity must be an integer >= 1 dividing num_experts={num_experts}, got {G!r}')
-    return G
-
-
 @register_notrace_module
 class MoeMlp(nn.Module):
-    """Mixture of `num_experts` MLP experts behind a router (expert choice by default).
+    """Mixture of `num_experts` MLP experts behind a slot router (expert choice by default).
 
     Args:
         dim: token width (input and output).
-        hidden_features: hidden width of each expert.
-        num_experts: experts in the layer.
-        router: 'expert_choice' or 'token_choice'.
-        capacity_factor: C; capacity = ceil(C * tokens / E) (expert choice), ceil(C * k * tokens / E) (top-k).
-        top_k: experts per token (token choice only).
-        router_norm: rescale each token's combine weights to sum to 1.
-        capacity_multiple_of: round capacity up to a multiple of this (V-MoE uses 4).
-        act_layer, bias, drop: as in timm's Mlp (for the default `ExpertMlps` bank).
-        output_scale: a learnable scalar on the layer's output, initialised to E / C (expert choice; E / k for
-            top-k, 1 with router_norm): with a near-uniform router a token's combine weights sum to C / E on average,
-            so an upcycled layer starts close to the dense MLP's function instead of scaled down by about C / E.
-        experts: an expert bank ([E, N, dim] -> [E, N, dim], `vit_moe.layers.experts`); default `ExpertMlps`.
-        shared_experts: an expert bank whose experts process every token, added to the routed output.
-        expert_granularity: G; experts are 1/G hidden slices of the dense MLP (`experts` is built so), softmax per
-            virtual group of E / G experts (one group per slice), and the router's capacity factor and top-k are
-            multiplied by G so that FLOPs per token equal those of a whole-expert MoE with the same C (and k).
-        router_kwargs: extra router options (batch_priority, aux_loss_weight, z_loss_weight, priority_tokens).
+        hidden_features: hidden width of each expert (with expert granularity G: 1/G of the dense MLP's).
+        config: the MoE options (`MoeConfig`); or give them as keyword arguments (`**options`).
+        experts: an expert bank ([E, N, dim] -> [E, N, dim], `vit_moe.layers.experts`); default `ExpertMlps` with
+            `act_layer`, `bias`, `drop` as in timm's Mlp.
+        shared_experts: a bank whose experts process every token, added to the routed output.
+        num_prefix_tokens: leading tokens of an image (class token, registers): with prefix_tokens='always' the
+            router takes them first.
+
+    With `output_scale` the routed output is multiplied by a learnable scalar that starts at
+    `config.output_scale_init()` (E / (C * G) for expert choice, E / (k * G) for token choice, 1 with router_norm):
+    with a near-uniform router a token's combine weights in a group sum to about 1 / that, so an upcycled layer starts
+    close to its dense MLP instead of scaled down. Expert choice's 'always' prefix tokens, which start as the dense MLP
+    exactly, are left unscaled.
     """
 
     def __init__(
             self,
             dim: int,
             hidden_features: int,
-            num_experts: int = 32,
-            router: str = 'expert_choice',
-            capacity_factor: float = 2.0,
-            top_k: int = 2,
-            router_norm: bool = False,
-            capacity_multiple_of: Optional[int] = None,
+            config: Optional[MoeConfig] = None,
+            experts: Optional[nn.Module] = None,
+            shared_experts: Optional[nn.Module] = None,
             act_layer=nn.GELU,
             bias=True,
             drop=0.,
-            experts: Optional[nn.Module] = None,
-            output_scale: bool = False,
-            shared_experts: Optional[nn.Module] = None,
-            expert_granularity: int = 1,
-            **router_kwargs,
+            num_prefix_tokens: int = 0,
+            **options,
     ):
         super().__init__()
-        G = _check_granularity(expert_granularity, num_experts)
-        # C and top_k keep their whole-expert meaning: a token meets G times more, G times smaller experts
-        self.router = create_router(
-            router, dim, num_experts, capacity_factor * G, top_k=top_k * G, router_norm=router_norm,
-            capacity_multiple_of=capacity_multiple_of, groups=G, **router_kwargs)
+        if config is not None and options:
+            raise TypeError(f'give the MoE options either as config or as keyword arguments, not both: {sorted(options)}')
+        config = config if config is not None else MoeConfig(**options)
+        self.check_router(config)
+        self.config = config
+        self.num_experts = config.num_experts
+        self.expert_granularity = config.groups
+        self.router = self.build_router(dim, config, config.priority_tokens(num_prefix_tokens))
         self.experts = experts if experts is not None else ExpertMlps(
-            num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
+            config.num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
         self.shared_experts = shared_experts  # always-on experts (their own bank), added to the routed output
-        self.num_experts = num_experts
-        self.expert_granularity = G
         self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
-        # a token's combine weights: ~G / E each (softmax per virtual group), from C * G (or k * G) experts
-        experts_per_token = top_k if router == 'token_choice' else capacity_factor
-        expected_weight = 1.0 if router_norm else experts_per_token * G * G / num_experts
+        self.unscaled_prefix = config.unscaled_prefix(num_prefix_tokens) if config.output_scale else 0
         # shape [1], not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
-        self.output_scale = nn.Parameter(torch.full((1,), 1.0 / expected_weight)) if output_scale else None
+        self.output_scale = nn.Parameter(torch.full((1,), config.output_scale_init())) if config.output_scale else None
 
-    @classmethod
-    def from_mlp(cls, mlp: nn.Module, num_experts: int = 32, router: str = 'expert_choice',
-                 num_shared_experts: int = 0, expert_granularity: int = 1, slots_per_expert: int = 1,
-                 soft_scale: float = 1.0, **kwargs) -> 'MoeMlp':
-        """A MoE layer shaped like a dense timm MLP (`Mlp`, `GluMlp` / `SwiGLUPacked`, `SwiGLU`, `GatedMlp` without a
-        gate); experts randomly initialised (see `vit_moe.models.conversion`). `router='soft'` gives a `SoftMoeMlp`;
-        `num_shared_experts` adds always-on experts of the dense MLP's full size; `expert_granularity` G makes each
-        expert a 1/G hidden slice of the MLP."""
-        if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f'num_shared_experts must be an integer >= 0, got {num_shared_experts!r}')
-        G = _check_granularity(expert_granularity, num_experts)
-        if router == 'soft' and G > 1:
-            raise ValueError(f'expert_granularity={G} is for expert_choice / token_choice routers; Soft MoE mixes '
-                             f'tokens into slots instead (accepted with router=soft: 1)')
-        experts = expert_bank_like(mlp, num_experts, granularity=G)
-        if experts.out_features != experts.in_features:
-            raise TypeError(f'{type(mlp).__name__} maps {experts.in_features} to {experts.out_features} features; a MoE '
-                            f'layer replaces a block MLP whose output width equals its input width')
-        shared = expert_bank_like(mlp, num_shared_experts) if num_shared_experts else None
-        if router == 'soft':
-            from .soft_moe import SoftMoeMlp
-            for unused in ('capacity_factor', 'top_k', 'router_norm', 'capacity_multiple_of', 'priority_tokens',
-                           'batch_priority', 'aux_loss_weight', 'z_loss_weight'):
-                kwargs.pop(unused, None)  # slot-router options: a Soft MoE layer has none
-            return SoftMoeMlp(experts.in_features, experts.hidden_features, num_experts, slots_per_expert,
-                              soft_scale, experts=experts, shared_experts=shared, **kwargs)
-        return cls(experts.in_features, experts.hidden_features, num_experts, router=router, experts=experts,
-                   shared_experts=shared, expert_granularity=G, **kwargs)
+    def check_router(self, config: MoeConfig) -> None:
+        if config.router == 'soft':
+            raise ValueError("router='soft' is a SoftMoeMlp layer; build it with SoftMoeMlp or "
+                             "vit_moe.layers.moe_layer_like")
+
+    def build_router(self, dim: int, config: MoeConfig, priority_tokens: int) -> nn.Module:
+        return create_router(dim, config, priority_tokens)
 
     def routed(self, x: torch.Tensor):
         """(routed output [B, T, D], Routing, expert outputs [E, B*capacity, D])."""
@@ -154,9 +116,12 @@ class MoeMlp(nn.Module):
         return out.view(B, T, D).to(x.dtype), routing, expert_out
 
     def scaled_with_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The routed output [B, T, D] times `output_scale` (if any), plus every shared expert's output on `x`."""
+        """The routed output [B, T, D] times `output_scale` (if any; not the first `unscaled_prefix` tokens), plus every
+        shared expert's output on `x`."""
         if self.output_scale is not None:
-            out = out * self.output_scale.to(out.dtype)
+            scale = self.output_scale.to(out.dtype)
+            P = self.unscaled_prefix
+            out = torch.cat([out[:, :P], out[:, P:] * scale], dim=1) if P > 0 else out * scale  # [B, T, D]
         if self.shared_experts is not None:
             out = out + self.shared_output(x).to(out.dtype)
         return out
@@ -182,7 +147,7 @@ class MoeMlp(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}'
+        return ', '.join(f'{k}={v!r}' for k, v in self.config.to_dict().items() if k not in ('moe_blocks',))
 
 
 def combine_by_matmul(

@@ -13,12 +13,13 @@ exported graph), and an image's output never depends on which other images share
   https://arxiv.org/abs/2106.05974; load-balancing loss as in Switch / GShard; router z-loss as in
   ST-MoE, https://arxiv.org/abs/2202.08906
 """
-import math
 from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .moe_config import MoeConfig, expert_choice_slots, round_capacity, token_choice_slots
 
 __all__ = [
     'Routing', 'ExpertChoiceRouter', 'TokenChoiceRouter', 'ROUTERS', 'create_router',
@@ -26,24 +27,17 @@ __all__ = [
 ]
 
 
-def _round_capacity(capacity: float, num_tokens: int, multiple_of: Optional[int]) -> int:
-    rounded = math.ceil(capacity)
-    if multiple_of is not None and multiple_of > 1:
-        rounded = math.ceil(rounded / multiple_of) * multiple_of
-    return max(1, min(rounded, num_tokens))  # an expert cannot take a token twice
-
-
 def expert_choice_capacity(
         num_tokens: int, num_experts: int, capacity_factor: float, multiple_of: Optional[int] = None) -> int:
     """Tokens each expert takes per image: ceil(C * tokens / E), optionally rounded up, at most tokens."""
-    return _round_capacity(capacity_factor * num_tokens / num_experts, num_tokens, multiple_of)
+    return round_capacity(capacity_factor * num_tokens / num_experts, num_tokens, multiple_of)
 
 
 def token_choice_capacity(
         num_tokens: int, num_experts: int, capacity_factor: float, top_k: int, multiple_of: Optional[int] = None,
 ) -> int:
     """Slots per expert per image for top-k routing: ceil(C * k * tokens / E), at most tokens."""
-    return _round_capacity(capacity_factor * top_k * num_tokens / num_experts, num_tokens, multiple_of)
+    return round_capacity(capacity_factor * top_k * num_tokens / num_experts, num_tokens, multiple_of)
 
 
 class Routing(NamedTuple):
@@ -66,43 +60,22 @@ class Routing(NamedTuple):
     probs: torch.Tensor
 
 
-def _check_router_args(dim: int, num_experts: int, capacity_factor: float, capacity_multiple_of: Optional[int]):
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f'num_experts must be an integer >= 1, got {num_experts!r}')
-    if not capacity_factor > 0:
-        raise ValueError(f'capacity_factor must be > 0, got {capacity_factor!r}')
-    if capacity_multiple_of is not None and capacity_multiple_of < 1:
-        raise ValueError(f'capacity_multiple_of must be None or an integer >= 1, got {capacity_multiple_of!r}')
-    if dim < 1:
-        raise ValueError(f'dim must be >= 1, got {dim!r}')
-
-
 class _LinearRouter(nn.Module):
-    """Shared parts: a bias-free linear gate with N(0, 0.02) init, logits and softmax in float32."""
+    """Shared parts: a bias-free linear gate with N(0, 0.02) init, logits and softmax in float32, all from a
+    `MoeConfig` (E, C, G, router_norm, capacity rounding) and the number of leading tokens routed first."""
 
-    def __init__(
-            self,
-            dim: int,
-            num_experts: int,
-            capacity_factor: float,
-            capacity_multiple_of: Optional[int] = None,
-            router_norm: bool = False,
-            priority_tokens: int = 0,
-            groups: int = 1,
-    ):
+    def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
         super().__init__()
-        _check_router_args(dim, num_experts, capacity_factor, capacity_multiple_of)
-        if isinstance(priority_tokens, bool) or not isinstance(priority_tokens, int) or priority_tokens < 0:
+        if not _is_int(dim) or dim < 1:
+            raise ValueError(f'dim must be an integer >= 1, got {dim!r}')
+        if not _is_int(priority_tokens) or priority_tokens < 0:
             raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_experts % groups:
-            raise ValueError(f'groups must be an integer >= 1 dividing num_experts={num_experts}, got {groups!r}')
-        self.num_experts = num_experts
-        self.capacity_factor = float(capacity_factor)
-        self.capacity_multiple_of = capacity_multiple_of
-        self.router_norm = router_norm
-        self.priority_tokens = priority_tokens  # the first N tokens of an image (class token, registers) go first
-        self.groups = groups  # softmax within each of `groups` blocks of experts (fine-grained virtual groups)
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.config = config
+        self.num_experts = config.num_experts
+        self.router_norm = config.router_norm
+        self.priority_tokens = priority_tokens  # the first P tokens of an image (class token, registers) go first
+        self.groups = config.groups  # softmax (and top-k, normalisation) within each of G blocks of E / G experts
+        self.gate = nn.Linear(dim, config.num_experts, bias=False)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -117,7 +90,8 @@ class _LinearRouter(nn.Module):
         return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
 
     def capacity(self, num_tokens: int) -> int:
-        raise NotImplementedError
+        """Slots per expert per image (`MoeConfig.capacity`)."""
+        return self.config.capacity(num_tokens, self.priority_tokens)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, T, E] softmax over the experts, or with `groups` G over each block of E / G experts (summing to G)."""
@@ -133,19 +107,41 @@ class _LinearRouter(nn.Module):
         first = torch.arange(scores.shape[-1], device=scores.device) < self.priority_tokens  # [T]
         return scores + first.to(scores.dtype)  # [..., T]
 
+    def forward(self, x: torch.Tensor) -> Routing:
+        return self.route(self.logits(x))
+
+    def route(self, logits: torch.Tensor) -> Routing:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, capacity_factor={self.capacity_factor}, ' \
-               f'router_norm={self.router_norm}, priority_tokens={self.priority_tokens}, groups={self.groups}'
+        return f'num_experts={self.num_experts}, router_norm={self.router_norm}, ' \
+               f'priority_tokens={self.priority_tokens}, groups={self.groups}'
 
 
-def _weight_per_token(probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """[B, T] sum of the combine weights [B, E, capacity] each token received (0: taken by no expert)."""
-    return torch.zeros_like(probs[..., 0]).scatter_add(1, token_index.flatten(1), gates.flatten(1))
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _group_of_slots(token_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, E, capacity] the group (0..G-1) of each slot's expert."""
+    E = token_index.shape[1]
+    group = torch.arange(E, device=token_index.device) // (E // groups)  # [E]
+    return group.view(1, E, 1).expand_as(token_index)  # [B, E, capacity]
+
+
+def _weight_per_token(probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor, groups: int = 1
+                      ) -> torch.Tensor:
+    """[B, T, G] sum of the combine weights [B, E, capacity] each token received in each group (0: no expert)."""
+    B, T, _ = probs.shape
+    flat = (token_index * groups + _group_of_slots(token_index, groups)).flatten(1)  # [B, E*capacity] token-group
+    return probs.new_zeros(B, T * groups).scatter_add(1, flat, gates.flatten(1)).view(B, T, groups)  # [B, T, G]
 
 
 def _normalise_per_token(gates: torch.Tensor, token_index: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
-    """Combine weights [B, E, capacity] rescaled so that each token's sum to 1."""
-    return gates / per_token.gather(1, token_index.flatten(1)).view_as(gates).clamp_min(1e-9)
+    """Combine weights [B, E, capacity] rescaled so that each token's sum to 1 in each group (`per_token` [B, T, G])."""
+    B, T, G = per_token.shape
+    flat = (token_index * G + _group_of_slots(token_index, G)).flatten(1)  # [B, E*capacity]
+    return gates / per_token.reshape(B, T * G).gather(1, flat).view_as(gates).clamp_min(1e-9)
 
 
 class ExpertChoiceRouter(_LinearRouter):
@@ -154,28 +150,29 @@ class ExpertChoiceRouter(_LinearRouter):
     A token's output is the sum over the experts that picked it of probability * expert(token); a
     token picked by no expert passes through the residual only. No auxiliary loss is needed. With
     `priority_tokens` P, every expert takes the image's first P tokens (class token, registers) in P
-    extra slots, with their router probabilities as combine weights (which sum to 1 over the experts:
-    with copied experts a prefix token gets exactly the dense MLP), and chooses the other tokens as
-    without them (ceil(C * (T - P) / E) slots).
+    extra slots, with their router probabilities as combine weights (which sum to 1 over the experts
+    of a group: with copied experts a prefix token gets exactly the dense MLP), and chooses the other
+    tokens as without them (ceil(C * G * (T - P) / E) slots). With `router_norm` a token's weights sum
+    to 1 within each group of experts that took it.
     """
 
+    def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
+        super().__init__(dim, config, priority_tokens)
+        self.capacity_factor = float(config.capacity_factor)
+        self.capacity_multiple_of = config.capacity_multiple_of
+
     def capacity(self, num_tokens: int) -> int:
-        """Slots per expert: ceil(C * tokens / E), or with P priority tokens P more than for the other tokens."""
-        prefix = min(self.priority_tokens, num_tokens)
-        if prefix == num_tokens:
-            return num_tokens
-        return prefix + expert_choice_capacity(
-            num_tokens - prefix, self.num_experts, self.capacity_factor, self.capacity_multiple_of)
+        """Slots per expert: P + ceil(C * G * (T - P) / E), at most T (`MoeConfig.capacity`)."""
+        return expert_choice_slots(num_tokens, self.priority_tokens, self.num_experts, self.capacity_factor,
+                                   self.groups, self.capacity_multiple_of)
 
     def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
         gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
         if self.router_norm:
-            gates = _normalise_per_token(gates, token_index, _weight_per_token(probs, token_index, gates))
+            per_token = _weight_per_token(probs, token_index, gates, self.groups)  # [B, T, G]
+            gates = _normalise_per_token(gates, token_index, per_token)
         return gates * filled
-
-    def forward(self, x: torch.Tensor) -> Routing:
-        return self.route(self.logits(x))
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""
@@ -188,14 +185,14 @@ class ExpertChoiceRouter(_LinearRouter):
         else:
             gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
-        picked = _weight_per_token(probs, token_index, gates)  # [B, T]
+        weight_sum = _weight_per_token(probs, token_index, gates, self.groups)  # [B, T, G]
         if self.router_norm:
-            gates = _normalise_per_token(gates, token_index, picked)
+            gates = _normalise_per_token(gates, token_index, weight_sum)
 
         metrics = dict(
             expert_load=torch.ones(self.num_experts, device=logits.device),  # every slot is filled
-            importance=probs.detach().mean(dim=(0, 1)),  # [E]
-            dropped_fraction=(picked.detach() == 0).float().mean(),
+            importance=probs.detach().mean(dim=(0, 1)) / self.groups,  # [E], sums to 1
+            dropped_fraction=(weight_sum.detach() == 0).float().mean(),  # (token, group) pairs no expert took
         )
         return Routing(token_index, gates, probs.new_zeros(()), metrics, probs)
 
@@ -203,94 +200,92 @@ class ExpertChoiceRouter(_LinearRouter):
 class TokenChoiceRouter(_LinearRouter):
     """Token Choice top-k with a static per-image capacity per expert.
 
-    Each token picks its top-k experts. Slots are claimed choice by choice (every token's first
-    choice before any second choice) in token order, or, with Batch Priority Routing, in order of
-    the token's top-1 probability; the first `priority_tokens` tokens (class token, registers) claim
-    theirs first either way. Assignments past an expert's capacity are dropped.
+    Each token picks its top-k experts (with G groups: its top k in every group, k * G in all). Slots
+    are claimed choice by choice (every token's first choice before any second choice) in token
+    order, or, with Batch Priority Routing, in order of the token's top-1 probability (summed over the
+    groups); the first `priority_tokens` tokens (class token, registers) claim theirs first either way.
+    Assignments past an expert's capacity, ceil(C * k * G * T / E), are dropped.
 
-    Args:
-        top_k: experts per token.
-        batch_priority: order by top-1 probability (BPR) instead of token position.
-        aux_loss_weight: weight of the load-balancing loss E * sum_e(fraction_e * mean_prob_e).
-        z_loss_weight: weight of the router z-loss mean(logsumexp(logits) ** 2); 0 disables it.
-        router_norm: rescale a token's top-k weights to sum to 1 (before capacity drops).
+    Config options: top_k, batch_priority (order by top-1 probability instead of token position),
+    aux_loss_weight (weight of the load-balancing loss E * sum_e(fraction_e * mean_prob_e) / G over
+    the groups), z_loss_weight (router z-loss mean(logsumexp(logits) ** 2); 0 disables it),
+    router_norm (rescale a token's top-k weights in each group to sum to 1, before capacity drops).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_experts: int,
-            capacity_factor: float,
-            top_k: int = 2,
-            capacity_multiple_of: Optional[int] = None,
-            router_norm: bool = False,
-            batch_priority: bool = True,
-            aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0,
-            priority_tokens: int = 0,
-            groups: int = 1,
-    ):
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f'top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}')
-        super().__init__(dim, num_experts, capacity_factor, capacity_multiple_of, router_norm, priority_tokens, groups)
-        self.top_k = top_k
-        self.batch_priority = batch_priority
-        self.aux_loss_weight = aux_loss_weight
-        self.z_loss_weight = z_loss_weight
+    def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
+        super().__init__(dim, config, priority_tokens)
+        self.capacity_factor = float(config.capacity_factor)
+        self.capacity_multiple_of = config.capacity_multiple_of
+        self.top_k = config.top_k
+        self.batch_priority = config.batch_priority
+        self.aux_loss_weight = float(config.aux_loss_weight)
+        self.z_loss_weight = float(config.z_loss_weight)
 
     def capacity(self, num_tokens: int) -> int:
-        return token_choice_capacity(
-            num_tokens, self.num_experts, self.capacity_factor, self.top_k, self.capacity_multiple_of)
+        """Slots per expert: ceil(C * k * G * T / E), at most T (`MoeConfig.capacity`)."""
+        return token_choice_slots(num_tokens, self.num_experts, self.capacity_factor, self.top_k, self.groups,
+                                  self.capacity_multiple_of)
+
+    def _top_k(self, probs: torch.Tensor):
+        """(gates, experts) [B, T, G, k]: each token's top k experts within every group (expert indices global)."""
+        B, T, E = probs.shape
+        G = self.groups
+        gates, experts = probs.view(B, T, G, E // G).topk(self.top_k, dim=-1)  # [B, T, G, k] each
+        offsets = torch.arange(G, device=probs.device).view(1, 1, G, 1) * (E // G)  # [1, 1, G, 1]
+        return gates, experts + offsets
 
     def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
         gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
         if self.router_norm:
-            topk_sum = probs.topk(self.top_k, dim=-1).values.sum(dim=-1)  # [B, T]
-            gates = gates / topk_sum.gather(1, token_index.flatten(1)).view_as(gates)
+            B, T, _ = probs.shape
+            topk_sum = self._top_k(probs)[0].sum(dim=-1)  # [B, T, G]
+            flat = (token_index * self.groups + _group_of_slots(token_index, self.groups)).flatten(1)
+            gates = gates / topk_sum.reshape(B, T * self.groups).gather(1, flat).view_as(gates)
         return gates * filled
-
-    def forward(self, x: torch.Tensor) -> Routing:
-        return self.route(self.logits(x))
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""
         B, T, _ = logits.shape
-        E, k = self.num_experts, self.top_k
+        E, k, G = self.num_experts, self.top_k, self.groups
         capacity = self.capacity(T)
         probs = self.probabilities(logits)  # [B, T, E]
-        gates, experts = probs.topk(k, dim=-1)  # [B, T, k] each
+        gates, experts = self._top_k(probs)  # [B, T, G, k] each
         if self.router_norm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
+        picks = G * k  # per token, choice-major within the token: choice c of group g at c * G + g
+        gates = gates.transpose(2, 3).reshape(B, T, picks)  # [B, T, k*G]
+        experts = experts.transpose(2, 3).reshape(B, T, picks)  # [B, T, k*G]
 
         # order in which assignments claim slots: choice-major, then token priority
         if self.batch_priority:
-            order = self.priority_bonus(gates[..., 0]).topk(T, dim=1).indices  # [B, T] (topk: exportable, ONNX TopK)
+            top1 = gates[..., :G].sum(dim=-1)  # [B, T] each token's first choices
+            order = self.priority_bonus(top1).topk(T, dim=1).indices  # [B, T] (topk: exportable, ONNX TopK)
         else:
             order = torch.arange(T, device=logits.device).expand(B, T)  # [B, T]
-        order_k = order.unsqueeze(-1).expand(B, T, k)  # [B, T, k]
-        experts = experts.gather(1, order_k).transpose(1, 2).reshape(B, k * T)  # [B, k*T]
-        gates = gates.gather(1, order_k).transpose(1, 2).reshape(B, k * T)  # [B, k*T]
-        tokens = order.repeat(1, k)  # [B, k*T]
+        order_k = order.unsqueeze(-1).expand(B, T, picks)  # [B, T, k*G]
+        experts = experts.gather(1, order_k).transpose(1, 2).reshape(B, picks * T)  # [B, k*G*T]
+        gates = gates.gather(1, order_k).transpose(1, 2).reshape(B, picks * T)  # [B, k*G*T]
+        tokens = order.repeat(1, picks)  # [B, k*G*T]
 
-        one_hot = F.one_hot(experts, E)  # [B, k*T, E]
-        position = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1)  # [B, k*T] slot within its expert
-        kept = position < capacity  # [B, k*T]
+        one_hot = F.one_hot(experts, E)  # [B, k*G*T, E]
+        position = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1)  # [B, k*G*T] slot within its expert
+        kept = position < capacity  # [B, k*G*T]
         dump = E * capacity  # one extra slot collects every dropped assignment
-        slot = torch.where(kept, experts * capacity + position, torch.full_like(position, dump))  # [B, k*T]
+        slot = torch.where(kept, experts * capacity + position, torch.full_like(position, dump))  # [B, k*G*T]
 
         token_index = tokens.new_zeros(B, dump + 1).scatter(1, slot, tokens)[:, :dump]  # [B, E*capacity]
         combine = gates.new_zeros(B, dump + 1).scatter(1, slot, gates * kept)[:, :dump]  # [B, E*capacity]
 
-        top1 = F.one_hot(experts[:, :T], E).float().mean(dim=1)  # [B, E] fraction whose first choice is e
-        aux_loss = self.aux_loss_weight * E * (top1 * probs.mean(dim=1)).sum(dim=-1).mean()
+        first = F.one_hot(experts[:, :G * T], E).float().sum(dim=1) / T  # [B, E] fraction of first choices per expert
+        aux_loss = self.aux_loss_weight * E / G * (first * probs.mean(dim=1)).sum(dim=-1).mean()
         if self.z_loss_weight:
             aux_loss = aux_loss + self.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
 
         filled = (kept.unsqueeze(-1) * one_hot).sum(dim=1)  # [B, E] slots used per expert
         metrics = dict(
             expert_load=filled.float().mean(dim=0) / capacity,
-            importance=probs.detach().mean(dim=(0, 1)),
+            importance=probs.detach().mean(dim=(0, 1)) / G,  # [E], sums to 1
             dropped_fraction=1.0 - kept.float().mean(),
         )
         return Routing(token_index.view(B, E, capacity), combine.view(B, E, capacity), aux_loss, metrics, probs)
@@ -299,17 +294,9 @@ class TokenChoiceRouter(_LinearRouter):
 ROUTERS = {'expert_choice': ExpertChoiceRouter, 'token_choice': TokenChoiceRouter}
 
 
-def create_router(
-        router: str,
-        dim: int,
-        num_experts: int,
-        capacity_factor: float,
-        top_k: int = 2,
-        **kwargs,
-) -> nn.Module:
-    """Build a router by name: 'expert_choice' (default for ViT) or 'token_choice' (top-k)."""
-    if router not in ROUTERS:
-        raise ValueError(f'router must be one of {sorted(ROUTERS)}, got {router!r}')
-    if router == 'token_choice':
-        kwargs['top_k'] = top_k
-    return ROUTERS[router](dim, num_experts, capacity_factor, **kwargs)
+def create_router(dim: int, config: MoeConfig, priority_tokens: int = 0) -> nn.Module:
+    """The slot router `config.router` names ('expert_choice' or 'token_choice') for tokens of width `dim`."""
+    if config.router not in ROUTERS:
+        raise ValueError(f'router={config.router!r} has no slot router; accepted: {", ".join(ROUTERS)} (Soft MoE '
+                         f'layers build their own: vit_moe.layers.SoftMoeMlp)')
+    return ROUTERS[config.router](dim, config, priority_tokens)

@@ -8,13 +8,15 @@ No token is dropped, there is no auxiliary loss and the shapes are static; an im
 batch-mates.
 
 With copied experts a Soft MoE layer is not the dense MLP (an expert sees averages of tokens, not tokens);
-`SoftMoeMlp` starts from `start_scale` (the logit scale: larger -> sharper dispatch and combine).
+`SoftMoeMlp` starts from `soft_scale` (the logit scale: larger -> sharper dispatch and combine; 100 by default for
+upcycling, vmoe trains from 1). Logits and both softmaxes are float32 under any autocast.
 """
 from typing import Dict, List, NamedTuple
 
 import torch
 import torch.nn as nn
 
+from .moe_config import MoeConfig
 from .moe_mlp import MoeMlp
 
 __all__ = ['SoftRouter', 'SoftRouting', 'SoftMoeMlp', 'l2_normalize', 'slot_similarity', 'soft_moe_layers']
@@ -49,18 +51,14 @@ def slot_similarity(dispatch: torch.Tensor) -> torch.Tensor:
 class SoftRouter(nn.Module):
     """Slot parameters mu [E * slots_per_expert, dim] and a learnable logit scale [1]; logits in float32."""
 
-    def __init__(self, dim: int, num_experts: int, slots_per_expert: int = 1, scale: float = 1.0):
+    def __init__(self, dim: int, config: MoeConfig):
         super().__init__()
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f'num_experts must be an integer >= 1, got {num_experts!r}')
-        if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise ValueError(f'slots_per_expert must be an integer >= 1, got {slots_per_expert!r}')
-        if not scale > 0:
-            raise ValueError(f'soft_scale must be > 0, got {scale!r}')
-        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
-        self.mu = nn.Parameter(torch.empty(num_experts * slots_per_expert, dim))
-        self.scale = nn.Parameter(torch.full((1,), float(scale)))  # [1]: FSDP2 refuses 0-dim parameters
-        self.initial_scale = float(scale)
+        if config.router != 'soft':
+            raise ValueError(f"SoftRouter needs router='soft', got router={config.router!r}")
+        self.num_experts, self.slots_per_expert = config.num_experts, config.slots_per_expert
+        self.mu = nn.Parameter(torch.empty(config.num_experts * config.slots_per_expert, dim))
+        self.scale = nn.Parameter(torch.full((1,), float(config.soft_scale)))  # [1]: FSDP2 refuses 0-dim parameters
+        self.initial_scale = float(config.soft_scale)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -73,6 +71,14 @@ class SoftRouter(nn.Module):
         return self.slots_per_expert
 
     def forward(self, x: torch.Tensor) -> SoftRouting:
+        # float32 logits and softmaxes whatever the autocast (autocast would run the matmul in bf16 / fp16)
+        if not torch.jit.is_scripting():
+            if torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    return self.route(x)
+        return self.route(x)
+
+    def route(self, x: torch.Tensor) -> SoftRouting:
         B, T, _ = x.shape
         E, S = self.num_experts, self.slots_per_expert
         tokens = l2_normalize(x.float())  # [B, T, D]
@@ -97,15 +103,15 @@ class SoftRouter(nn.Module):
 
 
 class SoftMoeMlp(MoeMlp):
-    """`MoeMlp` with a Soft MoE router: experts process `slots_per_expert` soft slots per image each."""
+    """`MoeMlp` with a Soft MoE router: experts process `slots_per_expert` soft slots per image each; a token's combine
+    weights sum to 1, so `output_scale` starts at 1."""
 
-    def __init__(self, dim: int, hidden_features: int, num_experts: int = 32, slots_per_expert: int = 1,
-                 soft_scale: float = 1.0, **kwargs):
-        kwargs.pop('router', None)
-        super().__init__(dim, hidden_features, num_experts, router='expert_choice', **kwargs)
-        self.router = SoftRouter(dim, num_experts, slots_per_expert, soft_scale)  # replaces the slot router
-        if self.output_scale is not None:  # a token's combine weights sum to 1 here: no scale-down to undo
-            nn.init.ones_(self.output_scale)
+    def check_router(self, config: MoeConfig) -> None:
+        if config.router != 'soft':
+            raise ValueError(f"SoftMoeMlp needs router='soft', got router={config.router!r}; MoeMlp routes slots")
+
+    def build_router(self, dim: int, config: MoeConfig, priority_tokens: int) -> nn.Module:
+        return SoftRouter(dim, config)
 
     def routed(self, x: torch.Tensor):
         """(routed output [B, T, D], SoftRouting, expert outputs [E, B*slots, D]); `MoeMlp.forward` does the rest."""

@@ -22,12 +22,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
+from ..layers.moe_config import EXPERT_INITS, MoeBlocks
+
 __all__ = [
     'ConversionRule', 'UPCYCLE_RULES', 'CheckpointMismatchError', 'resolve_moe_blocks', 'is_moe_state_dict',
     'convert_dense_to_moe', 'drop_upcycle', 'EXPERT_INITS', 'check_expert_init',
 ]
 
-EXPERT_INITS = ('copy', 'random', 'drop')
 
 
 def check_expert_init(expert_init: str, drop_ratio: float = 0.5) -> None:
@@ -35,8 +36,6 @@ def check_expert_init(expert_init: str, drop_ratio: float = 0.5) -> None:
         raise ValueError(f'expert_init={expert_init!r} is not valid; accepted: {", ".join(EXPERT_INITS)}')
     if not 0.0 <= drop_ratio <= 1.0:
         raise ValueError(f'drop_ratio={drop_ratio!r} is not valid; expected a fraction in [0, 1]')
-
-MoeBlocks = Union[int, str, Sequence[int]]
 
 
 class CheckpointMismatchError(ValueError):

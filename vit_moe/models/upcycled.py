@@ -9,6 +9,7 @@
 * `cfg_from_dense`: a registered model's pretrained cfg is its dense source's (mean/std, input size, Hub id).
 * `DENSE_SOURCES`: registered name -> the dense timm weights it is upcycled from (filled by the model modules).
 """
+import json
 import logging
 import os
 import zipfile
@@ -20,10 +21,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from timm.models import build_model_with_cfg, clean_state_dict, get_pretrained_cfg, resolve_pretrained_cfg
 
-from .conversion import CheckpointMismatchError, MoeBlocks, convert_dense_to_moe
-from .upcycle import SOFT_UPCYCLING_SCALE, replace_mlps_with_moe
+from ..layers import MoeConfig
+from .conversion import CheckpointMismatchError, convert_dense_to_moe
+from .upcycle import replace_mlps_with_moe
 
-__all__ = ['UpcycledMoE', 'upcycling_filter', 'create_upcycled', 'cfg_from_dense', 'DENSE_SOURCES']
+__all__ = ['UpcycledMoE', 'upcycling_filter', 'create_upcycled', 'cfg_from_dense', 'DENSE_SOURCES',
+           'without_unused_saved_options']
 
 _logger = logging.getLogger(__name__)
 
@@ -37,62 +40,19 @@ ACCEPTED_CHECKPOINTS = ('Accepted: a dense checkpoint of this backbone and size 
 class UpcycledMoE:
     """Mixin for a timm backbone class whose chosen blocks get an MoE MLP; put it first in the bases.
 
-    Args:
-        num_experts: experts per MoE layer.
-        moe_blocks: None = last half of the blocks, int N = last N, 'every_other', or a list of indices.
-        router: 'expert_choice', 'token_choice' or 'soft' (Soft MoE: every slot a softmax-weighted mix of the tokens).
-        capacity_factor: C; expert choice capacity = ceil(C * tokens / E) (ceil(C * G * tokens / E) with G below).
-        top_k: experts per token (token choice).
-        router_norm: rescale each token's combine weights to sum to 1.
-        expert_init: 'copy' (experts = dense MLP when loading a dense checkpoint), 'random' or 'drop'
-            (Drop-Upcycling).
-        drop_ratio: fraction of each expert's hidden units re-initialised with expert_init='drop'.
-        output_scale: a learnable output scale per MoE layer initialised to E / C (see `vit_moe.layers.MoeMlp`).
-        prefix_tokens: 'compete' (class token and registers compete for slots like patches) or 'always' (every
-            expert processes them first; see `vit_moe.upcycle`).
-        num_shared_experts: experts that process every token, added to the routed output (copies of the dense MLP;
-            upcycled with every copy's fc2 scaled by 1 / (S + 1) so that at C = E the layer is the dense MLP).
-        expert_granularity: G; each dense MLP splits into G hidden slices, `num_experts` counts the slices' copies
-            (E / G per slice, softmax per slice group), C and top_k keep the FLOPs per token of whole experts.
-        slots_per_expert, soft_scale: Soft MoE slots per expert (1, as vmoe) and initial logit scale (100: the
-            upcycling start that removes most of the initial drop, measured on the digits; vmoe trains from 1).
-        capacity_multiple_of: round capacity up to a multiple of this.
-        batch_priority, aux_loss_weight, z_loss_weight: token choice options.
-        **kwargs: the backbone's timm arguments.
+    Takes the MoE options (`vit_moe.layers.MoeConfig`: num_experts, moe_blocks, router, capacity_factor, top_k,
+    router_norm, expert_init, drop_ratio, output_scale, prefix_tokens, num_shared_experts, expert_granularity,
+    slots_per_expert, soft_scale, capacity_multiple_of, batch_priority, aux_loss_weight, z_loss_weight) as flat
+    keyword arguments, validated into one `MoeConfig` (`self.moe_config`); every other keyword argument is the
+    backbone's. Shared experts are upcycled with every copy's fc2 scaled by 1 / (S + 1), so that with every slot
+    filled the layer is the dense MLP; Soft MoE's `soft_scale` defaults to 100, the upcycling start measured on the
+    digits (vmoe trains from 1).
     """
 
-    def __init__(
-            self,
-            num_experts: int = 32,
-            moe_blocks: Optional[MoeBlocks] = None,
-            router: str = 'expert_choice',
-            capacity_factor: float = 2.0,
-            top_k: int = 2,
-            router_norm: bool = False,
-            expert_init: str = 'copy',
-            capacity_multiple_of: Optional[int] = None,
-            batch_priority: bool = True,
-            aux_loss_weight: float = 0.01,
-            z_loss_weight: float = 0.0,
-            drop_ratio: float = 0.5,
-            output_scale: bool = False,
-            prefix_tokens: str = 'compete',
-            num_shared_experts: int = 0,
-            expert_granularity: int = 1,
-            slots_per_expert: int = 1,
-            soft_scale: float = SOFT_UPCYCLING_SCALE,
-            **kwargs: Any,
-    ):
-        super().__init__(**kwargs)
-        router_kwargs = dict(batch_priority=batch_priority, aux_loss_weight=aux_loss_weight,
-                             z_loss_weight=z_loss_weight) if router == 'token_choice' else {}
-        if router == 'soft':
-            router_kwargs.update(slots_per_expert=slots_per_expert, soft_scale=soft_scale)
-        replace_mlps_with_moe(  # sets self.moe_config
-            self, moe_blocks, num_experts, expert_init, drop_ratio, prefix_tokens, router=router,
-            capacity_factor=capacity_factor, top_k=top_k, router_norm=router_norm,
-            capacity_multiple_of=capacity_multiple_of, output_scale=output_scale,
-            num_shared_experts=num_shared_experts, expert_granularity=expert_granularity, **router_kwargs)
+    def __init__(self, **kwargs: Any):
+        config, backbone_kwargs = MoeConfig.from_kwargs(kwargs)
+        super().__init__(**backbone_kwargs)
+        replace_mlps_with_moe(self, config)  # sets self.moe_config
 
 
 def _weights_location(cfg: Dict[str, Any]) -> str:
@@ -206,12 +166,34 @@ def _refuse_mismatch_before_loading(model_cls: Type[nn.Module], variant: str, pa
         _logger.debug('checkpoint pre-check of %s skipped: %s', path, e)
 
 
+def without_unused_saved_options(kwargs: Dict[str, Any], saved_args: Dict[str, Any]) -> Dict[str, Any]:
+    """`kwargs` without the MoE options that came from a config.json's `saved_args` and that the saved router gives no
+    meaning (vit-moe <= 0.2 accepted them and computed nothing with them): the folder loads and computes as before.
+    Options the caller gave (or changed) stay, and are refused as usual."""
+    unused = [k for k in MoeConfig.unused_options(kwargs) if k in saved_args and saved_args[k] == kwargs[k]]
+    if unused:
+        _logger.warning(f'ignoring {", ".join(f"{k}={kwargs[k]!r}" for k in unused)} saved in config.json: '
+                        f'router={kwargs.get("router", "expert_choice")!r} does not use them (vit-moe <= 0.2 '
+                        f'accepted and ignored them)')
+    return {k: v for k, v in kwargs.items() if k not in unused}
+
+
+def _saved_model_args(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    config = Path(cfg.get('file') or '') / 'config.json'
+    try:
+        return dict(json.loads(config.read_text()).get('model_args') or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def create_upcycled(model_cls: Type[nn.Module], variant: str, pretrained: bool,
                     checkpoint_filter: Callable[..., Dict[str, Any]], **kwargs) -> nn.Module:
     """timm's build_model_with_cfg for an `UpcycledMoE` class; a local checkpoint is checked on the meta device."""
     out_indices = kwargs.pop('out_indices', 3)
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        if cfg.to_dict().get('source') == 'local-dir':  # timm merged the folder's config.json model_args in
+            kwargs = without_unused_saved_options(kwargs, _saved_model_args(cfg.to_dict()))
         path = _local_weights_file(cfg.to_dict())
         _check_pretrained_file(path)
         if path:
