@@ -116,6 +116,23 @@ def item_parity(router, device, workdir, data):
         f'{rerouted} (image, expert) slot sets differ')
 
 
+def item_soft_autocast(device, workdir, data):
+    """Soft MoE routing under the device's bf16 autocast: float32 logits and softmaxes, equal to the float32 routing
+    of the same bf16-rounded input (on CUDA, autocast would otherwise run the logits matmul in bf16)."""
+    from timm.layers import Mlp
+    from vit_moe.layers import moe_layer_like
+    torch.manual_seed(0)
+    layer = moe_layer_like(Mlp(64, 128), router='soft', num_experts=8, slots_per_expert=4).to(device)
+    x = torch.randn(4, 65, 64, device=device).bfloat16()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        routing = layer.router(x)
+    reference = layer.router(x.float())
+    diff = max(float((routing.dispatch_weights - reference.dispatch_weights).abs().max()),
+               float((routing.combine_weights - reference.combine_weights).abs().max()))
+    dtypes = {str(routing.dispatch_weights.dtype), str(routing.combine_weights.dtype)}
+    return dtypes == {'torch.float32'} and diff <= 1e-5, f'{device.type}: weights {dtypes}, max diff {diff:.1e}'
+
+
 # -------------------------------------------------------------------------------------- training subprocesses
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -289,6 +306,7 @@ def item_tensorrt(device, workdir, data):
 ITEMS = {  # name: (table title, time limit in seconds, function(device, workdir, data) -> (ok, numbers))
     'parity-expert-choice': ('1. fwd/bwd parity GPU vs CPU, expert choice', 90, partial(item_parity, 'expert_choice')),
     'parity-token-choice': ('1. fwd/bwd parity GPU vs CPU, token choice', 90, partial(item_parity, 'token_choice')),
+    'soft-moe-autocast': ('1. Soft MoE routing float32 under bf16 autocast', 60, item_soft_autocast),
     'train-ddp': ('2. bf16 steps, accelerate launch ddp.yaml', 150, partial(item_train, 'ddp.yaml')),
     'train-fsdp2': ('2. bf16 steps, accelerate launch fsdp2.yaml', 150, partial(item_train, 'fsdp2.yaml')),
     'train-fsdp2-bf16': ('2. bf16 steps, accelerate launch fsdp2_bf16.yaml', 150,

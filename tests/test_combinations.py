@@ -54,16 +54,16 @@ CELLS = {
     'fsdp-ckpt-scale-tokenchoice-accum-bf16-shared-g2': ('fsdp', dict(
         grad_checkpointing=True, output_scale=True, router='token_choice', grad_accum_steps=2, mixed_precision='bf16',
         num_shared_experts=1, expert_granularity=2)),
-    'fsdp-compile-drop-g2': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager', expert_init='drop',
-                                          expert_granularity=2)),
+    'fsdp-compile-drop-prefix-g2': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager',
+                                                 expert_init='drop', prefix_tokens='always', expert_granularity=2)),
     'single-soft-compile-ckpt-ema-scale-drop-shared': ('single', dict(  # aot_eager: inductor runs in the first cell
         router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
         ema_decay=0.9, output_scale=True, expert_init='drop', num_shared_experts=1)),
     'ddp-soft-accum-bf16-shared': ('ddp', dict(router='soft', grad_accum_steps=2, mixed_precision='bf16',
                                                num_shared_experts=1)),
-    'fsdp-soft-compile-ckpt-drop-accum-prefix': ('fsdp', dict(
+    'fsdp-soft-compile-ckpt-drop-accum': ('fsdp', dict(
         router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
-        expert_init='drop', grad_accum_steps=2, prefix_tokens='always')),
+        expert_init='drop', grad_accum_steps=2)),
 }
 MODEL_KEYS = ('output_scale', 'expert_init', 'router', 'prefix_tokens', 'num_shared_experts', 'expert_granularity')
 MODEL_DEFAULTS = dict(output_scale=False, expert_init='copy', router='expert_choice', prefix_tokens='compete',
@@ -132,8 +132,13 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
     assert not any(k.startswith(('_orig_mod.', 'module.')) for k in saved)  # plain keys, whatever wrapped the model
     model = create_model_from_checkpoint(NAME, str(folder)).eval()
     assert saved.keys() == model.state_dict().keys()
-    for key in MODEL_KEYS:  # the options are in the saved model, not just in the config
-        assert model.moe_config[key] == cfg.model_kwargs.get(key, MODEL_DEFAULTS[key])
+    applied = model.moe_config.to_dict()
+    for key in MODEL_KEYS:  # the options are in the saved model, not just in the config (those the router uses)
+        if key in applied:
+            assert applied[key] == cfg.model_kwargs.get(key, MODEL_DEFAULTS[key]), key
+        else:
+            assert key not in cfg.model_kwargs, key
+    _assert_the_cell_computes_what_readme_says(cfg, folder, dense, model)
     experts = model.blocks[-1].mlp.experts.fc1.weight
     assert not torch.equal(experts[0], experts[1])  # trained (and, with drop, re-initialised) apart
     local = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
@@ -163,13 +168,47 @@ def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_p
         assert 'real images (9 of' in out and out.count(': ok') == 2
 
 
+def _assert_the_cell_computes_what_readme_says(cfg, folder: Path, dense_folder: Path, model):
+    """The cell's own options, beside its training: (a) with every slot filled its upcycled start is the dense model
+    (slot routers); (c) its experts compute the formula's FLOPs per token; (d) its config.json holds only options its
+    router uses, each as the model resolved it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vit_moe import MoeConfig
+    from vit_moe.layers import MOE_OPTIONS
+    config = model.moe_config
+    saved = json.loads((folder / 'config.json').read_text())['model_args']
+    assert MoeConfig.unused_options(saved) == ()
+    assert {k: v for k, v in saved.items() if k in MOE_OPTIONS} == config.to_dict()
+    x = torch.randn(2, 3, 16, 16)
+    if config.router != 'soft':
+        E, G = config.num_experts, config.groups
+        full = dict(capacity_factor=E / G) if config.router == 'expert_choice' else dict(top_k=E // G,
+                                                                                        capacity_factor=1.0)
+        kwargs = dict(cfg.model_kwargs, **full, expert_init='copy')
+        kwargs.pop('drop_ratio', None)
+        start = create_model_from_checkpoint(NAME, str(dense_folder), **kwargs).eval()
+        dense = create_model_from_checkpoint('vit_tiny_patch16_224', str(dense_folder), **ARCH).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(start(x), dense(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    counts = counter.get_flop_counts()
+    layer = model.blocks[-1].mlp
+    name = f'{type(model).__name__}.blocks.{len(model.blocks) - 1}.mlp'
+    got = sum(sum(counts.get(f'{name}.{bank}', {}).values()) for bank in ('experts', 'shared_experts')) / (2 * 17)
+    hidden = layer.experts.hidden_features * config.groups
+    mlp_flops = 2 * 2 * ARCH['embed_dim'] * hidden  # fc1 + fc2 of the dense MLP, per token
+    assert got == pytest.approx(config.expert_flops_per_token(17, mlp_flops, model.num_prefix_tokens), rel=1e-9)
+
+
 def test_the_matrix_covers_every_pair_of_option_values():
     values = dict(mode=('single', 'ddp', 'fsdp'), torch_compile=(None, 'default'), grad_checkpointing=(False, True),
                   ema_decay=(None, 0.9), output_scale=(False, True), router=('expert_choice', 'token_choice', 'soft'),
                   expert_init=('copy', 'drop'), grad_accum_steps=(1, 2), mixed_precision=(None, 'bf16'),
                   prefix_tokens=('compete', 'always'), num_shared_experts=(0, 1), expert_granularity=(1, 2))
     refused = ({'mode': 'fsdp', 'ema_decay': 0.9},  # the EMA would hold a full model copy on every process
-               {'router': 'soft', 'expert_granularity': 2})  # Soft MoE mixes tokens into slots: no slices
+               {'router': 'soft', 'expert_granularity': 2},  # Soft MoE mixes tokens into slots: no slices ...
+               {'router': 'soft', 'prefix_tokens': 'always'})  # ... and no slots for prefix tokens to hold
     defaults = {k: v[0] for k, v in values.items()}
     rows = [dict(defaults, mode=mode, **options) for mode, options in CELLS.values()]
     keys = list(values)

@@ -20,7 +20,7 @@ from vit_moe.analysis import (
     BACKGROUND, OBJECT, PREFIX, LayerStats, compute_layer_stats, load_report_models, patch_categories, routing_report,
 )
 from vit_moe.data import ImageFolderDataset, build_transforms, data_config_for
-from vit_moe.layers import ExpertChoiceRouter, TokenChoiceRouter, capture_routing
+from vit_moe.layers import ExpertChoiceRouter, MoeConfig, TokenChoiceRouter, capture_routing
 from vit_moe.models import save_trained_model
 
 from conftest import ROOT, make_image_folder, run_script
@@ -133,9 +133,10 @@ def test_counts_add_up_for_real_routings(batch, experts, gh, gw, prefix, factor,
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if token_choice:
-        router = TokenChoiceRouter(8, experts, factor, top_k=min(top_k, experts))
+        router = TokenChoiceRouter(8, MoeConfig(router='token_choice', num_experts=experts, capacity_factor=factor,
+                                                top_k=min(top_k, experts)))
     else:
-        router = ExpertChoiceRouter(8, experts, factor)
+        router = ExpertChoiceRouter(8, MoeConfig(num_experts=experts, capacity_factor=factor))
     routing = router(torch.randn(batch, T, 8, generator=g))
     targets = torch.randint(0, classes, (batch,), generator=g)
     categories = torch.cat([torch.full((batch, prefix), P), torch.randint(1, 3, (batch, gh * gw), generator=g)], 1)

@@ -149,6 +149,11 @@ def test_shipped_sweep_configs_load(path):
     if path.name == 'expert_init.yaml':
         assert [c.settings['model_kwargs.expert_init'] for c in sweep.cells[1:]] == ['copy', 'random', 'drop']
         assert sweep.cells[-1].runs[0].cfg.model_kwargs['drop_ratio'] == 0.5
+    from vit_moe import MoeConfig
+    for cell in sweep.cells:  # every MoE run's options are valid for its router (none that it would refuse)
+        for run in cell.runs:
+            if 'moe' in run.cfg.model:
+                MoeConfig.from_kwargs(run.cfg.model_kwargs)
 
 
 # ------------------------------------------------------------------------------------------- aggregation

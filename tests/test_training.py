@@ -337,6 +337,6 @@ def test_a_launch_that_would_start_lone_processes_is_refused_before_anything_is_
 
 
 def test_a_run_refused_at_start_leaves_nothing_in_its_output_folder(tmp_path, data):
-    with pytest.raises(ValueError, match='num_experts must be an integer >= 1, got 0'):
+    with pytest.raises(ValueError, match='num_experts=0 is not valid; expected an integer >= 1'):
         train(tiny_config(tmp_path, model_kwargs=dict(TRAIN_MOE, num_experts=0)))
     assert not (tmp_path / 'run').exists()  # no config.yaml, no empty bad_images.jsonl

@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict
 
 from .._files import install_folder
+from ..layers import MOE_OPTIONS
 
 __all__ = ['save_trained_model', 'trained_model_config', 'interrupted_save_leftovers', 'WEIGHTS_NAME', 'CONFIG_NAME',
            'DATA_CONFIG_KEYS']
@@ -58,7 +59,9 @@ def _describe_source(model: torch.nn.Module, source: Optional[str]) -> str:
 
 
 def _model_args(model: torch.nn.Module, model_args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The arguments that rebuild `model`: those timm recorded at creation, plus `model_args`, plus its class count."""
+    """The arguments that rebuild `model`: those timm recorded at creation, plus `model_args`, plus its class count;
+    an MoE model's options as its `moe_config` resolved them (every one that applies, defaults included: the file
+    does not depend on this version's defaults)."""
     recorded = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in _RUNTIME_ARGS}
     args = dict(recorded)
     for key, value in (model_args or {}).items():
@@ -68,6 +71,10 @@ def _model_args(model: torch.nn.Module, model_args: Optional[Mapping[str, Any]])
         args[key] = value
     for key in _RUNTIME_ARGS:
         args.pop(key, None)
+    moe_config = getattr(model, 'moe_config', None)
+    if moe_config is not None:  # every MoE option as resolved (defaults included), and only those that apply
+        args = {k: v for k, v in args.items() if k not in MOE_OPTIONS}
+        args.update(moe_config.to_dict())
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if img_size is not None:
         args['img_size'] = list(img_size)

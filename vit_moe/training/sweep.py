@@ -53,7 +53,6 @@ training anything. A run whose loss became non-finite is recorded as diverged an
 """
 import csv
 import difflib
-import inspect
 import io
 import itertools
 import json
@@ -73,6 +72,7 @@ import yaml
 
 from .._files import atomic_write
 from ..data import STOP_SIGNALS
+from ..layers import MOE_OPTIONS
 from .checkpoints import checkpoint_step, latest_checkpoint
 from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, read_yaml, resume_conflicts
 from .loop import NonFiniteLossError, train
@@ -92,10 +92,8 @@ _MK = 'model_kwargs.'
 
 
 def _moe_kwargs() -> frozenset:
-    """The MoE-only model kwargs (VisionTransformerMoE's own arguments), dropped for the dense baseline."""
-    from ..models.vision_transformer_moe import VisionTransformerMoE
-    params = inspect.signature(VisionTransformerMoE.__init__).parameters
-    return frozenset(n for n, p in params.items() if n != 'self' and p.kind is p.POSITIONAL_OR_KEYWORD)
+    """The MoE-only model kwargs (`vit_moe.layers.MOE_OPTIONS`), dropped for the dense baseline."""
+    return frozenset(MOE_OPTIONS)
 
 
 class SweepError(ConfigError):
