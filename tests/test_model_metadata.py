@@ -86,7 +86,7 @@ def test_saved_config_keeps_timms_layout(tmp_path):
     assert ours['architecture'] == NAME and ours['num_classes'] == 3 and ours['label_names'] == LABELS
     assert {k: v for k, v in ours['model_args'].items() if k != 'num_classes'} == dict(
         ARGS, img_size=[32, 32], **model.moe_config.to_dict())  # every MoE option the router uses, as resolved
-    assert ours['model_args']['moe_blocks'] == [1, 3] and ours['model_args']['top_k'] == 2
+    assert ours['model_args']['batch_priority'] is True and ours['model_args']['top_k'] == 1  # a default, as given
 
 
 def test_saved_config_names_the_source_instead_of_claiming_its_hub_weights(tmp_path):
