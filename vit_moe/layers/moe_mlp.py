@@ -115,13 +115,17 @@ class MoeMlp(nn.Module):
             out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, weighted)  # [B*T, D]
         return out.view(B, T, D).to(x.dtype), routing, expert_out
 
+    def scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """The routed output [B, T, D] times `output_scale` (if any), but for the first `unscaled_prefix` tokens."""
+        if self.output_scale is None:
+            return out
+        scale = self.output_scale.to(out.dtype)
+        P = self.unscaled_prefix
+        return torch.cat([out[:, :P], out[:, P:] * scale], dim=1) if P > 0 else out * scale  # [B, T, D]
+
     def scaled_with_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The routed output [B, T, D] times `output_scale` (if any; not the first `unscaled_prefix` tokens), plus every
-        shared expert's output on `x`."""
-        if self.output_scale is not None:
-            scale = self.output_scale.to(out.dtype)
-            P = self.unscaled_prefix
-            out = torch.cat([out[:, :P], out[:, P:] * scale], dim=1) if P > 0 else out * scale  # [B, T, D]
+        """`scaled(out)` plus every shared expert's output on `x`."""
+        out = self.scaled(out)
         if self.shared_experts is not None:
             out = out + self.shared_output(x).to(out.dtype)
         return out

@@ -159,9 +159,7 @@ def check_moe_layer(layer, ort: Dict[str, np.ndarray], kind: str = 'fp32', tie_r
     expert_errors = [_relative(expert_out[e] - reference[e], reference[e]) for e in range(E)]
     worst = int(np.argmax(expert_errors))
 
-    combined = combine_by_matmul(expert_out, token_index, combine, T)  # [B, T, D]
-    if layer.output_scale is not None:
-        combined = combined * layer.output_scale.float()
+    combined = layer.scaled(combine_by_matmul(expert_out, token_index, combine, T))  # [B, T, D]
     shared_error = 0.0
     if layer.shared_experts is not None:  # what is left of the output is the shared experts', checked as an expert
         reference_shared = layer.shared_output(x).float()  # [B, T, D]
