@@ -19,4 +19,6 @@ from .models import (
     create_model_from_checkpoint, is_moe_state_dict, replace_mlps_with_moe, resolve_moe_blocks, save_trained_model, upcycle,
 )
 
-__version__ = '0.2.0'
+from ._cli import leave as exit_process  # end a process of a distributed launch without a Gloo abort
+
+__version__ = '0.3.0'
