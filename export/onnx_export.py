@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     if args.data_dir:
         from vit_moe.data import check_image_folder
         check_image_folder(args.data_dir, args.split)  # a bad folder fails before the export
-    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=args.num_classes,
-                                         **(args.model_kwargs or {})).eval()
+    model_kwargs, num_classes = _cli.take_num_classes(args.model_kwargs, args.num_classes)
+    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes, **model_kwargs).eval()
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
                          unroll_experts=args.unroll_experts, int8_target=args.int8_target)
     path = export_onnx(model, args.output, optimize=args.optimize, **export_kwargs)

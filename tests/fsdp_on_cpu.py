@@ -35,7 +35,8 @@ def plugin_from_config(path: Path) -> FullyShardedDataParallelPlugin:
     fsdp = yaml.safe_load(Path(path).read_text())['fsdp_config']
     kwargs = {PLUGIN_ARGS[k]: v for k, v in fsdp.items()}
     kwargs['auto_wrap_policy'] = kwargs['auto_wrap_policy'].lower()
-    kwargs['transformer_cls_names_to_wrap'] = kwargs['transformer_cls_names_to_wrap'].split(',')
+    if kwargs.get('transformer_cls_names_to_wrap'):  # the shipped configs name none: the trainer takes the model's
+        kwargs['transformer_cls_names_to_wrap'] = kwargs['transformer_cls_names_to_wrap'].split(',')
     return FullyShardedDataParallelPlugin(**kwargs)
 
 

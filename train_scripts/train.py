@@ -10,10 +10,30 @@ by SIGTERM or Ctrl-C saves a checkpoint and exits with 128 + the signal number; 
 
 A bad key, value, path or image exits with 2 and one line on stderr; --debug (or VIT_MOE_DEBUG=1) shows the
 traceback instead. --verbose shows other libraries' INFO logs (Accelerate's checkpointing, ...) and warnings.
+
+Before a cluster launch, --dry-run builds the model on the meta device, resolves the launch (processes, DDP / FSDP2,
+global batch, lr) and estimates the memory per process; with --gpu-memory-gb it exits 0 if that fits, 2 (one line
+naming what does not) if not:
+    python train_scripts/train.py --config ... --dry-run --accelerate-config configs/accelerate/ddp.yaml \
+        [--num-processes 8] [--gpu-memory-gb 40]
 """
+import argparse
 import sys
 
 from vit_moe import _cli
+
+
+def _dry_run_flags(argv):
+    """(the dry-run options, the other arguments)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--dry-run', action='store_true')
+    parser.add_argument('--accelerate-config', default=None)
+    parser.add_argument('--num-processes', type=int, default=None)
+    parser.add_argument('--gpu-memory-gb', type=float, default=None)
+    flags, rest = parser.parse_known_args(argv)
+    if not flags.dry_run and (flags.accelerate_config or flags.num_processes or flags.gpu_memory_gb):
+        parser.error('--accelerate-config, --num-processes and --gpu-memory-gb go with --dry-run')
+    return flags, rest
 
 
 def main(argv=None) -> int:
@@ -21,7 +41,15 @@ def main(argv=None) -> int:
     _cli.setup_logging(verbose)
     from vit_moe.training import parse_train_args, train
     with _cli.raise_usage_errors():
+        flags, argv = _dry_run_flags(argv)
         cfg = parse_train_args(argv, description=__doc__)
+    if flags.dry_run:
+        from vit_moe.training.dry_run import dry_run
+        report = dry_run(cfg, flags.accelerate_config, flags.num_processes, flags.gpu_memory_gb)
+        print('\n'.join(report['lines']))
+        if report['fits'] is False:
+            raise _cli.UsageError(report['problem'])
+        return 0
     summary = train(cfg)
     if not summary['main_process']:
         return 128 + summary['interrupted'] if summary['interrupted'] else 0  # the main process reports

@@ -15,7 +15,8 @@ Exit codes:
 * 1: a check the command ran failed (e.g. onnx_export.py parity), or an unexpected error: that is a bug, and
   its full traceback is printed as Python does.
 * 2: a user mistake: the command line, a config key or value, a path, an input file, a missing extra. One line
-  on stderr, `prog: error: message`, where the message names the bad value and what is accepted.
+  on stderr, `prog: error: message`, where the message names the bad value and what is accepted; under a
+  distributed launcher, printed by rank 0 only (every process exits 2).
 * 130: interrupted by Ctrl-C (KeyboardInterrupt), quietly. train.py saves a checkpoint on SIGINT / SIGTERM and
   exits with 128 + the signal number itself.
 
@@ -50,7 +51,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 __all__ = ['ArgumentParser', 'UsageError', 'add_common_flags', 'pop_common_flags', 'raise_usage_errors', 'mapping_type',
            'name_type', 'setup_logging', 'run', 'run_and_exit', 'leave', 'debug_requested', 'is_user_error',
-           'one_line']
+           'one_line', 'take_num_classes', 'is_main_process']
 
 DEBUG_ENV = 'VIT_MOE_DEBUG'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
@@ -142,6 +143,23 @@ def name_type(is_known: Callable[[str], bool], known: Callable[[], Sequence[str]
     return name
 
 
+def take_num_classes(model_kwargs: Optional[dict], num_classes: Optional[int], flag: str = '--num-classes'):
+    """(model_kwargs without num_classes, num_classes): the class count may come as `flag` or inside --model-kwargs,
+    but not twice with different values (a one-line usage error naming both)."""
+    kwargs = dict(model_kwargs or {})
+    given = kwargs.pop('num_classes', None)
+    if given is not None and num_classes is not None and given != num_classes:
+        raise UsageError(f'num_classes given twice: {flag} {num_classes} and --model-kwargs num_classes={given}; '
+                         f'give it once ({flag})')
+    return kwargs, num_classes if num_classes is not None else given
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torch.distributed.run / accelerate launch set RANK), or a lone process."""
+    rank = os.environ.get('RANK', '0')
+    return not rank.isdigit() or int(rank) == 0
+
+
 def setup_logging(verbose: bool = False, fmt: str = LOG_FORMAT) -> None:
     """`vit_moe` at INFO and the rest at WARNING, deprecation warnings off; everything at INFO with `verbose`."""
     logging.basicConfig(format=fmt)  # a no-op where handlers exist (e.g. under pytest)
@@ -192,7 +210,8 @@ def run(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[
     except Exception as e:
         if debug or not is_user_error(e):
             raise
-        print(f'{prog}: error: {one_line(e)}', file=sys.stderr)
+        if is_main_process():  # under a launcher every process refuses alike: one line, by rank 0
+            print(f'{prog}: error: {one_line(e)}', file=sys.stderr)
         return 2
 
 

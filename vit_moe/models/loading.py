@@ -6,6 +6,7 @@ Accepted checkpoints: None (random init), 'default' (timm's Hub weights), 'hf-hu
 its config.json restores the model arguments, the data config and the label names. A folder of another architecture
 (e.g. a dense model to upcycle) gives its weights, data config and label names.
 """
+import contextlib
 import difflib
 import json
 from pathlib import Path
@@ -110,6 +111,29 @@ def _saved_data_config(saved: Dict[str, Any], keep_labels: bool) -> Dict[str, An
     return overlay
 
 
+class HubDownloadError(FileNotFoundError):
+    """The Hugging Face Hub weights could not be downloaded (offline, no cache, no access)."""
+
+
+@contextlib.contextmanager
+def _hub_download_hint(model_name: str, checkpoint: str):
+    """A failed Hub download becomes one error that says how to give the weights as a local file instead."""
+    try:
+        yield
+    except Exception as e:
+        hub = type(e).__module__.split('.')[0] in ('huggingface_hub', 'requests', 'urllib3', 'httpx') or isinstance(
+            e, (ConnectionError, TimeoutError))
+        if not hub:
+            raise
+        from .upcycled import DENSE_SOURCES
+        source = DENSE_SOURCES.get(model_name, model_name if checkpoint == 'default' else checkpoint)
+        raise HubDownloadError(
+            f'could not download the weights of {checkpoint!r} for {model_name} ({source}) from the Hugging Face Hub: '
+            f'{" ".join(str(e).split())[:200]}; offline, download them where there is a connection and pass the local '
+            f'dense file: --pretrained /path/to/{source.split(":")[-1]}.safetensors (in Python: '
+            f'pretrained_cfg_overlay=dict(file=...))') from e
+
+
 def _record_args(model: torch.nn.Module, kwargs: Dict[str, Any]) -> torch.nn.Module:
     """Keep the creation arguments on the model where timm < 1.0.31 does not, as timm >= 1.0.31 does itself."""
     if not hasattr(model, '_model_args'):
@@ -163,14 +187,12 @@ def create_model_from_checkpoint(
     if checkpoint in (None, '', 'none'):
         kwargs = dict(kwargs, num_classes=num_classes or 1000)
         return _record_args(timm.create_model(model_name, **kwargs), kwargs)
-    if checkpoint == 'default':
+    if checkpoint == 'default' or checkpoint.startswith('hf-hub:'):
+        overlay = dict(hf_hub_id=checkpoint[len('hf-hub:'):]) if checkpoint != 'default' else None
         kwargs = _with_classes(kwargs, num_classes)
-        return _record_args(timm.create_model(model_name, pretrained=True, **kwargs), kwargs)
-    if checkpoint.startswith('hf-hub:'):
-        overlay = dict(hf_hub_id=checkpoint[len('hf-hub:'):])
-        kwargs = _with_classes(kwargs, num_classes)
-        return _record_args(timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs),
-                            kwargs)
+        with _hub_download_hint(model_name, checkpoint):
+            model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _record_args(model, kwargs)
     try:
         return _create_from_local(model_name, checkpoint, num_classes, kwargs)
     except CheckpointMismatchError as e:

@@ -14,7 +14,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from .conversion import CheckpointMismatchError, convert_dense_to_moe
 from .upcycle import replace_mlps_with_moe
 
 __all__ = ['UpcycledMoE', 'upcycling_filter', 'create_upcycled', 'cfg_from_dense', 'DENSE_SOURCES',
-           'without_unused_saved_options']
+           'without_unused_saved_options', 'block_classes']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ class UpcycledMoE:
         config, backbone_kwargs = MoeConfig.from_kwargs(kwargs)
         super().__init__(**backbone_kwargs)
         replace_mlps_with_moe(self, config)  # sets self.moe_config
+        self._no_split_modules = block_classes(self)  # the FSDP units Accelerate wraps when its config names none
+
+
+def block_classes(model: nn.Module) -> List[str]:
+    """Class names of the model's transformer blocks (`model.blocks`, as timm's ViT and Eva keep them)."""
+    return sorted({type(block).__name__ for block in getattr(model, 'blocks', ())})
 
 
 def _weights_location(cfg: Dict[str, Any]) -> str:

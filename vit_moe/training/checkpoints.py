@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._files import install_folder
 
@@ -101,8 +101,10 @@ def remove_leftovers(output_dir) -> List[Path]:
     return leftovers
 
 
-def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Path:
-    """Save the Accelerate state as `checkpoint_step_<step>`, atomically. Call on every process."""
+def write_checkpoint(accelerator, output_dir, step: int, config_text: str,
+                     also: Optional[Callable[[Path], None]] = None) -> Path:
+    """Save the Accelerate state as `checkpoint_step_<step>`, atomically. Call on every process. `also(folder)`, called
+    on every process after Accelerate's save, writes more into it (the sharded EMA) before it is marked complete."""
     root = checkpoint_root(output_dir)
     final = root / f'checkpoint_step_{step}'
     partial = root / f'.partial_step_{step}'
@@ -112,6 +114,8 @@ def write_checkpoint(accelerator, output_dir, step: int, config_text: str) -> Pa
         partial.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if also is not None:
+        also(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / 'config.yaml').write_text(config_text)

@@ -1,7 +1,11 @@
 """ Training configuration: flat keys with defaults, loaded from YAML, overridable on the command line.
 
 Every key of `TrainConfig` can be set in a YAML file (`--config X.yaml`) and overridden as `--key value`
-(values parsed as YAML, so `--model-kwargs '{num_experts: 8}'` and `--mixup 0.2` both work).
+(values parsed as YAML, so `--model-kwargs '{num_experts: 8}'` and `--mixup 0.2` both work). A mapping-valued key
+(`model_kwargs`) given on the command line is merged into the file's mapping key by key, as the sweeps merge it; a
+key given as null is removed from it (`--model-kwargs '{capacity_factor: null}'`: the model's default applies).
+YAML 1.1 reads `no` / `off` as false and `yes` / `on` as true: a text key given so gets the text back
+(`--mixed-precision no`).
 """
 import argparse
 import dataclasses
@@ -13,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_config', 'parse_train_args', 'ConfigError', 'RESUMABLE_CHANGES', 'resume_conflicts']
+__all__ = ['TrainConfig', 'load_config', 'parse_train_args', 'ConfigError', 'RESUMABLE_CHANGES', 'resume_conflicts',
+           'merge_mapping', 'scaled_lr', 'signal_number']
 
 
 class ConfigError(ValueError):
@@ -46,7 +51,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # optimisation
     steps: int = 1000  # optimizer steps for this run (after gradient accumulation)
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate; with lr_base_size, the lr at that global batch
+    lr_base_size: Optional[int] = None  # global batch `lr` is given for (timm's --lr-base-size); None: lr as given
+    lr_base_scale: str = 'linear'  # lr * (global batch / lr_base_size), or its square root ('sqrt', for Adam-type)
     weight_decay: float = 0.05
     opt: str = 'adamw'  # any timm optimizer name
     opt_betas: Optional[List[float]] = None  # Adam-type betas, e.g. [0.9, 0.999] (default: the optimizer's)
@@ -72,6 +79,9 @@ class TrainConfig:
     # checkpoints and logging
     output_dir: str = 'outputs/run'
     checkpoint_every: int = 500  # save a checkpoint every N steps (and at the end, and on SIGTERM / Ctrl-C)
+    # early warning before a kill (SLURM --signal=USR1@120): save at the next step boundary and stop, like SIGTERM,
+    # but early enough for a large save; null: not handled
+    save_signal: Optional[str] = 'SIGUSR1'
     keep_checkpoints: int = 3  # keep the newest K (by step)
     # 'latest' (newest complete checkpoint in output_dir, which must exist), 'auto' (latest if there is one,
     # else start), or a checkpoint folder. Without it a run refuses an output_dir that holds checkpoints.
@@ -100,9 +110,11 @@ class TrainConfig:
             raise ConfigError(f'router_lr_mult={self.router_lr_mult!r} is not valid; expected a number > 0')
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f'ema_decay={self.ema_decay!r} is not valid; expected a number in (0, 1) or null (off)')
+        if self.mixed_precision is False:  # YAML 1.1 reads `no` as false
+            self.mixed_precision = 'no'
         choices = dict(
             bad_image_policy=('skip', 'error'), mixed_precision=(None, 'no', 'bf16', 'fp16'),
-            schedule=('rsqrt', 'cosine', 'constant'))
+            schedule=('rsqrt', 'cosine', 'constant'), lr_base_scale=('linear', 'sqrt'))
         for key, accepted in choices.items():
             if getattr(self, key) not in accepted:
                 raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; accepted: '
@@ -116,6 +128,12 @@ class TrainConfig:
                 raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; expected >= 0')
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f'model_kwargs={self.model_kwargs!r} is not valid; expected a mapping')
+        if self.lr_base_size is not None and (not isinstance(self.lr_base_size, int) or self.lr_base_size < 1):
+            raise ConfigError(f'lr_base_size={self.lr_base_size!r} is not valid; expected an integer >= 1 or null')
+        if self.save_signal in (None, False, 'none', 'null', 'off'):
+            self.save_signal = None
+        else:
+            signal_number(self.save_signal)  # a bad name is refused here
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,11 +142,43 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """The peak lr of a run whose optimizer step sums `global_batch` images: `cfg.lr` as given, or, with
+    `lr_base_size`, scaled linearly (or by the square root) from that batch to this one (timm's --lr-base rule)."""
+    if cfg.lr_base_size is None:
+        return cfg.lr
+    ratio = global_batch / cfg.lr_base_size
+    return cfg.lr * (ratio if cfg.lr_base_scale == 'linear' else ratio ** 0.5)
+
+
+def signal_number(name: str) -> int:
+    """The signal `name` names ('SIGUSR1', 'USR1', 10); a one-line error naming the accepted ones otherwise."""
+    import signal
+    text = str(name).upper()
+    try:
+        return int(signal.Signals(int(text)) if text.isdigit() else signal.Signals[
+            text if text.startswith('SIG') else 'SIG' + text])
+    except (KeyError, ValueError):
+        raise ConfigError(f'save_signal={name!r} is not a signal; accepted: a name such as SIGUSR1, SIGUSR2, SIGHUP '
+                          f'(SLURM --signal=USR1@120), or null') from None
+
+
+def merge_mapping(base: Optional[Dict[str, Any]], override: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """`base` updated key by key with `override`; a key whose override is None is removed."""
+    merged = dict(base or {})
+    for key, value in (override or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
 # keys that may differ when a run is resumed: they change neither the model nor the data order nor the updates
 RESUMABLE_CHANGES = frozenset({
     'steps', 'resume', 'output_dir', 'data_dir', 'num_workers', 'verify_images', 'bad_image_policy',
     'eval_batch_size', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'log_every', 'trackers', 'progress',
-    'cooldown_steps', 'eval_at_start',
+    'cooldown_steps', 'eval_at_start', 'save_signal',
 })
 
 
@@ -139,6 +189,7 @@ def resume_conflicts(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_MAPPING_KEYS = ('model_kwargs',)
 
 
 def _check_keys(values: Dict[str, Any], source: str) -> None:
@@ -151,10 +202,13 @@ def _check_keys(values: Dict[str, Any], source: str) -> None:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """Numbers given as YAML strings ('3e-4' is a string in YAML 1.1) become the field's number type."""
+    """Numbers given as YAML strings ('3e-4' is a string in YAML 1.1) become the field's number type; a text key
+    that YAML read as a boolean (`no`, `off`, `yes`, `on`) becomes 'no' / 'yes'."""
     kind = typing.get_type_hints(TrainConfig)[name]
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     base = args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
+    if base is str and isinstance(value, bool):
+        return 'yes' if value else 'no'
     if value is None or base not in (int, float) or isinstance(value, bool):
         return value
     try:
@@ -185,8 +239,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f'config file {path!r} must hold a mapping of keys to values')
         _check_keys(loaded, path)
         values.update(loaded)
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
     _check_keys(overrides, 'command-line overrides')
+    for key in _MAPPING_KEYS:  # merged key by key, as the sweeps merge them; null removes a key
+        if key in overrides and isinstance(overrides[key], dict) and isinstance(values.get(key), dict):
+            overrides[key] = merge_mapping(values[key], overrides[key])
     values.update(overrides)
     values = {k: _coerce(k, v) for k, v in values.items()}
     try:

@@ -98,7 +98,13 @@ def validate(
     class_map = {name: i for i, name in enumerate(label_names)} if label_names else None
     dataset = ImageFolderDataset(data_dir, split, class_map=class_map, substitute_unreadable=False)
     num_classes = len(label_names) if label_names else len(dataset.class_to_idx)
-    model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **(model_kwargs or {}))
+    model_kwargs = dict(model_kwargs or {})
+    given = model_kwargs.pop('num_classes', num_classes)
+    if given != num_classes:
+        source = 'the label names saved with the checkpoint' if label_names else f'{data_dir}/{split}'
+        raise ValueError(f'model_kwargs num_classes={given!r} disagrees with the {num_classes} classes of {source}; '
+                         f'remove it')
+    model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **model_kwargs)
     dataset.transform = build_transforms(data_config_for(model), None, is_training=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=ignore_stop_signals)

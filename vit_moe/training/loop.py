@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..data import (
-    STOP_SIGNALS, BadImageLog, ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals,
+    STOP_SIGNALS, BadImageLog, ImageFolderDataset, WorkerSignals, build_transforms, data_config_for,
     iter_with_shielded_workers, verify_images,
 )
 from ..layers import capture_routing
@@ -45,10 +45,12 @@ from .checkpoints import (
     TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
     remove_leftovers, write_checkpoint,
 )
-from .config import ConfigError, TrainConfig, resume_conflicts
+from .config import ConfigError, TrainConfig, resume_conflicts, scaled_lr, signal_number
 from .evaluation import evaluate, fresh_accelerator_state
 from .meters import StepMeter
 from .optim import create_optimizer
+from .ema import ShardedEma
+from .fsdp_wrap import wrap_every_block
 from .run_log import RunLog
 from .schedule import learning_rate
 
@@ -62,17 +64,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopSignal:
-    """Remembers SIGTERM / SIGINT so the loop can save at the next step boundary."""
+    """Remembers SIGTERM / SIGINT (or the early-warning save signal) so the loop can save at the next step boundary."""
 
-    def __init__(self):
+    def __init__(self, signals=STOP_SIGNALS):
         self.signum = 0
+        self.signals = tuple(signals)
 
     def __call__(self, signum, frame):
         self.signum = signum
 
     @contextmanager
     def installed(self):
-        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, self) for s in self.signals}
         try:
             yield self
         finally:
@@ -118,6 +121,12 @@ def _refuse_lone_processes(num_processes: int, output_dir: str) -> None:
     if num_processes != 1:
         return
     world = os.environ.get('WORLD_SIZE', '')
+    if world.isdigit() and int(world) > 1 and os.environ.get('ACCELERATE_USE_FSDP', '').lower() == 'true':
+        raise ConfigError(
+            f'the launch asks for FSDP over {world} processes, but this machine has no GPU and Accelerate runs FSDP on '
+            f'GPUs only (each process would train alone into output_dir {output_dir!r}); on CPUs train with DDP: '
+            f'{CPU_LAUNCH.replace("N", world)}, or test the FSDP2 path with ACCELERATE_USE_CPU=1 python -m '
+            f'torch.distributed.run --nproc_per_node {world} tests/fsdp_on_cpu.py train_scripts/train.py ...')
     if world.isdigit() and int(world) > 1:
         raise ConfigError(
             f'WORLD_SIZE={world}: the launcher started {world} processes but Accelerate sees 1 (no GPU, and '
@@ -136,8 +145,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        # SIGTERM / Ctrl-C and the early-warning save signal: save at the next step boundary, then stop
+        self.signals = STOP_SIGNALS + ((signal_number(cfg.save_signal),) if cfg.save_signal else ())
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
+        self.global_batch = cfg.batch_size * self.accelerator.num_processes * cfg.grad_accum_steps
+        self.lr = scaled_lr(cfg, self.global_batch)  # the peak lr of this launch
         resume_from = self._checkpoint_to_resume()
         set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()  # a bad option, path or checkpoint is refused here: nothing written yet
@@ -148,12 +161,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
-        if self.ema is not None:
+        if self.ema is not None and not self.sharded_ema:
             self.accelerator.register_for_checkpointing(self.ema)
         set_seed(cfg.seed, device_specific=True)  # dropout, drop-path, mixup: seed + process index
         self.last_saved = -1
         if resume_from is not None:
             self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
+            if self.sharded_ema:
+                self.ema.load(resume_from)
             self.last_saved = self.state.step
             self._adapt_to_process_count(resume_from)
             _logger.info(f'resumed from {resume_from} at step {self.state.step}')
@@ -166,7 +181,8 @@ class Trainer:
             self.log.write(dict(type='resume', step=self.state.step, checkpoint=str(resume_from)), self.state.step)
         self.log.write(dict(type='start', step=self.state.step, num_processes=self.accelerator.num_processes,
                             distributed_type=str(self.accelerator.distributed_type.value),
-                            mixed_precision=self.accelerator.mixed_precision), self.state.step)
+                            mixed_precision=self.accelerator.mixed_precision, global_batch=self.global_batch,
+                            lr=self.lr, model_kwargs=self.model_args), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
         self.stop_requested = False
@@ -248,9 +264,6 @@ class Trainer:
             dynamo_plugin=dynamo,
         )
         _refuse_lone_processes(accelerator.num_processes, cfg.output_dir)
-        if accelerator.distributed_type == DistributedType.FSDP and cfg.ema_decay:
-            raise ConfigError('ema_decay is not supported with FSDP yet (the EMA would hold a full copy of the model '
-                              'on every process); train without it or with DDP')
         return accelerator
 
     def _build_data_and_model(self) -> None:
@@ -264,10 +277,16 @@ class Trainer:
                                           bad_image_policy=cfg.bad_image_policy, substitute_unreadable=False,
                                           bad_image_log=self.bad_images)
         self.num_classes = len(self.train_set.class_to_idx)
-        model = create_model_from_checkpoint(cfg.model, cfg.pretrained, num_classes=self.num_classes,
-                                             **cfg.model_kwargs)
+        model_kwargs = dict(cfg.model_kwargs)
+        given = model_kwargs.pop('num_classes', self.num_classes)
+        if given != self.num_classes:
+            raise ConfigError(f'model_kwargs num_classes={given!r}: the trainer takes the number of classes from the '
+                              f'data ({self.num_classes} class folders in {cfg.data_dir}/{cfg.train_split}); remove it')
+        model = create_model_from_checkpoint(cfg.model, cfg.pretrained, num_classes=self.num_classes, **model_kwargs)
         self.data_config = data_config_for(model, cfg.input_size)
-        trained_model_config(model, data_config=self.data_config, model_args=cfg.model_kwargs)  # bad values fail here
+        # bad values fail here; the model's arguments as resolved (the MoE options with their defaults)
+        self.model_args = trained_model_config(model, data_config=self.data_config, model_args=model_kwargs)[
+            'model_args']
         self.train_set.transform = build_transforms(self.data_config, cfg, is_training=True)
         self.train_set.seed = cfg.seed
         self.val_set.transform = build_transforms(self.data_config, cfg, is_training=False)
@@ -278,25 +297,32 @@ class Trainer:
             self.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
             persistent_workers=False,  # fresh workers each epoch see train_set.epoch
             generator=torch.Generator().manual_seed(cfg.seed),  # iterator seeds must not draw from the global RNG
-            worker_init_fn=ignore_stop_signals)  # SIGTERM to the process group: the main process saves first
+            worker_init_fn=WorkerSignals(self.signals))  # SIGTERM to the process group: the main process saves first
         val_loader = torch.utils.data.DataLoader(
             self.val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-            num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals)
+            num_workers=cfg.num_workers, worker_init_fn=WorkerSignals(self.signals))
         if len(train_loader) == 0:
             raise ValueError(f'train split has {len(self.train_set)} images, fewer than batch_size={cfg.batch_size}')
-        optimizer = create_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
+        optimizer = create_optimizer(model, cfg.opt, self.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
                                      cfg.opt_betas, cfg.opt_eps)
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                            num_classes=self.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
         self.loss_fn = _loss_fn(cfg)
-        # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP)
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP); under
+        # FSDP2 it keeps the EMA of each process's shards instead, made after `prepare` (vit_moe.training.ema)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
-                              device=self.accelerator.device) if cfg.ema_decay else None
+                              device=self.accelerator.device) if cfg.ema_decay and not fsdp else None
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if fsdp:
+            wrap_every_block(model, self.accelerator.state.fsdp_plugin)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader)
         self.unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if cfg.ema_decay and fsdp:
+            self.ema = ShardedEma(self.unwrapped, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+        self.sharded_ema = isinstance(self.ema, ShardedEma)
 
     def _verify_images(self) -> None:
         bad = verify_images(self.train_set) + verify_images(self.val_set)
@@ -317,7 +343,7 @@ class Trainer:
         if cfg.eval_at_start and state.step == 0:
             self._log_evaluation()
         self.model.train()
-        with _StopSignal().installed() as self.stop_signal:
+        with _StopSignal(self.signals).installed() as self.stop_signal:
             while state.step < cfg.steps and not self.interrupted:
                 epoch, skip = divmod(state.batches, len(self.train_loader))
                 self.train_loader.set_epoch(epoch)
@@ -338,7 +364,7 @@ class Trainer:
         cfg, accelerator = self.cfg, self.accelerator
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        lr = learning_rate(self.state.step, cfg)
+        lr = learning_rate(self.state.step, cfg, self.lr)
         for group in self.optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
         with accelerator.accumulate(self.model):
@@ -370,7 +396,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f'non-finite loss ({loss.item():.4g}) at step {self.state.step + 1}; stopped before the update and '
                 f'saved nothing. Last good checkpoint: {latest_checkpoint(self.out) or "none"}. '
-                f'Try a lower lr (was {self.cfg.lr}), grad_clip, or mixed_precision=no.')
+                f'Try a lower lr (was {self.lr:g}), grad_clip, or mixed_precision=no.')
 
     def after_step(self, epoch: int) -> bool:
         """Count the optimizer step, update the EMA, then log / checkpoint / evaluate when due. True: stop now."""
@@ -391,7 +417,7 @@ class Trainer:
             self.window_start, self.window_images = time.perf_counter(), 0
         if self.stop_requested:
             self.interrupted = self.stop_signal.signum or signal.SIGTERM
-            self.save_checkpoint()
+            self.save_checkpoint(reason=f'signal {int(self.interrupted)}')
             _logger.warning(f'stopped by signal {self.interrupted} at step {state.step}; checkpoint saved')
             return True
         return False
@@ -406,7 +432,7 @@ class Trainer:
                 for n, m in layers.items() if 'dispatch_entropy' in m}
         self.log.write(dict(
             type='train', step=self.state.step, epoch=epoch, elapsed_s=self.state.elapsed_s, **means,
-            lr=learning_rate(self.state.step - 1, self.cfg), images_per_s=self.window_images / elapsed,
+            lr=learning_rate(self.state.step - 1, self.cfg, self.lr), images_per_s=self.window_images / elapsed,
             expert_load={n: m['expert_load'] for n, m in layers.items()},
             importance={n: m['importance'] for n, m in layers.items()}, **(dict(soft_routing=soft) if soft else {})),
             step=self.state.step)
@@ -421,13 +447,19 @@ class Trainer:
                 self._logged_bad_images.add(entry['path'])
                 self.log.write(dict(type='bad_image', step=self.state.step, **entry), step=self.state.step)
 
-    def save_checkpoint(self) -> None:
-        """Write `checkpoint_step_<step>` atomically, then keep the newest `keep_checkpoints`."""
+    def save_checkpoint(self, reason: str = 'interval') -> None:
+        """Write `checkpoint_step_<step>` atomically, then keep the newest `keep_checkpoints`; log its time and size."""
         if self.last_saved == self.state.step:
             return
         self.state.log_window = self.meter.window_state(self.accelerator)  # a resumed log reads as one run
-        write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml())
+        start = time.perf_counter()
+        folder = write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml(),
+                                  also=self.ema.save if self.sharded_ema else None)
+        seconds = time.perf_counter() - start
         if self.main:
+            size = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
+            self.log.write(dict(type='checkpoint', step=self.state.step, reason=reason, seconds=round(seconds, 3),
+                                bytes=size, path=str(folder)), self.state.step)
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_saved = self.state.step
@@ -435,7 +467,11 @@ class Trainer:
     def evaluate(self) -> Dict[str, Any]:
         """The raw model's evaluation, with `ema_` keys for the EMA weights' when EMA is on."""
         result = evaluate(self.model, self.val_loader, self.accelerator, self.num_classes)
-        if self.ema is not None:
+        if self.sharded_ema:
+            with self.ema.weights_in(self.unwrapped):  # the prepared (sharded) model holds the EMA weights meanwhile
+                ema = evaluate(self.model, self.val_loader, self.accelerator, self.num_classes)
+            result.update({f'ema_{k}': v for k, v in ema.items() if k not in ('layers', 'num_excluded')})
+        elif self.ema is not None:
             with self.accelerator.autocast():  # the raw model's forward is wrapped in it by `prepare`; the EMA's is not
                 ema = evaluate(self.ema.module, self.val_loader, self.accelerator, self.num_classes)
             result.update({f'ema_{k}': v for k, v in ema.items() if k not in ('layers', 'num_excluded')})
@@ -454,14 +490,20 @@ class Trainer:
         """Save and evaluate the final model (unless interrupted); close logs; return the run summary."""
         final_eval = None
         if not self.interrupted:
-            self.save_checkpoint()
+            self.save_checkpoint(reason='final')
             final_eval = self._log_evaluation()
             self.accelerator.wait_for_everyone()
             # the full weights: gathered from every process's shard under FSDP (a collective: every process calls it)
             full_state = self.accelerator.get_state_dict(self.model)
+            ema_state = None
+            if self.sharded_ema:
+                with self.ema.weights_in(self.unwrapped):
+                    ema_state = self.accelerator.get_state_dict(self.model)  # gathered too
             if self.main:
                 self._save_model(self.unwrapped, self.out / 'model', full_state)
-                if self.ema is not None:
+                if self.sharded_ema:
+                    self._save_model(self.unwrapped, self.out / 'model_ema', ema_state)
+                elif self.ema is not None:
                     self._save_model(self.ema.module, self.out / 'model_ema')
         self._log_bad_images()
         self.accelerator.end_training()

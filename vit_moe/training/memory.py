@@ -6,8 +6,8 @@ and the standard library (not Accelerate); FSDP2's sharding rules are restated f
 queried from a process group.
 
 * `parameter_memory()`: fp32 master parameters (4 B), fp32 gradients (4 B) and AdamW's two fp32 moments (8 B) per
-  parameter, per GPU, under DDP or FSDP2 full shard (`fully_shard` on every transformer `Block` and on the root, as
-  Accelerate's FSDP2 plugin wraps with `transformer_cls_names_to_wrap: Block`), with the transient all-gathered
+  parameter, per GPU, under DDP or FSDP2 full shard (`fully_shard` on every transformer block and on the root, as
+  the trainer has Accelerate's FSDP2 plugin wrap them: `vit_moe.training.fsdp_wrap`), with the transient all-gathered
   parameters and unsharded gradients of FSDP2 and the gradient buckets of DDP.
 * `activation_memory()`: bytes saved for the backward pass by one forward at a batch size, with or without timm's
   gradient checkpointing, in float32 or under bf16 autocast, counted with `torch.autograd.graph.saved_tensors_hooks`.
@@ -17,7 +17,7 @@ Bytes, not GB: the callers divide (`GB = 1e9`).
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -58,11 +58,13 @@ def fsdp_shard_numel(shape: Sequence[int], num_gpus: int) -> int:
 
 
 def fsdp_units(
-        model: nn.Module, wrap_cls_names: Iterable[str] = ('Block',)) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
-    """FSDP units as Accelerate's FSDP2 plugin makes them: one per module whose class name is in `wrap_cls_names`
-    (timm ViT's `Block`, MoE blocks included), and the root ('') with every other parameter (patch embedding,
-    cls/pos embeddings, final norm, head). Returns unit name -> [(parameter name, parameter)]."""
-    wrap_cls_names = set(wrap_cls_names)
+        model: nn.Module, wrap_cls_names: Optional[Iterable[str]] = None) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """FSDP units as the trainer has Accelerate's FSDP2 plugin make them: one per module whose class name is in
+    `wrap_cls_names` (default: the classes of the model's blocks, MoE blocks included: timm's `Block`, Eva's
+    `EvaBlock`), and the root ('') with every other parameter (patch embedding, cls/pos embeddings, final norm, head).
+    Returns unit name -> [(parameter name, parameter)]."""
+    from ..models.upcycled import block_classes
+    wrap_cls_names = set(block_classes(model) if wrap_cls_names is None else wrap_cls_names)
     prefixes = [name for name, m in model.named_modules() if name and type(m).__name__ in wrap_cls_names]
     units: Dict[str, List[Tuple[str, nn.Parameter]]] = {'': []}
     units.update({p: [] for p in prefixes})
@@ -106,7 +108,7 @@ def parameter_memory(
         num_gpus: int = 1,
         mixed_precision: str = 'no',
         reduce_dtype: torch.dtype = torch.float32,
-        wrap_cls_names: Iterable[str] = ('Block',),
+        wrap_cls_names: Optional[Iterable[str]] = None,
         gradient_as_bucket_view: bool = False,
 ) -> ParameterMemory:
     """Per-GPU bytes of parameters, gradients and AdamW state, counted per parameter tensor of `model` (meta is fine).

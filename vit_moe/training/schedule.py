@@ -7,13 +7,15 @@
 * 'constant': linear warm-up then constant.
 """
 import math
+from typing import Optional
 
 __all__ = ['learning_rate']
 
 
-def learning_rate(step: int, cfg) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a run of `cfg.steps` steps."""
-    base, warmup = cfg.lr, cfg.warmup_steps
+def learning_rate(step: int, cfg, lr: Optional[float] = None) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `cfg.steps` steps, peaking at `lr` (default
+    `cfg.lr`; the trainer passes it scaled to the global batch, `config.scaled_lr`)."""
+    base, warmup = (cfg.lr if lr is None else lr), cfg.warmup_steps
     if cfg.schedule == 'rsqrt':
         global_step = step + cfg.step_offset + 1  # 1-based position in the whole (dense + MoE) schedule
         if global_step <= warmup:

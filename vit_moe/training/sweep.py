@@ -74,7 +74,9 @@ from .._files import atomic_write
 from ..data import STOP_SIGNALS
 from ..layers import MOE_OPTIONS
 from .checkpoints import checkpoint_step, latest_checkpoint
-from .config import _FIELDS, ConfigError, TrainConfig, _coerce, load_config, read_yaml, resume_conflicts
+from .config import (
+    _FIELDS, ConfigError, TrainConfig, _coerce, load_config, merge_mapping, read_yaml, resume_conflicts,
+)
 from .loop import NonFiniteLossError, train
 
 __all__ = [
@@ -168,13 +170,14 @@ def _check_trainer_key(key: Any, where: str, also: str = '') -> None:
 
 
 def merge_settings(values: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """`values` (trainer keys) updated by `overrides` (flat, dotted model_kwargs keys), model_kwargs merged."""
+    """`values` (trainer keys) updated by `overrides` (flat, dotted model_kwargs keys), model_kwargs merged as the
+    command line merges them (`merge_mapping`: a null removes the kwarg)."""
     merged = dict(values, model_kwargs=dict(values.get('model_kwargs') or {}))
     for key, value in overrides.items():
         if key.startswith(_MK):
-            merged['model_kwargs'][key[len(_MK):]] = value
+            merged['model_kwargs'] = merge_mapping(merged['model_kwargs'], {key[len(_MK):]: value})
         elif key == 'model_kwargs':
-            merged['model_kwargs'].update(value)
+            merged['model_kwargs'] = merge_mapping(merged['model_kwargs'], value)
         else:
             merged[key] = value
     return merged
