@@ -1,6 +1,6 @@
 """Run what can fail intermittently many times under load, and print how often each passed (scripts/stress_tests.sh).
 
-    .venv/bin/python scripts/stress_tests.py [--rounds 20] [--output outputs/stress] [--competitors 1]
+    .venv/bin/python scripts/stress_tests.py [--rounds 20] [--output outputs/stress] [--competitors 1] [--all-recipes]
 
 Every round runs, while `--competitors` CPU-bound processes compete for the cores:
 - every multi-process, signal, kill and resume test (STRESSED), as CI runs them (two pytest-xdist workers);
@@ -35,6 +35,7 @@ STRESSED = [
     'tests/test_sweep.py::test_tiny_sweep_end_to_end_resumes_and_reruns_nothing',
     'tests/test_sweep.py::test_a_launcher_trains_each_run_in_its_own_processes',
     'tests/test_sweep.py::test_launched_run_outcomes',
+    'tests/test_recipes.py',  # every recipe under a launch config (all 18 pairs with --all-recipes), EMA, signals
 ]
 COMBINATION_CELLS = 'ddp or fsdp'  # tests/test_combinations.py: the multi-process cells
 TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1}'
@@ -49,13 +50,16 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1')
 
 
+ALL_RECIPES = {}  # VIT_MOE_ALL_RECIPES=1 with --all-recipes: tests/test_recipes.py runs every recipe x launch pair
+
+
 def run_tests(out: Path, round_index: int) -> Counter:
     """One pytest run of STRESSED and the combination matrix's multi-process cells: {test id: 1 if it passed}."""
     report = out / f'round_{round_index}.xml'
     command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-n', '2', '--dist', 'loadgroup',
                f'--junitxml={report}', *STRESSED, 'tests/test_combinations.py', '-k',
                f'not test_each_option_combination or {COMBINATION_CELLS}']
-    run = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    run = subprocess.run(command, cwd=ROOT, env=dict(_env(), **ALL_RECIPES), capture_output=True, text=True)
     passed = Counter()
     for case in ElementTree.parse(report).getroot().iter('testcase'):
         test = f'{case.get("classname").replace(".", "/")}.py::{case.get("name")}'
@@ -89,7 +93,10 @@ def main() -> int:
     parser.add_argument('--rounds', type=int, default=20)
     parser.add_argument('--output', default='outputs/stress')
     parser.add_argument('--competitors', type=int, default=1, help='CPU-bound processes running meanwhile')
+    parser.add_argument('--all-recipes', action='store_true', help='every fine-tuning recipe with every launch config')
     args = parser.parse_args()
+    if args.all_recipes:
+        ALL_RECIPES['VIT_MOE_ALL_RECIPES'] = '1'
     out = (ROOT / args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
