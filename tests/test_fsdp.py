@@ -66,3 +66,23 @@ def test_shipped_fsdp_configs_wrap_every_transformer_block(runs):
         policy = fsdp2_prepare_auto_wrap_policy(plugin_from_config(ROOT / 'configs' / 'accelerate' / name), model)
         wrapped = [n for n, m in model.named_modules() if n and policy(m)]
         assert wrapped == [f'blocks.{i}' for i in range(4)], name
+
+
+@pytest.mark.parametrize('model_name', ['eva02_b14_moe_upcycled', 'vit_b16_siglip_moe_upcycled',
+                                        'vit_b14_reg4_dinov2_moe_upcycled', 'vit_base_patch16_224', 'eva02_base_patch14_224'])
+def test_every_family_and_dense_source_gets_one_fsdp_unit_per_block(model_name):
+    """The shipped configs name no class: the trainer (`wrap_every_block`) makes the model's block classes the units,
+    for Eva's `EvaBlock` as for timm's `Block`, for the dense sources too; a config naming a class the model does not
+    have (timm's `Block` for an Eva) is replaced by them."""
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from fsdp_on_cpu import plugin_from_config
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from vit_moe.training.fsdp_wrap import wrap_every_block
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    plugin = plugin_from_config(ROOT / 'configs' / 'accelerate' / 'fsdp2.yaml')
+    plugin.transformer_cls_names_to_wrap = ['Block']  # what the configs named before
+    classes = wrap_every_block(model, plugin)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [n for n, m in model.named_modules() if n and policy(m)]
+    assert wrapped == [f'blocks.{i}' for i in range(len(model.blocks))] and classes == [type(model.blocks[0]).__name__]

@@ -101,9 +101,11 @@ def test_the_sharded_ema_is_timms_ema_and_resumes_exactly(data, tmp_path):
     for key in ddp_ema:
         torch.testing.assert_close(fsdp_ema[key], ddp_ema[key], rtol=1e-4, atol=1e-5, msg=key)
     assert any(not torch.equal(fsdp_ema[k], fsdp_model[k]) for k in fsdp_ema)  # not the raw weights
-    shards = sorted((tmp_path / 'fsdp' / 'checkpoints' / 'checkpoint_step_4' / 'ema').glob('*.distcp'))
-    assert len(shards) == 2 and abs(shards[0].stat().st_size - shards[1].stat().st_size) < 0.2 * shards[0].stat(
-        ).st_size  # each process wrote its half
+    checkpoint = tmp_path / 'fsdp' / 'checkpoints' / 'checkpoint_step_4'
+    for part in ('ema', 'pytorch_model_fsdp_0'):  # the EMA and the model: each process wrote its half
+        shards = sorted((checkpoint / part).glob('*.distcp'))
+        assert len(shards) == 2 and abs(shards[0].stat().st_size - shards[1].stat().st_size) < 0.2 * shards[
+            0].stat().st_size, part
 
     _ema_run(data, tmp_path / 'resumed', 'fsdp2.yaml', kill_at_step=3)  # after the checkpoint of step 2
     resumed_ema, resumed_model = _ema_run(data, tmp_path / 'resumed', 'fsdp2.yaml', resume='latest')
@@ -125,6 +127,15 @@ def test_dry_run_resolves_the_launch_and_says_the_recipe_fits_a_40_gb_card():
     rc, out, err = run_front_end('train_scripts/train.py', '--config', 'configs/finetune_eva02.yaml', '--dry-run',
                                  '--accelerate-config', 'configs/accelerate/ddp.yaml', '--num-processes', '4')
     assert rc == 0 and 'global batch 128' in out and 'lr 5e-05' in out  # the lr follows the global batch
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_every_recipe_fits_a_40_gb_card_under_ddp_with_its_ema(recipe):
+    from vit_moe.training.dry_run import dry_run
+    cfg = load_config(str(ROOT / 'configs' / recipe))
+    report = dry_run(cfg, str(ROOT / 'configs' / 'accelerate' / 'ddp.yaml'), gpu_memory_gb=40)
+    assert report['fits'], report['lines']
+    assert report['launch'].global_batch == 256 and report['plan'].ema > 0
 
 
 def test_dry_run_names_what_does_not_fit_in_one_line_and_exits_2():
