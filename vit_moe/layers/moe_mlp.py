@@ -69,6 +69,7 @@ class MoeMlp(nn.Module):
             config.num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
         self.shared_experts = shared_experts  # always-on experts (their own bank), added to the routed output
         self.layer_name = 'moe_mlp'  # the key of this layer's metrics; models set their module path
+        self.expert_parallel = None  # the exchange when the experts are spread over processes (shard_experts)
         self.unscaled_prefix = config.unscaled_prefix(num_prefix_tokens) if config.output_scale else 0
         # shape [1], not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
         self.output_scale = nn.Parameter(torch.full((1,), config.output_scale_init())) if config.output_scale else None
@@ -99,7 +100,7 @@ class MoeMlp(nn.Module):
         x_flat = x.reshape(B * T, D)  # [B*T, D]
         expert_in = x_flat.index_select(0, slots).view(E, B * capacity, D)  # [E, B*capacity, D]
 
-        expert_out = self.experts(expert_in)  # [E, B*capacity, D]
+        expert_out = self.run_experts(expert_in)  # [E, B*capacity, D]
 
         # combine in float32 for half inputs: exact sums, and ONNX Runtime's CPU ScatterND-add has no float16
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -114,6 +115,14 @@ class MoeMlp(nn.Module):
             weighted = (expert_out.to(acc_dtype) * weights.to(acc_dtype)).view(-1, D)  # [E*B*capacity, D]
             out = x_flat.new_zeros(B * T, D, dtype=acc_dtype).index_add(0, slots, weighted)  # [B*T, D]
         return out.view(B, T, D).to(x.dtype), routing, expert_out
+
+    def run_experts(self, expert_in: torch.Tensor) -> torch.Tensor:
+        """[E, S, D] every expert's slots -> [E, S, D]: the bank, or with expert parallelism the processes holding
+        the experts (`vit_moe.layers.expert_parallel`)."""
+        if not torch.jit.is_scripting():
+            if self.expert_parallel is not None:
+                return self.expert_parallel(expert_in, self.experts)
+        return self.experts(expert_in)
 
     def scaled(self, out: torch.Tensor) -> torch.Tensor:
         """The routed output [B, T, D] times `output_scale` (if any), but for the first `unscaled_prefix` tokens."""

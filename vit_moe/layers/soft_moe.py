@@ -120,7 +120,7 @@ class SoftMoeMlp(MoeMlp):
         routing = self.router(x)
         slots = torch.matmul(routing.dispatch_weights.transpose(1, 2).to(x.dtype), x)  # [B, E*S, D]
         expert_in = slots.view(B, E, S, D).transpose(0, 1).reshape(E, B * S, D)  # [E, B*S, D]
-        expert_out = self.experts(expert_in)  # [E, B*S, D]
+        expert_out = self.run_experts(expert_in)  # [E, B*S, D]
         slot_out = expert_out.view(E, B, S, D).transpose(0, 1).reshape(B, E * S, D)  # [B, E*S, D]
         out = torch.matmul(routing.combine_weights.to(slot_out.dtype), slot_out)  # [B, T, D]
         return out.to(x.dtype), routing, expert_out

@@ -69,6 +69,9 @@ class TrainConfig:
     cooldown_steps: int = 0  # rsqrt: linear decay to 0 over the last N steps (0 = off)
     min_lr: float = 0.0  # cosine floor
     find_unused_parameters: bool = False  # DDP; stacked experts always take part in the graph
+    # expert parallelism: each MoE layer's experts spread over groups of N processes (E / N each), exchanged by
+    # all-to-alls of static size; N divides the processes and every MoE layer's num_experts
+    expert_parallel_size: int = 1
     grad_checkpointing: bool = False  # timm's set_grad_checkpointing: recompute blocks in the backward
     torch_compile: Optional[str] = None  # torch.compile mode ('default', 'reduce-overhead', 'max-autotune'); None = off
     torch_compile_backend: str = 'inductor'  # torch.compile backend (Accelerate's dynamo plugin)
@@ -119,7 +122,8 @@ class TrainConfig:
             if getattr(self, key) not in accepted:
                 raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; accepted: '
                                   f'{", ".join(str(a) for a in accepted if a is not None)}')
-        positive = ('steps', 'batch_size', 'grad_accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every')
+        positive = ('steps', 'batch_size', 'grad_accum_steps', 'checkpoint_every', 'keep_checkpoints', 'log_every',
+                    'expert_parallel_size')
         for key in positive:
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f'{key}={getattr(self, key)!r} is not valid; expected an integer >= 1')
@@ -178,7 +182,7 @@ def merge_mapping(base: Optional[Dict[str, Any]], override: Optional[Dict[str, A
 RESUMABLE_CHANGES = frozenset({
     'steps', 'resume', 'output_dir', 'data_dir', 'num_workers', 'verify_images', 'bad_image_policy',
     'eval_batch_size', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'log_every', 'trackers', 'progress',
-    'cooldown_steps', 'eval_at_start', 'save_signal',
+    'cooldown_steps', 'eval_at_start', 'save_signal', 'expert_parallel_size',
 })
 
 

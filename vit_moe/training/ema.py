@@ -39,6 +39,7 @@ class ShardedEma:
 
     def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False):
         self.ema = ModelEmaV3(_Shards(model), decay=decay, use_warmup=use_warmup)
+        self.exclude: set = set()  # names whose EMA another checkpoint writes (expert-parallel shards)
 
     def update(self, model: nn.Module, step: int) -> None:
         self.ema.update(model, step=step)
@@ -69,10 +70,11 @@ class ShardedEma:
     def save(self, checkpoint: Path) -> None:
         """Every process writes its shards into `checkpoint/ema` (a collective)."""
         import torch.distributed.checkpoint as dcp
-        dcp.save(self.state_dict(), checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))
+        state = {k: v for k, v in self.state_dict().items() if k not in self.exclude}
+        dcp.save(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))
 
     def load(self, checkpoint: Path) -> None:
         """Read the shards of `checkpoint/ema`, resharded to this launch's processes (a collective)."""
         import torch.distributed.checkpoint as dcp
-        state = self.state_dict()
+        state = {k: v for k, v in self.state_dict().items() if k not in self.exclude}
         dcp.load(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))  # in place

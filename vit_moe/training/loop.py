@@ -39,7 +39,7 @@ from ..data import (
     STOP_SIGNALS, BadImageLog, ImageFolderDataset, WorkerSignals, build_transforms, data_config_for,
     iter_with_shielded_workers, verify_images,
 )
-from ..layers import capture_routing
+from ..layers import capture_routing, moe_layers
 from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
 from .checkpoints import (
     TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
@@ -50,6 +50,10 @@ from .evaluation import evaluate, fresh_accelerator_state
 from .meters import StepMeter
 from .optim import create_optimizer
 from .ema import ShardedEma
+from .expert_parallel import (
+    EXPERTS_FOLDER, ExpertShards, accept_checkpoint_without_experts, gather_for_saving, load_expert_checkpoint,
+    whole_expert_names,
+)
 from .fsdp_wrap import wrap_every_block
 from .run_log import RunLog
 from .schedule import learning_rate
@@ -151,7 +155,11 @@ class Trainer:
         self.main = self.accelerator.is_main_process
         self.global_batch = cfg.batch_size * self.accelerator.num_processes * cfg.grad_accum_steps
         self.lr = scaled_lr(cfg, self.global_batch)  # the peak lr of this launch
+        # expert parallelism: a (dp, ep) mesh; each process keeps E / N experts of every MoE layer
+        self.shards = ExpertShards(cfg.expert_parallel_size, self.accelerator.num_processes,
+                                   self.accelerator.device.type) if cfg.expert_parallel_size > 1 else None
         resume_from = self._checkpoint_to_resume()
+        self.resume_experts = resume_from is not None and (resume_from / EXPERTS_FOLDER).is_dir()
         set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()  # a bad option, path or checkpoint is refused here: nothing written yet
         if self.main:
@@ -166,9 +174,12 @@ class Trainer:
         set_seed(cfg.seed, device_specific=True)  # dropout, drop-path, mixup: seed + process index
         self.last_saved = -1
         if resume_from is not None:
-            self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
+            with self._without_expert_shards():  # Accelerate's files hold everything but the expert shards
+                self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
             if self.sharded_ema:
                 self.ema.load(resume_from)
+            if self.resume_experts:  # the expert shards, resharded to this launch's expert-parallel size
+                load_expert_checkpoint(resume_from, self.unwrapped, self.optimizer.optimizer, self.ema, self.shards)
             self.last_saved = self.state.step
             self._adapt_to_process_count(resume_from)
             _logger.info(f'resumed from {resume_from} at step {self.state.step}')
@@ -182,7 +193,8 @@ class Trainer:
         self.log.write(dict(type='start', step=self.state.step, num_processes=self.accelerator.num_processes,
                             distributed_type=str(self.accelerator.distributed_type.value),
                             mixed_precision=self.accelerator.mixed_precision, global_batch=self.global_batch,
-                            lr=self.lr, model_kwargs=self.model_args), self.state.step)
+                            lr=self.lr, model_kwargs=self.model_args, expert_parallel_size=cfg.expert_parallel_size,
+                            experts_per_process=self._experts_per_process()), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
         self.stop_requested = False
@@ -303,8 +315,13 @@ class Trainer:
             num_workers=cfg.num_workers, worker_init_fn=WorkerSignals(self.signals))
         if len(train_loader) == 0:
             raise ValueError(f'train split has {len(self.train_set)} images, fewer than batch_size={cfg.batch_size}')
+        if self.shards is not None:
+            self.shards.shard(model)  # this process's experts (before the EMA copies the model)
+        expert_names = self.shards.names if self.shards else (whole_expert_names(model) if self.resume_experts else ())
         optimizer = create_optimizer(model, cfg.opt, self.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
-                                     cfg.opt_betas, cfg.opt_eps)
+                                     cfg.opt_betas, cfg.opt_eps, apart=expert_names)
+        if self.shards is not None:
+            self.shards.hook_optimizer(optimizer, model)
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                            num_classes=self.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
         self.loss_fn = _loss_fn(cfg)
@@ -315,14 +332,23 @@ class Trainer:
                               device=self.accelerator.device) if cfg.ema_decay and not fsdp else None
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        if self.resume_experts and self.shards is None:  # Accelerate's files lack the experts: they are in experts/
+            accept_checkpoint_without_experts(model, self.ema)
         if fsdp:
             wrap_every_block(model, self.accelerator.state.fsdp_plugin)
+            if self.shards is not None:  # FSDP2 shards everything else; the expert banks stay this process's shard
+                self.accelerator.state.fsdp_plugin.ignored_modules = self.shards.expert_banks(model)
         self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
             model, optimizer, train_loader, val_loader)
         self.unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if cfg.ema_decay and fsdp:
             self.ema = ShardedEma(self.unwrapped, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+            self.ema.exclude = set(self.shards.names if self.shards else ())  # those go with the expert shards
         self.sharded_ema = isinstance(self.ema, ShardedEma)
+
+    def _experts_per_process(self) -> Dict[str, int]:
+        """MoE layer -> the routed experts each process holds."""
+        return {name: layer.experts.fc2.weight.shape[0] for name, layer in moe_layers(self.unwrapped).items()}
 
     def _verify_images(self) -> None:
         bad = verify_images(self.train_set) + verify_images(self.val_set)
@@ -374,8 +400,13 @@ class Trainer:
             if accelerator.sync_gradients:
                 self._check_before_update(loss)
             accelerator.backward(loss)
+            if accelerator.sync_gradients and self.shards is not None:
+                self.shards.reduce_gradients(self.unwrapped)  # the expert shards' mean over every process
             if accelerator.sync_gradients and cfg.grad_clip:
-                accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if self.shards is not None:
+                    self.shards.clip_grad_norm_(self.unwrapped, cfg.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.state.batches += 1
@@ -453,8 +484,9 @@ class Trainer:
             return
         self.state.log_window = self.meter.window_state(self.accelerator)  # a resumed log reads as one run
         start = time.perf_counter()
-        folder = write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml(),
-                                  also=self.ema.save if self.sharded_ema else None)
+        with self._without_expert_shards():
+            folder = write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml(),
+                                      also=self._save_shards)
         seconds = time.perf_counter() - start
         if self.main:
             size = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
@@ -463,6 +495,23 @@ class Trainer:
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_saved = self.state.step
+
+    @contextmanager
+    def _without_expert_shards(self):
+        """Accelerate's save_state / load_state inside: with expert parallelism, without the expert shards."""
+        if self.shards is None:
+            yield
+            return
+        with self.shards.leaving_out_shards():
+            yield
+
+    def _save_shards(self, folder: Path) -> None:
+        """What Accelerate's save does not hold, written by every process into `folder`: the sharded EMA's and the
+        expert shards' (with their optimizer state and EMA)."""
+        if self.sharded_ema:
+            self.ema.save(folder)
+        if self.shards is not None:
+            self.shards.save(folder, self.unwrapped, self.optimizer.optimizer, self.ema)
 
     def evaluate(self) -> Dict[str, Any]:
         """The raw model's evaluation, with `ema_` keys for the EMA weights' when EMA is on."""
@@ -499,9 +548,14 @@ class Trainer:
             if self.sharded_ema:
                 with self.ema.weights_in(self.unwrapped):
                     ema_state = self.accelerator.get_state_dict(self.model)  # gathered too
+            elif self.ema is not None and self.shards is not None:
+                ema_state = self.ema.module.state_dict()
+            if self.shards is not None:  # every expert, gathered from the processes that hold them
+                full_state = gather_for_saving(self.unwrapped, full_state)
+                ema_state = gather_for_saving(self.unwrapped, ema_state) if ema_state is not None else None
             if self.main:
                 self._save_model(self.unwrapped, self.out / 'model', full_state)
-                if self.sharded_ema:
+                if self.sharded_ema or ema_state is not None:
                     self._save_model(self.unwrapped, self.out / 'model_ema', ema_state)
                 elif self.ema is not None:
                     self._save_model(self.ema.module, self.out / 'model_ema')

@@ -5,11 +5,13 @@
 * optional layer-wise learning-rate decay (`layer_decay`, timm's `param_groups_layer_decay`: block i of
   depth L gets lr * layer_decay ** (L + 1 - i), the head the full lr),
 * optional learning-rate multiplier for the MoE routers (`router_lr_mult`),
-* AdamW betas and eps from the config; every other option is timm's `create_optimizer_v2`.
+* AdamW betas and eps from the config; every other option is timm's `create_optimizer_v2`,
+* parameters named in `apart` (expert-parallel shards) in groups of their own, with their group's settings: a
+  foreach update never mixes them with parameters of another kind (FSDP2's DTensors).
 
 Each group carries `lr_scale`; the training loop sets `group['lr'] = schedule(step) * group['lr_scale']`.
 """
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
@@ -30,6 +32,7 @@ def param_groups(
         weight_decay: float,
         layer_decay: Optional[float] = None,
         router_lr_mult: float = 1.0,
+        apart: Iterable[str] = (),
 ) -> List[Dict[str, Any]]:
     """Parameter groups with `weight_decay`, `lr_scale` and `param_names` set on each (see the module docstring)."""
     no_decay = set(getattr(model, 'no_weight_decay', lambda: set())()) | {'*.bias'}
@@ -52,6 +55,15 @@ def param_groups(
             group.update(params=others, param_names=[names[id(p)] for p in others])
         if group['params']:
             out.append(group)
+    apart = set(apart)
+    if apart:
+        split = []
+        for group in out:
+            for keep in (False, True):
+                params = [(p, n) for p, n in zip(group['params'], group['param_names']) if (n in apart) == keep]
+                if params:
+                    split.append(dict(group, params=[p for p, _ in params], param_names=[n for _, n in params]))
+        out = split
     return out
 
 
@@ -64,6 +76,7 @@ def create_optimizer(
         router_lr_mult: float = 1.0,
         betas: Optional[Sequence[float]] = None,
         eps: Optional[float] = None,
+        apart: Iterable[str] = (),
 ) -> torch.optim.Optimizer:
     """timm's optimizer factory over `param_groups(...)`; `betas` / `eps` for Adam-type optimizers."""
     kwargs: Dict[str, Any] = {}
@@ -71,5 +84,5 @@ def create_optimizer(
         kwargs['betas'] = tuple(betas)
     if eps is not None:
         kwargs['eps'] = eps
-    groups = param_groups(model, weight_decay, layer_decay, router_lr_mult)
+    groups = param_groups(model, weight_decay, layer_decay, router_lr_mult, apart)
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
