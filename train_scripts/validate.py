@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None,
                         help="YAML mapping, e.g. '{img_size: 32}'")
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'])
+    parser.add_argument('--expert-parallel-size', type=int, default=1,
+                        help="spread each MoE layer's experts over groups of N processes of the launch")
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     _cli.setup_logging(args.verbose)
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     elif args.model:
         from vit_moe.training import validate
         result = validate(args.model, args.checkpoint, args.data_dir, args.split, args.batch_size, args.num_workers,
-                          args.model_kwargs, args.mixed_precision)
+                          args.model_kwargs, args.mixed_precision, args.expert_parallel_size)
     else:
         parser.error('give --model NAME (PyTorch) or --onnx FILE (ONNX Runtime)')
     if _is_main_process():

@@ -86,11 +86,13 @@ def validate(
         num_workers: int = 2,
         model_kwargs: Optional[Dict[str, Any]] = None,
         mixed_precision: str = 'no',
+        expert_parallel_size: int = 1,
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint on `data_dir/split` with the model's own preprocessing (works under accelerate launch).
 
     Class indices follow the checkpoint's label names when its config.json has them (a trainer output), else the
-    sorted class folder names, as in training.
+    sorted class folder names, as in training. With `expert_parallel_size` N each process of the launch holds E / N
+    experts of every MoE layer (`vit_moe.training.expert_parallel`).
     """
     fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -105,6 +107,9 @@ def validate(
         raise ValueError(f'model_kwargs num_classes={given!r} disagrees with the {num_classes} classes of {source}; '
                          f'remove it')
     model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **model_kwargs)
+    if expert_parallel_size > 1:
+        from .expert_parallel import ExpertShards
+        ExpertShards(expert_parallel_size, accelerator.num_processes, accelerator.device.type).shard(model)
     dataset.transform = build_transforms(data_config_for(model), None, is_training=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          worker_init_fn=ignore_stop_signals)

@@ -1,0 +1,150 @@
+"""Expert parallelism on real processes (gloo): equal to data parallelism, gradient for gradient and loss for loss,
+resumable at another expert-parallel size, and refused in one line where it cannot run."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch_processes, log_records, make_image_folder, run_script, script_env
+
+pytestmark = pytest.mark.xdist_group('expert_parallel')  # the module's runs are built once
+
+TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1, ' \
+       'router: token_choice, capacity_factor: 1.0}'
+
+
+def _args(data, out, **overrides):
+    values = dict(model='vit_ti16_moe_upcycled', model_kwargs=TINY, data_dir=str(data), output_dir=str(out),
+                  batch_size=4, num_workers=0, steps=6, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2,
+                  keep_checkpoints=5, trackers='none', progress='false', ema_decay=0.7, grad_accum_steps=2,
+                  drop_rate=None)
+    values.update(overrides)
+    return [f'--{k.replace("_", "-")}={v}' for k, v in values.items() if v is not None]
+
+
+def _train(data, out, processes=2, **overrides):
+    run = run_script([*launch_processes(processes), 'train_scripts/train.py', *_args(data, out, **overrides)],
+                     timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ema = out / 'model_ema' / 'model.safetensors'
+    return dict(losses=[r['loss'] for r in log_records(out)], weights=load_file(str(out / 'model' / 'model.safetensors')),
+                ema=load_file(str(ema)) if ema.is_file() else None, output_dir=out)
+
+
+def _assert_close_weights(got, expected, atol):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=atol, msg=key)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('ep') / 'data')
+
+
+@pytest.fixture(scope='module')
+def runs(data, tmp_path_factory):
+    """The same 2-process run (token choice, EMA, 2 accumulation steps) with DDP and with 2-way expert parallelism."""
+    root = tmp_path_factory.mktemp('ep_runs')
+    return dict(ddp=_train(data, root / 'ddp'), ep=_train(data, root / 'ep', expert_parallel_size=2))
+
+
+def test_expert_parallel_gradients_equal_data_parallel_ones_for_every_router_and_design(tmp_path):
+    out = tmp_path / 'grads.json'
+    run = run_script([*launch_processes(2), 'tests/ep_worker.py', str(out)], timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert results.pop('compiled') is True  # the layer, all-to-alls included, compiles with fullgraph=True
+    assert len(results) == 7
+    for design, result in results.items():
+        assert result['shards'] == 4, design  # every expert tensor of the MoE layer compared
+        limit = 2e-2 if design == 'bf16 autocast' else 1e-5  # bf16: other matmul shapes, other rounding
+        assert result['worst_relative_difference'] <= limit, (design, result)
+
+
+def test_a_two_process_expert_parallel_run_is_the_ddp_run(runs):
+    """The same losses at every logged step, the same weights and EMA at the end; the start record says how the
+    experts were spread."""
+    np.testing.assert_allclose(runs['ep']['losses'], runs['ddp']['losses'], rtol=1e-3)
+    _assert_close_weights(runs['ep']['weights'], runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(runs['ep']['ema'], runs['ddp']['ema'], atol=1e-5)
+    start, = log_records(runs['ep']['output_dir'], 'start')
+    assert start['expert_parallel_size'] == 2 and start['experts_per_process'] == {'blocks.1.mlp': 2}
+    checkpoint = runs['ep']['output_dir'] / 'checkpoints' / 'checkpoint_step_6' / 'experts'
+    assert len(list(checkpoint.glob('*.distcp'))) == 2  # each process wrote its shards
+
+
+def test_four_processes_as_2_x_2_match_the_four_process_ddp_run(data, tmp_path):
+    ddp = _train(data, tmp_path / 'ddp4', processes=4, steps=4, ema_decay=None)
+    ep = _train(data, tmp_path / 'ep4', processes=4, steps=4, ema_decay=None, expert_parallel_size=2)
+    np.testing.assert_allclose(ep['losses'], ddp['losses'], rtol=1e-3)
+    _assert_close_weights(ep['weights'], ddp['weights'], atol=1e-5)
+
+
+def _stopped_by_sigterm_at_step_4(data, out):
+    """A 2-process expert-parallel run stopped at step 3 (tests/trainer_driver.py), SIGTERM to its trainers: they
+    save at step 4 and exit 128 + 15."""
+    proc = subprocess.Popen([*launch_processes(2), 'tests/trainer_driver.py', 'stop', 'after_step', '3',
+                             'train_scripts/train.py', *_args(data, out, expert_parallel_size=2)], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    from test_training import _stopped_trainers
+    trainers = _stopped_trainers(psutil.Process(proc.pid), 2)
+    for trainer in trainers:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=300)
+    assert stderr.count('stopped by signal 15 at step 4') == 2, stderr[-3000:]
+
+
+def test_a_checkpoint_written_with_ep_2_resumes_with_ep_2_and_with_ep_1(data, runs, tmp_path):
+    """Stopped by SIGTERM at step 4 under 2-way expert parallelism, then resumed twice from that checkpoint: with 2
+    (exactly the uninterrupted run) and with 1 (every expert whole on every process: the same run, up to the order of
+    the gradient sums)."""
+    stopped = tmp_path / 'stopped'
+    _stopped_by_sigterm_at_step_4(data, stopped)
+    for size, atol in ((2, 1e-6), (1, 1e-5)):
+        out = tmp_path / f'resumed_with_{size}'
+        shutil.copytree(stopped, out)
+        resumed = _train(data, out, expert_parallel_size=size, resume='latest')
+        assert log_records(out, 'resume')[0]['step'] == 4
+        np.testing.assert_allclose(resumed['losses'], runs['ep']['losses'], rtol=1e-4 if size == 2 else 1e-3)
+        _assert_close_weights(resumed['weights'], runs['ep']['weights'], atol=atol)
+        _assert_close_weights(resumed['ema'], runs['ep']['ema'], atol=atol)
+
+
+def test_validate_with_expert_parallelism_scores_what_one_process_scores(data, runs, tmp_path):
+    folder = str(runs['ep']['output_dir'] / 'model')
+    common = ['train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint', folder, '--data-dir',
+              str(data), '--num-workers', '0', '--batch-size', '4']
+    one = run_script([sys.executable, *common, '--json', str(tmp_path / 'one.json')])
+    two = run_script([*launch_processes(2), *common, '--expert-parallel-size', '2', '--json', str(tmp_path / 'two.json')])
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f'{n}.json').read_text()) for n in ('one', 'two'))
+    assert a['num_samples'] == b['num_samples'] == 15 and a['top1'] == b['top1']
+    assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
+
+
+@pytest.mark.parametrize('processes, overrides, expected', [
+    (2, dict(expert_parallel_size=3), 'expert_parallel_size=3 does not divide the 2 processes of the launch'),
+    (1, dict(expert_parallel_size=2), 'expert_parallel_size=2 does not divide the 1 processes of the launch'),
+    (2, dict(expert_parallel_size=2, model_kwargs=TINY.replace('num_experts: 4', 'num_experts: 3')),
+     'num_experts=3 is not divisible by expert_parallel_size=2'),
+    (2, dict(expert_parallel_size=2, model='vit_tiny_patch16_224',
+             model_kwargs='{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}'),
+     'expert_parallel_size=2: the model has no MoE layer'),
+])
+def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, tmp_path, processes, overrides,
+                                                                         expected):
+    launch = [sys.executable] if processes == 1 else launch_processes(processes)
+    run = run_script([*launch, 'train_scripts/train.py', *_args(data, tmp_path / 'run', **overrides)])
+    lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
+    assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr[-3000:]
+    assert not (tmp_path / 'run').exists()
