@@ -148,3 +148,27 @@ def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, tm
     lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
     assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr[-3000:]
     assert not (tmp_path / 'run').exists()
+
+
+def test_fsdp2_with_expert_parallelism_is_the_ddp_run_and_resumes_with_ep_1(data, runs, tmp_path):
+    """FSDP2 (through Accelerator.prepare, tests/fsdp_on_cpu.py) shards everything but the expert banks, which stay
+    2-way expert-parallel; the run equals the DDP one (its EMA too) and its checkpoint resumes without expert
+    parallelism (the whole banks then sharded by FSDP2)."""
+    def fsdp(out, **overrides):
+        run = run_script([*launch_processes(2), 'tests/fsdp_on_cpu.py', 'train_scripts/train.py',
+                          *_args(data, out, **overrides)], timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+        return load_file(str(out / 'model' / 'model.safetensors')), load_file(str(out / 'model_ema' / 'model.safetensors'))
+
+    weights, ema = fsdp(tmp_path / 'fsdp_ep', expert_parallel_size=2)
+    _assert_close_weights(weights, runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(ema, runs['ddp']['ema'], atol=1e-5)
+    start, = log_records(tmp_path / 'fsdp_ep', 'start')
+    assert start['distributed_type'] == 'FSDP' and start['experts_per_process'] == {'blocks.1.mlp': 2}
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(tmp_path / 'fsdp_ep', resumed)
+    for leftover in ('model', 'model_ema', 'checkpoints/checkpoint_step_6'):
+        shutil.rmtree(resumed / leftover)
+    weights, ema = fsdp(resumed, expert_parallel_size=1, resume='latest')
+    _assert_close_weights(weights, runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(ema, runs['ddp']['ema'], atol=1e-5)

@@ -99,14 +99,14 @@ def gather_experts(shard: torch.Tensor, group, size: int) -> torch.Tensor:
 
 
 def unsharded_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """`state_dict` (keyed like `model`'s) with every expert-parallel shard gathered whole: what one process loads.
-    A collective of every expert-parallel group (call it on every process)."""
+    """`state_dict` (keyed like `model`'s; possibly empty on processes other than the one that saves) with every
+    expert-parallel bank's tensors gathered whole from `model`'s shards: what one process loads. A collective of every
+    expert-parallel group (call it on every process)."""
     state = dict(state_dict)
     for name, layer in moe_layers(model).items():
         exchange = layer.expert_parallel
         if exchange is None:
             continue
-        for key, _ in layer.experts.named_parameters():
-            full_key = f'{name}.experts.{key}'
-            state[full_key] = gather_experts(state[full_key], exchange.group, exchange.size)
+        for key, shard in layer.experts.named_parameters():
+            state[f'{name}.experts.{key}'] = gather_experts(shard, exchange.group, exchange.size)
     return state

@@ -38,7 +38,10 @@ class ShardedEma:
     after each optimizer step, as with `ModelEmaV3`."""
 
     def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False):
-        self.ema = ModelEmaV3(_Shards(model), decay=decay, use_warmup=use_warmup)
+        from torch.distributed.tensor import DTensor
+        shards = _Shards(model)
+        kinds = {isinstance(t, DTensor) for t in shards.parameters()}  # expert-parallel shards stay plain tensors
+        self.ema = ModelEmaV3(shards, decay=decay, use_warmup=use_warmup, foreach=len(kinds) == 1)
         self.exclude: set = set()  # names whose EMA another checkpoint writes (expert-parallel shards)
 
     def update(self, model: nn.Module, step: int) -> None:
@@ -73,8 +76,10 @@ class ShardedEma:
         state = {k: v for k, v in self.state_dict().items() if k not in self.exclude}
         dcp.save(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))
 
-    def load(self, checkpoint: Path) -> None:
-        """Read the shards of `checkpoint/ema`, resharded to this launch's processes (a collective)."""
+    def load(self, checkpoint: Path, skip=()) -> None:
+        """Read the shards of `checkpoint/ema`, resharded to this launch's processes (a collective); `skip`: names the
+        checkpoint keeps elsewhere (the expert shards of an expert-parallel run)."""
         import torch.distributed.checkpoint as dcp
-        state = {k: v for k, v in self.state_dict().items() if k not in self.exclude}
+        skip = set(skip) | self.exclude
+        state = {k: v for k, v in self.state_dict().items() if k not in skip}
         dcp.load(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))  # in place

@@ -26,7 +26,8 @@ from ..layers import expert_parameter_names, moe_layers, shard_experts, unsharde
 from .config import ConfigError
 
 __all__ = ['ExpertShards', 'expert_parallel_mesh', 'EXPERTS_FOLDER', 'load_expert_checkpoint',
-           'accept_checkpoint_without_experts', 'gather_for_saving']
+           'accept_checkpoint_without_experts', 'gather_for_saving', 'ExpertSwitch', 'leaving_out',
+           'whole_expert_names']
 
 EXPERTS_FOLDER = 'experts'  # inside a checkpoint folder: the expert shards (torch.distributed.checkpoint)
 
@@ -87,14 +88,11 @@ class ExpertShards:
         optimizer.register_state_dict_post_hook(drop)
 
     @contextmanager
-    def leaving_out_shards(self):
+    def leaving_out_shards(self, model: Optional[nn.Module] = None):
         """Accelerate's save_state / load_state inside: without the expert shards (`save` / `load_expert_checkpoint`
         write and read them)."""
-        self.leaving_out = True
-        try:
+        with leaving_out(self, self.parameters(model) if model is not None else []):
             yield
-        finally:
-            self.leaving_out = False
 
     # ------------------------------------------------------------------------------------------- a step
     def parameters(self, model: nn.Module) -> List[nn.Parameter]:
@@ -189,17 +187,39 @@ def forgive_missing(module: nn.Module, names: List[str]) -> None:
     module.register_load_state_dict_post_hook(forgive)
 
 
+@contextmanager
+def leaving_out(switch, params: List[nn.Parameter]):
+    """`switch.leaving_out` inside, and `params` frozen: FSDP2's strict optimizer-state load (torch.distributed.
+    checkpoint) skips frozen parameters, whose state `experts/` holds."""
+    flags = [p.requires_grad for p in params]
+    switch.leaving_out = True
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        switch.leaving_out = False
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class ExpertSwitch:
+    """The hooks' switch for a model without expert parallelism that resumes a checkpoint written with it."""
+    leaving_out = False
+
+
 def whole_expert_names(model: nn.Module) -> List[str]:
     """Names of the routed experts' parameters of every MoE layer (a model without expert parallelism)."""
     return [f'{name}.experts.{key}' for name, layer in moe_layers(model).items()
             for key, _ in layer.experts.named_parameters()]
 
 
-def accept_checkpoint_without_experts(model: nn.Module, ema: Optional[nn.Module] = None) -> None:
+def accept_checkpoint_without_experts(model: nn.Module, switch: ExpertSwitch, ema: Optional[nn.Module] = None) -> None:
     """A model without expert parallelism resuming a checkpoint written with it: Accelerate's files lack the experts
-    (they are in `experts/`), so loading them reports no missing expert key."""
+    (they are in `experts/`), so while `switch` is on its state dict leaves them out (FSDP2 plans its load from it)
+    and loading reports no missing expert key."""
     names = whole_expert_names(model)
-    forgive_missing(model, names)
+    hook_state_dict(model, names, switch)
     if ema is not None:
         forgive_missing(ema, names)
 
@@ -222,6 +242,7 @@ def load_expert_checkpoint(checkpoint: Path, model: nn.Module, optimizer, ema: O
     """Restore the expert weights, optimizer state and EMA that `checkpoint/experts` holds into a model that is
     expert-parallel (`shards`) with any size, or not (whole tensors). False when the checkpoint has none."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
     folder = Path(checkpoint) / EXPERTS_FOLDER
     if not folder.is_dir():
         if shards is not None:
@@ -246,6 +267,8 @@ def load_expert_checkpoint(checkpoint: Path, model: nn.Module, optimizer, ema: O
             if len(meta.size) == 0:
                 slots[slot] = torch.zeros((), dtype=meta.properties.dtype)
                 state[key] = slots[slot]
+            elif isinstance(param.data, DTensor):  # FSDP2's own shard of a whole bank (no expert parallelism)
+                slots[slot] = state[key] = torch.zeros_like(param.data, dtype=meta.properties.dtype)
             else:
                 local = list(meta.size)
                 local[0] = param.shape[0]  # this process's rows (all of them without expert parallelism)

@@ -51,8 +51,8 @@ from .meters import StepMeter
 from .optim import create_optimizer
 from .ema import ShardedEma
 from .expert_parallel import (
-    EXPERTS_FOLDER, ExpertShards, accept_checkpoint_without_experts, gather_for_saving, load_expert_checkpoint,
-    whole_expert_names,
+    EXPERTS_FOLDER, ExpertShards, ExpertSwitch, accept_checkpoint_without_experts, gather_for_saving, leaving_out,
+    load_expert_checkpoint, whole_expert_names,
 )
 from .fsdp_wrap import wrap_every_block
 from .run_log import RunLog
@@ -177,7 +177,7 @@ class Trainer:
             with self._without_expert_shards():  # Accelerate's files hold everything but the expert shards
                 self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
             if self.sharded_ema:
-                self.ema.load(resume_from)
+                self.ema.load(resume_from, skip=whole_expert_names(self.unwrapped) if self.resume_experts else ())
             if self.resume_experts:  # the expert shards, resharded to this launch's expert-parallel size
                 load_expert_checkpoint(resume_from, self.unwrapped, self.optimizer.optimizer, self.ema, self.shards)
             self.last_saved = self.state.step
@@ -332,8 +332,9 @@ class Trainer:
                               device=self.accelerator.device) if cfg.ema_decay and not fsdp else None
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        self.expert_switch = ExpertSwitch()
         if self.resume_experts and self.shards is None:  # Accelerate's files lack the experts: they are in experts/
-            accept_checkpoint_without_experts(model, self.ema)
+            accept_checkpoint_without_experts(model, self.expert_switch, self.ema)
         if fsdp:
             wrap_every_block(model, self.accelerator.state.fsdp_plugin)
             if self.shards is not None:  # FSDP2 shards everything else; the expert banks stay this process's shard
@@ -498,11 +499,16 @@ class Trainer:
 
     @contextmanager
     def _without_expert_shards(self):
-        """Accelerate's save_state / load_state inside: with expert parallelism, without the expert shards."""
-        if self.shards is None:
-            yield
-            return
-        with self.shards.leaving_out_shards():
+        """Accelerate's save_state / load_state inside: with expert parallelism, without the expert shards (also when a
+        run without it resumes a checkpoint written with it: they are in the checkpoint's experts/)."""
+        if self.shards is not None:
+            with self.shards.leaving_out_shards(self.unwrapped):
+                yield
+        elif self.resume_experts and self.last_saved < 0:  # loading only
+            names = set(whole_expert_names(self.unwrapped))
+            with leaving_out(self.expert_switch, [p for n, p in self.unwrapped.named_parameters() if n in names]):
+                yield
+        else:
             yield
 
     def _save_shards(self, folder: Path) -> None:
@@ -548,11 +554,13 @@ class Trainer:
             if self.sharded_ema:
                 with self.ema.weights_in(self.unwrapped):
                     ema_state = self.accelerator.get_state_dict(self.model)  # gathered too
-            elif self.ema is not None and self.shards is not None:
-                ema_state = self.ema.module.state_dict()
             if self.shards is not None:  # every expert, gathered from the processes that hold them
                 full_state = gather_for_saving(self.unwrapped, full_state)
-                ema_state = gather_for_saving(self.unwrapped, ema_state) if ema_state is not None else None
+                if self.sharded_ema:
+                    with self.ema.weights_in(self.unwrapped):
+                        ema_state = gather_for_saving(self.unwrapped, ema_state)
+                elif self.ema is not None:
+                    ema_state = gather_for_saving(self.ema.module, self.ema.module.state_dict())
             if self.main:
                 self._save_model(self.unwrapped, self.out / 'model', full_state)
                 if self.sharded_ema or ema_state is not None:
