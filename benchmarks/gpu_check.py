@@ -198,6 +198,25 @@ def item_train(config_name, device, workdir, data):
                 f'{reloaded["loss"]:.4f})')
 
 
+def item_expert_parallel(device, workdir, data):
+    """2 GPUs (NCCL): 2-way expert parallelism logs the losses of the same 2-process DDP run (untested until a
+    machine with 2 GPUs is lent)."""
+    if device.type == 'cuda' and torch.cuda.device_count() < 2:
+        raise Skip(f'needs 2 GPUs, this machine has {torch.cuda.device_count()}')
+    losses = {}
+    for ep in (1, 2):
+        out = workdir / f'ep{ep}'
+        env = None if device.type == 'cuda' else dict(ACCELERATE_USE_CPU='1')
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+               'train_scripts/train.py', '--config', str(_train_config(workdir, data, steps=6, checkpoint_every=6)),
+               '--output-dir', str(out), '--expert-parallel-size', str(ep), '--mixed-precision', 'no']
+        _finish(_start(cmd, workdir / f'ep{ep}.log', env))
+        losses[ep] = [r['loss'] for r in _records(out, 'train')]
+    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses[2], losses[1]))
+    return worst <= 1e-3, (f'{device.type}: EP 2 vs DDP, {len(losses[1])} logged losses, worst relative difference '
+                           f'{worst:.1e} (limit 1e-3)')
+
+
 # --------------------------------------------------------------------------------------- 3. resume exactness
 def item_resume(deterministic, device, workdir, data):
     from safetensors.torch import load_file
@@ -307,6 +326,7 @@ ITEMS = {  # name: (table title, time limit in seconds, function(device, workdir
     'parity-expert-choice': ('1. fwd/bwd parity GPU vs CPU, expert choice', 90, partial(item_parity, 'expert_choice')),
     'parity-token-choice': ('1. fwd/bwd parity GPU vs CPU, token choice', 90, partial(item_parity, 'token_choice')),
     'soft-moe-autocast': ('1. Soft MoE routing float32 under bf16 autocast', 60, item_soft_autocast),
+    'expert-parallel': ('2. expert parallelism over 2 GPUs (NCCL) = DDP', 180, item_expert_parallel),
     'train-ddp': ('2. bf16 steps, accelerate launch ddp.yaml', 150, partial(item_train, 'ddp.yaml')),
     'train-fsdp2': ('2. bf16 steps, accelerate launch fsdp2.yaml', 150, partial(item_train, 'fsdp2.yaml')),
     'train-fsdp2-bf16': ('2. bf16 steps, accelerate launch fsdp2_bf16.yaml', 150,

@@ -52,13 +52,16 @@ def _table(header, rows) -> str:
     return '\n'.join(lines)
 
 
-def state_table(model, gpus, reduce_dtype) -> str:
-    """DDP / FSDP2 / FSDP2 + bf16 rows, at each number of GPUs."""
-    settings = [('DDP', 'ddp', 'no'), ('FSDP2', 'fsdp2', 'no'), ('FSDP2 + bf16', 'fsdp2', 'bf16')]
+def state_table(model, gpus, reduce_dtype, expert_parallel_size=8) -> str:
+    """DDP / FSDP2 / FSDP2 + bf16 rows, with and without expert parallelism, at each number of GPUs."""
+    settings = [('DDP', 'ddp', 'no', 1), ('FSDP2', 'fsdp2', 'no', 1), ('FSDP2 + bf16', 'fsdp2', 'bf16', 1),
+                (f'DDP + EP {expert_parallel_size}', 'ddp', 'no', expert_parallel_size),
+                (f'FSDP2 + bf16 + EP {expert_parallel_size}', 'fsdp2', 'bf16', expert_parallel_size)]
     rows = []
-    for label, strategy, mp in settings:
+    for label, strategy, mp, ep in settings:
         for n in gpus:
-            m = memory.parameter_memory(model, strategy, n, mp, reduce_dtype=DTYPES[reduce_dtype])
+            m = memory.parameter_memory(model, strategy, n, mp, reduce_dtype=DTYPES[reduce_dtype],
+                                        expert_parallel_size=min(ep, n))
             rows.append([label, n] + [f'{v / GB:.1f}' for v in (m.params, m.grads, m.optimizer, m.transient, m.total)])
     return _table(['strategy', 'GPUs', 'params', 'grads', 'AdamW', 'transient', 'total (GB/GPU)'], rows)
 
@@ -84,7 +87,9 @@ params/grads/AdamW sharded along dim 0, padded to ceil(dim0 / N) rows per rank (
 over experts: 32 experts on 64 GPUs leave half the ranks holding padding). Transient = the root unit's gathered params
 and grads + 2 of the largest (MoE) block's all-gathered params (computing + prefetched; padded to N * ceil(dim0 / N)
 rows, so 2x the experts on 64 GPUs) + its unsharded grads and reduce-scatter buffer. FSDP2 + bf16:
-MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype={reduce}): bf16 gathered params and grads.
+MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype={reduce}): bf16 gathered params and grads. + EP M: every MoE
+layer's routed experts spread over groups of M GPUs (E / M each, fp32 params, grads and AdamW, outside DDP's buckets
+and FSDP2's units); the rest as the strategy holds it.
 
 Activations: bytes autograd saves for the backward of one forward + loss (counted with saved-tensor hooks on fake
 tensors; equal to a real CPU run), fused attention (no T x T matrix). Per image = growth per image. Weight copies =

@@ -172,3 +172,13 @@ def test_fsdp2_with_expert_parallelism_is_the_ddp_run_and_resumes_with_ep_1(data
     weights, ema = fsdp(resumed, expert_parallel_size=1, resume='latest')
     _assert_close_weights(weights, runs['ddp']['weights'], atol=1e-5)
     _assert_close_weights(ema, runs['ddp']['ema'], atol=1e-5)
+
+
+def test_the_slurm_script_is_valid_bash_and_launches_what_readme_says():
+    script = ROOT / 'configs' / 'slurm' / 'train.sbatch'
+    check = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    text = script.read_text()
+    for needed in ('#SBATCH --signal=B:USR1@', '--resume auto', '--expert-parallel-size', '--rdzv_backend c10d',
+                   'pkill -USR1 -f train_scripts/train.py', 'scontrol requeue', '--save-signal SIGUSR1'):
+        assert needed in text, needed

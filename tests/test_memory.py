@@ -220,3 +220,23 @@ def test_memory_table_script(tmp_path, capsys, monkeypatch):
     assert '| bf16 autocast | yes |' in out
     assert [p.name for p in tmp_path.iterdir()] == ['m.md']  # nothing else is written
     assert (tmp_path / 'm.md').read_text() == out.rstrip('\n') + '\n'
+
+
+@pytest.mark.parametrize('strategy', ['ddp', 'fsdp2'])
+def test_expert_parallel_memory_is_the_bytes_of_a_sharded_model(strategy):
+    """With expert_parallel_size N every GPU holds E / N experts of each MoE layer (whole tensors, outside DDP and
+    FSDP2) plus the rest as the strategy holds it: the count equals the parameters of a model sharded that way."""
+    import timm
+    from vit_moe.layers import moe_layers, shard_experts
+    from vit_moe.training.memory import fsdp_shard_numel, parameter_memory
+    model = timm.create_model('vit_ti16_moe_upcycled', img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
+                              num_experts=8)
+    whole = [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]
+    ids = {id(p) for p in whole}
+    rest = sum(p.numel() if strategy == 'ddp' else fsdp_shard_numel(p.shape, 4)
+               for p in model.parameters() if id(p) not in ids)
+    memory = parameter_memory(model, strategy, 4, expert_parallel_size=4)
+    shard_experts(model, None, 4, 1)  # what each of the 4 processes keeps (no collective is run here)
+    experts = sum(p.numel() for layer in moe_layers(model).values() for p in layer.experts.parameters())
+    assert memory.params == 4 * (rest + experts) and memory.optimizer == 8 * (rest + experts)
+    assert experts * 4 == sum(p.numel() for p in whole)  # a quarter of the experts

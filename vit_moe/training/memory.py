@@ -110,6 +110,7 @@ def parameter_memory(
         reduce_dtype: torch.dtype = torch.float32,
         wrap_cls_names: Optional[Iterable[str]] = None,
         gradient_as_bucket_view: bool = False,
+        expert_parallel_size: int = 1,
 ) -> ParameterMemory:
     """Per-GPU bytes of parameters, gradients and AdamW state, counted per parameter tensor of `model` (meta is fine).
 
@@ -134,7 +135,14 @@ def parameter_memory(
         reduce_dtype), both alive while the grads are copied into the reduce-scatter buffer.
     Not counted: the bf16 copy of a unit's shard before the all-gather (1/N of a unit), the brief overlap of a flat
     all-gather buffer with its per-parameter copy-out, and allocator fragmentation.
+
+    `expert_parallel_size` M > 1: every MoE layer's routed experts are spread over groups of M GPUs (E / M each, fp32
+    params, grads and AdamW: 16 B per parameter / M), outside DDP's buckets and FSDP2's units (which hold the rest as
+    above).
     """
+    if expert_parallel_size > 1:
+        return _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
+                                        gradient_as_bucket_view, expert_parallel_size)
     if strategy not in STRATEGIES:
         raise ValueError(f'strategy must be one of {STRATEGIES}, got {strategy!r}')
     if mixed_precision not in _PARAM_DTYPES:
@@ -176,6 +184,43 @@ def parameter_memory(
     return ParameterMemory(
         strategy, num_gpus, mixed_precision, params=fp32 * shard, grads=fp32 * trainable,
         optimizer=2 * fp32 * trainable, transient=transient, num_params=num_params, largest_unit=largest)
+
+
+def _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
+                             gradient_as_bucket_view, size: int) -> ParameterMemory:
+    """`parameter_memory` of the model without its routed experts, plus their 1 / `size` share per GPU."""
+    from ..layers import moe_layers
+    expert_params = [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]
+    held = {id(p) for p in expert_params}
+    frozen = [p for p in model.parameters() if id(p) in held and p.requires_grad]
+    try:  # the rest, as the strategy has it: the experts frozen (no grads, no optimizer state) and removed below
+        for p in frozen:
+            p.requires_grad_(False)
+        rest = parameter_memory(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
+                                gradient_as_bucket_view)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    experts = sum(p.numel() for p in expert_params)
+    strategy_params = rest.params - 4 * (sum(fsdp_shard_numel(p.shape, num_gpus) for p in expert_params)
+                                         if strategy == 'fsdp2' else experts)
+    return ParameterMemory(strategy, num_gpus, mixed_precision, params=strategy_params + 4 * experts // size,
+                           grads=rest.grads + 4 * experts // size, optimizer=rest.optimizer + 8 * experts // size,
+                           transient=rest.transient - (_fsdp_expert_transient(model, rest, expert_params, num_gpus,
+                                                                              mixed_precision) if strategy == 'fsdp2'
+                                                       else 0),
+                           num_params=rest.num_params, largest_unit=rest.largest_unit)
+
+
+def _fsdp_expert_transient(model, rest, expert_params, num_gpus, mixed_precision) -> int:
+    """The experts' part of FSDP2's transient buffers (they are not gathered under expert parallelism): two of the
+    largest unit's gathered experts (the largest unit is an MoE block)."""
+    if not rest.largest_unit:
+        return 0
+    pb = _nbytes(_PARAM_DTYPES[mixed_precision])
+    unit = [p for n, p in model.named_parameters() if n.startswith(rest.largest_unit + '.')]
+    ids = {id(p) for p in expert_params}
+    return 2 * sum(num_gpus * fsdp_shard_numel(p.shape, num_gpus) for p in unit if id(p) in ids) * pb
 
 
 # ---------------------------------------------------------------------------------------------------------------
