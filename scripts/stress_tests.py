@@ -36,6 +36,8 @@ STRESSED = [
     'tests/test_sweep.py::test_a_launcher_trains_each_run_in_its_own_processes',
     'tests/test_sweep.py::test_launched_run_outcomes',
     'tests/test_recipes.py',  # every recipe under a launch config (all 18 pairs with --all-recipes), EMA, signals
+    'tests/test_expert_parallel.py',
+    'tests/test_comm_volume.py',
 ]
 COMBINATION_CELLS = 'ddp or fsdp'  # tests/test_combinations.py: the multi-process cells
 TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1}'
