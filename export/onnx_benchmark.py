@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None, help='for both models')
     parser.add_argument('--moe-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None,
                         help='MoE only, e.g. {num_experts: 8}')
+    parser.add_argument('--capacity-factor', type=_cli.capacity_type(yaml.safe_load), default=None,
+                        help='capacity factor at inference: a number (every MoE layer) or {layer: number}; fewer slots, less compute')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8, 32])
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
@@ -52,9 +54,13 @@ def main(argv=None) -> int:
     kwargs = args.model_kwargs or {}
     models = {'dense': timm.create_model(args.dense, **kwargs),
               'moe': timm.create_model(args.moe, **kwargs, **(args.moe_kwargs or {}))}
+    if args.capacity_factor is not None:
+        from vit_moe.layers import set_capacity_factor
+        set_capacity_factor(models['moe'], args.capacity_factor)
     result = benchmark_inference(models, args.batch_sizes, args.rounds, args.warmup, args.onnx_dir, args.reuse,
                                  variants=args.variants, pytorch=args.pytorch, gap_s=args.gap_ms / 1e3)
-    result.update(moe=args.moe, dense=args.dense, model_kwargs=kwargs, moe_kwargs=args.moe_kwargs)
+    result.update(moe=args.moe, dense=args.dense, model_kwargs=kwargs, moe_kwargs=args.moe_kwargs,
+                  capacity_factor=args.capacity_factor)
     text = format_benchmark(result, title=f'{args.moe} vs {args.dense}, ')
     print(text)
     if args.json:

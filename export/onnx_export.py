@@ -3,9 +3,15 @@ against PyTorch in ONNX Runtime, layer by layer.
 
     python export/onnx_export.py --model NAME [--checkpoint FILE_OR_FOLDER] --output model.onnx
         [--opset 18] [--img-size S] [--fp16 | --quantize int8 [--int8-target auto|vnni|avx2]] [--optimize]
-        [--model-kwargs '{num_experts: 8}'] [--data-dir DIR [--split val] [--max-images 1000]]
+        [--model-kwargs '{num_experts: 8}'] [--capacity-factor C | '{blocks.11.mlp: C}']
+        [--data-dir DIR [--split val] [--max-images 1000]] [--triton-repo DIR [--triton-max-batch-size 32]]
         [--atol 1e-3] [--tie-rtol 1e-5] [--expert-rtol R] [--min-agreement A] [--min-data-agreement A]
         [--verbose] [--debug]
+
+--capacity-factor: the capacity at inference (V-MoE's knob: fewer slots per expert, less compute, a graceful loss),
+for every MoE layer or per layer; recorded in the file's metadata. --triton-repo DIR: a Triton Inference Server model
+repository (DIR/<name>/config.pbtxt + DIR/<name>/1/model.onnx, dynamic batching: exact, since an image's logits
+never depend on its batch-mates).
 
 --quantize int8: ONNX Runtime dynamic int8 weights for every MatMul with constant weights (every expert, per expert
 and output column), the routers kept float32, the experts unrolled into per-expert 2-D matmuls in the graph
@@ -73,6 +79,14 @@ def main(argv=None) -> int:
     parser.add_argument('--no-unroll-experts', dest='unroll_experts', action='store_false',
                         help='with --quantize: keep the batched expert matmuls')
     parser.add_argument('--model-kwargs', type=_cli.mapping_type(yaml.safe_load), default=None)
+    parser.add_argument('--capacity-factor', type=_cli.capacity_type(yaml.safe_load), default=None,
+                        help='capacity factor at inference: a number (every MoE layer) or {layer: number}; fewer '
+                             'slots, less compute (recorded in the file)')
+    parser.add_argument('--triton-repo', default=None,
+                        help='also write a Triton Inference Server model repository for the file into this folder')
+    parser.add_argument('--triton-max-batch-size', type=int, default=32)
+    parser.add_argument('--triton-gpu', action='store_true',
+                        help='Triton: a GPU instance with the TensorRT accelerator (default for --fp16 files)')
     parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 3, 8])
     parser.add_argument('--int8-target', default='auto', choices=['auto', 'vnni', 'avx2'],
@@ -111,6 +125,9 @@ def main(argv=None) -> int:
         check_image_folder(args.data_dir, args.split)  # a bad folder fails before the export
     model_kwargs, num_classes = _cli.take_num_classes(args.model_kwargs, args.num_classes)
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes, **model_kwargs).eval()
+    if args.capacity_factor is not None:
+        from vit_moe.layers import set_capacity_factor
+        set_capacity_factor(model, args.capacity_factor)
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
                          unroll_experts=args.unroll_experts, int8_target=args.int8_target)
     path = export_onnx(model, args.output, optimize=args.optimize, **export_kwargs)
@@ -145,8 +162,13 @@ def main(argv=None) -> int:
         limit = f'atol {atol}, min top-1 agreement {min_agreement}' if kind == 'fp32' else 'layer by layer'
         print(f'parity check failed ({limit})', file=sys.stderr)
         return 1
-    if args.data_dir:
-        return _check_real_images(path, model, args, kind)
+    if args.data_dir and _check_real_images(path, model, args, kind):
+        return 1
+    if args.triton_repo:
+        from vit_moe.onnx.triton import write_triton_repository
+        folder = write_triton_repository(path, args.triton_repo, max_batch_size=args.triton_max_batch_size,
+                                         gpu=args.triton_gpu or args.fp16)
+        print(f'Triton model repository: {folder} (config.pbtxt, 1/{path.name} as model.onnx)')
     return 0
 
 

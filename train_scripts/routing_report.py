@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--num-workers', type=int, default=0)
     parser.add_argument('--seed', type=int, default=0, help='seed for building the start model (the trainer\'s)')
+    parser.add_argument('--capacity-factor', type=_cli.capacity_type(_load_mapping), default=None,
+                        help='capacity factor at inference: a number (every MoE layer) or {layer: number}')
     parser.add_argument('--model-kwargs', type=_cli.mapping_type(_load_mapping), default=None,
                         help="YAML mapping, e.g. '{img_size: 32}'")
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -69,6 +71,11 @@ def main(argv=None) -> int:
     check_image_folder(args.data_dir, args.split)  # before loading any model
     model, start = load_report_models(args.model, args.checkpoint, args.start_checkpoint, args.model_kwargs,
                                       seed=args.seed)
+    if args.capacity_factor is not None:  # both at the same inference-time capacity
+        from vit_moe.layers import set_capacity_factor
+        for m in (model, start):
+            if m is not None:
+                set_capacity_factor(m, args.capacity_factor)
     result = routing_report(
         model, args.data_dir, args.output, split=args.split, start_model=start, max_images=args.max_images,
         num_example_images=args.examples, experts_shown=args.experts_shown, batch_size=args.batch_size,

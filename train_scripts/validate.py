@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument('--mixed-precision', default='no', choices=['no', 'bf16', 'fp16'])
     parser.add_argument('--expert-parallel-size', type=int, default=1,
                         help="spread each MoE layer's experts over groups of N processes of the launch")
+    parser.add_argument('--capacity-factor', type=_cli.capacity_type(yaml.safe_load), default=None,
+                        help='capacity factor at inference: a number (every MoE layer) or {layer: number}; fewer slots, less compute')
     parser.add_argument('--json', default=None, help='also write the results to this JSON file')
     args = parser.parse_args(argv)
     _cli.setup_logging(args.verbose)
@@ -57,13 +59,16 @@ def main(argv=None) -> int:
         if args.model:  # the PyTorch model it was exported from: top-1 agreement on the same images
             from vit_moe.models import create_model_from_checkpoint
             reference = create_model_from_checkpoint(args.model, args.checkpoint, **(args.model_kwargs or {})).eval()
+            if args.capacity_factor is not None:
+                from vit_moe.layers import set_capacity_factor
+                set_capacity_factor(reference, args.capacity_factor)
         result = evaluate_onnx(args.onnx, args.data_dir, args.split, args.batch_size, args.num_workers,
                                reference=reference)
         result['layers'] = {}
     elif args.model:
         from vit_moe.training import validate
         result = validate(args.model, args.checkpoint, args.data_dir, args.split, args.batch_size, args.num_workers,
-                          args.model_kwargs, args.mixed_precision, args.expert_parallel_size)
+                          args.model_kwargs, args.mixed_precision, args.expert_parallel_size, args.capacity_factor)
     else:
         parser.error('give --model NAME (PyTorch) or --onnx FILE (ONNX Runtime)')
     if _is_main_process():

@@ -51,7 +51,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 __all__ = ['ArgumentParser', 'UsageError', 'add_common_flags', 'pop_common_flags', 'raise_usage_errors', 'mapping_type',
            'name_type', 'setup_logging', 'run', 'run_and_exit', 'leave', 'debug_requested', 'is_user_error',
-           'one_line', 'take_num_classes', 'is_main_process']
+           'one_line', 'take_num_classes', 'is_main_process', 'capacity_type']
 
 DEBUG_ENV = 'VIT_MOE_DEBUG'
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
@@ -130,6 +130,22 @@ def mapping_type(load: Callable[[str], Any], example: str = '{num_experts: 8}') 
             raise argparse.ArgumentTypeError(f'{text!r} is not a YAML mapping; expected e.g. {example!r}')
         return value
     return mapping
+
+
+def capacity_type(load: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type for --capacity-factor: a number > 0 (every MoE layer) or a mapping of MoE layer -> number."""
+    def capacity(text: str):
+        try:
+            value = load(text)
+        except Exception:
+            value = text
+        numbers = value.values() if isinstance(value, dict) else [value]
+        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in numbers):
+            raise argparse.ArgumentTypeError(f'{text!r} is not a capacity factor; expected a number > 0 (every MoE '
+                                             f'layer) or a mapping of MoE layer to number, e.g. '
+                                             f"'{{blocks.11.mlp: 1.0}}'")
+        return value
+    return capacity
 
 
 def name_type(is_known: Callable[[str], bool], known: Callable[[], Sequence[str]], what: str) -> Callable[[str], str]:

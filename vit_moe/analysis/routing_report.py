@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data import ImageFolderDataset, build_transforms, data_config_for
-from ..layers import ExpertChoiceRouter, capture_routing, moe_layers, soft_moe_layers
+from ..layers import ExpertChoiceRouter, capacity_factors, capture_routing, moe_layers, soft_moe_layers
 from ..models import create_model_from_checkpoint
 from . import routing_figures as figures
 from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats, patch_categories
@@ -284,11 +284,17 @@ def routing_report(
         background_definition=(f'a patch is background when the mean of its un-normalised pixel values (over '
                                f'channels and pixels, in [0, 1]) is below {background_threshold}; object otherwise'),
         layers=layers, start_layers=start_layers, experts_shown=shown, examples=example_meta, figures=figure_paths,
+        capacity_factor=capacity_factors(model),
     )
     result['seconds'] = time.perf_counter() - started
     (out / 'report.json').write_text(json.dumps(result, indent=1))
     (out / 'report.md').write_text(format_report(result))
     return result
+
+
+def _capacity_text(factors: Dict[str, float]) -> str:
+    values = sorted(set(factors.values()))
+    return f'{values[0]:g}' if len(values) == 1 else ', '.join(f'{k}: {v:g}' for k, v in factors.items())
 
 
 def _pct(value: Optional[float]) -> str:
@@ -316,7 +322,9 @@ def format_report(r: Dict[str, Any]) -> str:
         + (f' ({r["num_excluded"]} unreadable left out)' if r['num_excluded'] else '')
         + f', {r["num_classes"]} classes' + (f', top-1 {r["top1"]:.2f} %' if r['top1'] is not None else '') + '.',
         f'{len(layers)} MoE layer(s) ({", ".join(routers)}, {first["num_experts"]} experts, capacity '
-        f'{first["capacity"]} slots per expert per image); input {r["input_size"][1]}x{r["input_size"][2]}, patch '
+        f'{first["capacity"]} slots per expert per image'
+        + (f', capacity factor {_capacity_text(r["capacity_factor"])}' if r.get('capacity_factor') else '')
+        + '); input {r["input_size"][1]}x{r["input_size"][2]}, patch '
         f'{r["patch_size"][0]}x{r["patch_size"][1]}: {r["grid"][0]}x{r["grid"][1]} patches + {P} prefix token(s) = '
         f'{first["num_tokens"]} tokens per image.',
     ]

@@ -11,4 +11,5 @@ from .routers import (
 from .routing_capture import LayerRouting, RoutingCapture, capture_routing, replay_routing
 from .soft_moe import SoftMoeMlp, SoftRouter, soft_moe_layers
 from .moe_layer_like import moe_layer_like
+from .capacity import capacity_factors, set_capacity_factor
 from .expert_parallel import ExpertParallel, expert_parameter_names, shard_experts, unsharded_state_dict

@@ -1,4 +1,5 @@
-""" What an exported file carries besides the graph: timm's data config, class count and label names. """
+""" What an exported file carries besides the graph: timm's data config, class count, label names and the
+capacity factor of each MoE layer (the one the graph's static capacity was computed with). """
 from typing import Any, Dict, Tuple
 
 import torch
@@ -14,7 +15,8 @@ INT8_KEY = 'vit_moe_int8'  # an int8 file's target CPU: {target, reduce_range, c
 
 def model_metadata(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, Any]:
     """timm data config at `size`, plus num_classes, label_names and architecture of `model`."""
+    from ..layers import capacity_factors
     config = data_config_for(model, (3, *size))
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     return dict(config, num_classes=getattr(model, 'num_classes', None), label_names=cfg.get('label_names'),
-                architecture=cfg.get('architecture'))
+                architecture=cfg.get('architecture'), capacity_factor=capacity_factors(model) or None)

@@ -5,7 +5,7 @@ sampler repeats to even out the last batch) and the metrics are computed on the 
 `sync_on_compute=False`, so every sample counts exactly once whatever the number of processes.
 """
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data import (
     ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
 )
-from ..layers import capture_routing
+from ..layers import capacity_factors, capture_routing, set_capacity_factor
 from ..models import checkpoint_label_names, create_model_from_checkpoint
 
 __all__ = ['evaluate', 'validate', 'fresh_accelerator_state']
@@ -87,12 +87,14 @@ def validate(
         model_kwargs: Optional[Dict[str, Any]] = None,
         mixed_precision: str = 'no',
         expert_parallel_size: int = 1,
+        capacity_factor: Optional[Union[float, Dict[str, float]]] = None,
 ) -> Dict[str, Any]:
     """Evaluate a checkpoint on `data_dir/split` with the model's own preprocessing (works under accelerate launch).
 
     Class indices follow the checkpoint's label names when its config.json has them (a trainer output), else the
     sorted class folder names, as in training. With `expert_parallel_size` N each process of the launch holds E / N
-    experts of every MoE layer (`vit_moe.training.expert_parallel`).
+    experts of every MoE layer (`vit_moe.training.expert_parallel`). `capacity_factor`: the inference-time capacity
+    (`vit_moe.layers.set_capacity_factor`), recorded in the result.
     """
     fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -107,6 +109,8 @@ def validate(
         raise ValueError(f'model_kwargs num_classes={given!r} disagrees with the {num_classes} classes of {source}; '
                          f'remove it')
     model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **model_kwargs)
+    if capacity_factor is not None:
+        set_capacity_factor(model, capacity_factor)
     if expert_parallel_size > 1:
         from .expert_parallel import ExpertShards
         ExpertShards(expert_parallel_size, accelerator.num_processes, accelerator.device.type).shard(model)
@@ -116,5 +120,6 @@ def validate(
     model, loader = accelerator.prepare(model, loader)
     result = evaluate(model, loader, accelerator, num_classes)
     result.update(model=model_name, checkpoint=checkpoint, split=str(dataset.reader.root), excluded=dataset.skipped,
+                  capacity_factor=capacity_factors(accelerator.unwrap_model(model)) or None,
                   params=sum(p.numel() for p in accelerator.unwrap_model(model).parameters()))
     return result
