@@ -1,4 +1,4 @@
-"""One MoE layer's int8 experts in ONNX Runtime, built four ways, timed interleaved (where the batch-1 time goes).
+"""One MoE layer's int8 experts in ONNX Runtime, built five ways, timed interleaved (where the batch-1 time goes).
 
     python benchmarks/expert_block_kernels.py [--experts 32] [--rows 13] [--dim 384] [--hidden 1536] [--threads 2]
 
@@ -7,6 +7,7 @@ at batch 1 by default), int8 weights per output channel, activations quantized d
 
 * per expert: what `--quantize int8` writes today (onnxruntime's quantize_dynamic of the per-expert MatMuls):
   each expert quantizes its own slots, runs its two int8 matmuls and its own GELU (about 12 nodes per expert);
+* per expert, one GELU: today's per-expert matmuls, one GELU node over every expert's hidden units;
 * per layer, per-expert matmuls: the slots quantized once per layer and per matmul, E 2-D MatMulInteger (ONNX Runtime
   pre-packs 2-D weights), one dequantization, bias and GELU over every expert at once;
 * per layer, fused: the same with com.microsoft MatMulIntegerToFloat (dequantization and bias inside the matmul);
@@ -80,6 +81,31 @@ def per_expert_block(w1, b1, w2, b2):
     return _model(nodes, inits)
 
 
+def per_expert_one_gelu_block(w1, b1, w2, b2):
+    """Today's per-expert matmuls, but one GELU over every expert's hidden units (Concat -> Gelu -> Split)."""
+    E = w1.shape[0]
+    q1, s1 = _quantize_columns(w1)
+    q2, s2 = _quantize_columns(w2)
+    inits, nodes = {}, [helper.make_node('Split', ['x'], [f'x{e}' for e in range(E)], axis=0, num_outputs=E)]
+    for e in range(E):
+        inits.update({f'q1_{e}': q1[e], f's1_{e}': s1[e, 0], f'b1_{e}': b1[e], f'q2_{e}': q2[e], f's2_{e}': s2[e, 0],
+                      f'b2_{e}': b2[e]})
+    for i, (src, dst) in enumerate((('x', 'h'), ('g', 'y')), start=1):
+        for e in range(E):
+            pre = f'{i}_{e}'
+            nodes += [helper.make_node('DynamicQuantizeLinear', [f'{src}{e}'], [f'a{pre}', f'as{pre}', f'az{pre}']),
+                      helper.make_node('MatMulInteger', [f'a{pre}', f'q{pre}', f'az{pre}'], [f'i{pre}']),
+                      helper.make_node('Cast', [f'i{pre}'], [f'f{pre}'], to=TensorProto.FLOAT),
+                      helper.make_node('Mul', [f'as{pre}', f's{pre}'], [f'sc{pre}']),
+                      helper.make_node('Mul', [f'f{pre}', f'sc{pre}'], [f'm{pre}']),
+                      helper.make_node('Add', [f'm{pre}', f'b{pre}'], [f'{dst}{e}'])]
+        nodes.append(helper.make_node('Concat', [f'{dst}{e}' for e in range(E)], [dst], axis=0))
+        if i == 1:
+            nodes += [helper.make_node('Gelu', ['h'], ['gall'], domain='com.microsoft'),
+                      helper.make_node('Split', ['gall'], [f'g{e}' for e in range(E)], axis=0, num_outputs=E)]
+    return _model(nodes, inits)
+
+
 def per_layer_block(w1, b1, w2, b2, fused: bool):
     """The slots quantized once per layer and matmul; E 2-D int8 matmuls; one dequantization, bias and GELU."""
     E = w1.shape[0]
@@ -141,6 +167,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     weights = _weights(args.experts, args.dim, args.hidden)
     builds = {'float32': float_block(*weights), 'int8, per expert (today)': per_expert_block(*weights),
+              'int8, per expert, one GELU per layer': per_expert_one_gelu_block(*weights),
               'int8, per layer, per-expert matmuls': per_layer_block(*weights, fused=False),
               'int8, per layer, MatMulIntegerToFloat': per_layer_block(*weights, fused=True),
               'int8, batched 3-D matmul': batched_block(*weights)}

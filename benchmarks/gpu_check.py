@@ -16,6 +16,9 @@ one-line reason, and the next item runs), on tiny models and a synthetic image f
   ort-cuda-*    ONNX Runtime's CUDA provider (fp32, fp16): parity with PyTorch on a routing-exposing export (a failed
                 fp32 check is repeated with use_tf32=0), median latency of 20 runs at batch 1 and 32 for numpy input
                 vs CUDA tensors bound in place (IO binding), and the two paths' outputs compared
+  ort-cuda-graph-*  the CUDA provider with `enable_cuda_graph` (fp32, fp16): the whole graph captured once for a
+                fixed batch of 8, replayed on new images bound in place, each run compared with PyTorch;
+                latency with and without the graph
   tensorrt      ONNX Runtime's TensorRT provider: the same
 --budget (default 360 s: the check stays well within 8 minutes) caps all items together;
 items past it are skipped. The table, under a header of versions and the GPU, goes to stdout and to
@@ -313,6 +316,47 @@ def item_ort_cuda(fp16, device, workdir, data):
     return _onnx_on_gpu(['CUDAExecutionProvider', 'CPUExecutionProvider'], fp16, device, workdir)
 
 
+def item_ort_cuda_graph(fp16, device, workdir, data):
+    """ONNX Runtime's CUDA provider capturing the whole static-shape graph once (`enable_cuda_graph`) for a fixed
+    batch, inputs and outputs bound in place; replayed on new images it must give what PyTorch gives."""
+    import onnxruntime as ort
+    from vit_moe.onnx import export_onnx
+    from vit_moe.onnx.runtime import session_options
+    _need_provider(device, 'CUDAExecutionProvider', 'pip install "vit-moe[onnx-gpu]" (instead of onnxruntime)')
+    _no_tf32()
+    model, batch = tiny_moe().eval(), 8
+    path = export_onnx(model, workdir / f'graph_{"fp16" if fp16 else "fp32"}.onnx', fp16=fp16)
+    index = device.index or 0
+    cuda = {'device_id': str(index), 'use_tf32': '0'}
+    plain = ort.InferenceSession(str(path), session_options(), providers=[('CUDAExecutionProvider', cuda)])
+    graph = ort.InferenceSession(str(path), session_options(),  # no CPU provider: a captured graph is CUDA only
+                                 providers=[('CUDAExecutionProvider', dict(cuda, enable_cuda_graph='1'))])
+    dtype = np.float16 if fp16 else np.float32
+    inp, out = graph.get_inputs()[0].name, graph.get_outputs()[0].name
+    x = ort.OrtValue.ortvalue_from_shape_and_type((batch, 3, 32, 32), dtype, 'cuda', index)
+    y = ort.OrtValue.ortvalue_from_shape_and_type((batch, model.num_classes), dtype, 'cuda', index)
+    binding = graph.io_binding()
+    binding.bind_ortvalue_input(inp, x)
+    binding.bind_ortvalue_output(out, y)
+    reference = (copy.deepcopy(model).half() if fp16 else model).to(device)
+    tolerance = 2e-2 if fp16 else 1e-4
+    ok, numbers = True, []
+    for seed in (1, 2, 3):  # the first run captures, the next ones replay with new images in the same buffers
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        x.update_inplace(images.numpy().astype(dtype))
+        graph.run_with_iobinding(binding)
+        with torch.no_grad():
+            expected = reference(images.to(device, reference.pos_embed.dtype)).float().cpu().numpy()
+        diff = float(np.abs(y.numpy().astype(np.float32) - expected).max() / np.abs(expected).max())
+        ok = ok and diff <= tolerance
+        numbers.append(f'run {seed}: {diff:.1e} of max |logit| vs PyTorch{"" if diff <= tolerance else " (FAIL)"}')
+    host = torch.randn(batch, 3, 32, 32).numpy().astype(dtype)
+    _, plain_ms = _median_ms(lambda: plain.run(None, {inp: host}))
+    _, graph_ms = _median_ms(lambda: (x.update_inplace(host), graph.run_with_iobinding(binding)))
+    numbers.append(f'batch {batch}: {plain_ms:.2f} ms without, {graph_ms:.2f} ms with the CUDA graph (numpy in)')
+    return ok, '; '.join(numbers)
+
+
 def item_tensorrt(device, workdir, data):
     from vit_moe.onnx.runtime import _tensorrt_loadable
     _need_provider(device, 'TensorrtExecutionProvider', 'pip install "vit-moe[onnx-gpu]" tensorrt')
@@ -335,6 +379,10 @@ ITEMS = {  # name: (table title, time limit in seconds, function(device, workdir
     'resume-deterministic': ('3. resume exactness, deterministic algorithms', 180, partial(item_resume, True)),
     'ort-cuda-fp32': ('4. ONNX Runtime CUDA provider, fp32', 180, partial(item_ort_cuda, False)),
     'ort-cuda-fp16': ('4. ONNX Runtime CUDA provider, fp16', 180, partial(item_ort_cuda, True)),
+    'ort-cuda-graph-fp32': ('4. ONNX Runtime CUDA graph, fixed batch 8, fp32', 120,
+                            partial(item_ort_cuda_graph, False)),
+    'ort-cuda-graph-fp16': ('4. ONNX Runtime CUDA graph, fixed batch 8, fp16', 120,
+                            partial(item_ort_cuda_graph, True)),
     'tensorrt': ('5. ONNX Runtime TensorRT provider, fp32', 240, item_tensorrt),
 }
 
