@@ -16,16 +16,17 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..data import ImageFolderDataset, build_transforms, data_config_for
-from ..layers import ExpertChoiceRouter, capacity_factors, capture_routing, moe_layers, soft_moe_layers
+from ..layers import ExpertChoiceRouter, capacity_factors, moe_layers, soft_moe_layers
 from ..models import create_model_from_checkpoint
 from . import routing_figures as figures
-from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats, patch_categories
+from .routing_pass import RoutingPass
+from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats
 from .soft_routing_report import soft_routing_report
 
 __all__ = ['routing_report', 'load_report_models', 'moe_layer_info', 'format_report', 'DEFAULT_BACKGROUND_THRESHOLD']
@@ -105,7 +106,8 @@ def _progress(iterable, enabled: bool, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, unit='batch', leave=False)
 
 
-def _pick(values: List[float], k: int) -> List[int]:
+def _most_important(values: List[float], k: int) -> List[int]:
+    """Indices of the `k` largest values, largest first."""
     return sorted(range(len(values)), key=lambda e: -values[e])[:k]
 
 
@@ -167,13 +169,91 @@ def routing_report(
     if start_model is not None and set(moe_layer_info(start_model, model_name)) != set(info):
         raise ValueError(f'the start model has MoE layers {sorted(moe_layer_info(start_model))}, the model '
                          f'{sorted(info)}; give a start model of the same layout')
-    out = Path(output_dir)
     device = device or next(model.parameters()).device
+    data = _report_data(model, data_dir, split, class_names, max_images, num_example_images, batch_size, num_workers)
+    bar = lambda it, total: _progress(it, progress, total, 'routing report')  # noqa: E731
+    if soft:
+        header = dict(model=model_name, checkpoint=checkpoint, start_checkpoint=start_checkpoint,
+                      data_dir=str(data_dir), split=split, input_size=[int(v) for v in data.config['input_size']])
+        return soft_routing_report(
+            model, data.loader, len(data.subset), output_dir, data.config,
+            {m.layer_name: m for m in moe_layers(model).values()}, start_model,
+            background_threshold, bar, device, header, data.top1_known)
 
-    data_config = data_config_for(model)
+    models = {'model': model} if start_model is None else {'model': model, 'start': start_model}
+    run = RoutingPass(models, data.config, background_threshold, device)
+    stats: Dict[str, Dict[str, LayerStats]] = {key: {} for key in models}
+    examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in info}
+    example_meta: List[Dict[str, Any]] = []
+    for batch in run.batches(data.loader, bar):
+        grid = (batch.display.shape[-2] // run.patch_size[0], batch.display.shape[-1] // run.patch_size[1])
+        shown_images = [i for i, p in enumerate(batch.positions.tolist()) if p in data.example_positions]
+        for key, capture in batch.captures.items():
+            for name, routing in capture.tensors:
+                if name not in info:
+                    raise ValueError(f'layer {name!r} recorded routing but is not a MoE layer of the model')
+                if name not in stats[key]:
+                    stats[key][name] = LayerStats(info[name]['num_experts'], routing.probs.shape[1], run.num_prefix,
+                                                  grid, data.num_classes, info[name]['expert_choice'])
+                per_image = stats[key][name].update(routing.token_index, routing.combine_weights, routing.probs,
+                                                    batch.targets, batch.categories)
+                if key == 'model':
+                    examples[name] += [dict(image=batch.display[i].permute(1, 2, 0).numpy(),
+                                            target=int(batch.targets[i]),
+                                            **{k: v[i].numpy() for k, v in per_image.items()}) for i in shown_images]
+        for i in shown_images:
+            counts = {c: int((batch.categories[i] == k).sum())
+                      for c, k in (('prefix', PREFIX), ('background', BACKGROUND), ('object', OBJECT))}
+            example_meta.append(dict(path=data.dataset.path(int(data.indices[int(batch.positions[i])])),
+                                     target=int(batch.targets[i]), category_counts=counts))
+    if run.num_images == 0:
+        raise ValueError(f'no readable image in {data_dir}/{split}')
+    missing = sorted(set(info) - set(stats['model']))
+    if missing:
+        raise ValueError(f'MoE layers {missing} of {model_name} did not run in the forward pass')
+
+    layers = {name: stats['model'][name].result() for name in info}
+    start_layers = {name: stats['start'][name].result() for name in info} if start_model is not None else None
+    out = Path(output_dir)
+    figure_paths, shown = _draw_figures(out, layers, start_layers, examples, data.labels, run.patch_size,
+                                        experts_shown)
+    result = dict(
+        model=model_name, checkpoint=checkpoint, start_checkpoint=start_checkpoint, data_dir=str(data_dir),
+        split=split, num_images=run.num_images, num_excluded=run.num_excluded, num_classes=data.num_classes,
+        class_names=data.labels, top1=100.0 * run.correct / run.num_images if data.top1_known else None,
+        input_size=[int(v) for v in data.config['input_size']], patch_size=list(run.patch_size),
+        num_prefix_tokens=run.num_prefix, grid=next(iter(layers.values()))['grid'],
+        background_threshold=background_threshold,
+        background_definition=(f'a patch is background when the mean of its un-normalised pixel values (over '
+                               f'channels and pixels, in [0, 1]) is below {background_threshold}; object otherwise'),
+        layers=layers, start_layers=start_layers, experts_shown=shown, examples=example_meta, figures=figure_paths,
+        capacity_factor=capacity_factors(model),
+    )
+    result['seconds'] = time.perf_counter() - started
+    (out / 'report.json').write_text(json.dumps(result, indent=1))
+    (out / 'report.md').write_text(format_report(result))
+    return result
+
+
+class _ReportData(NamedTuple):
+    config: Dict[str, Any]  # timm data config of the model
+    dataset: ImageFolderDataset
+    indices: np.ndarray  # dataset index of each image of the pass
+    subset: torch.utils.data.Subset
+    loader: torch.utils.data.DataLoader
+    example_positions: set  # positions in the pass of the example images
+    labels: List[str]  # class names in index order
+    num_classes: int
+    top1_known: bool  # the model's classes are the split's
+
+
+def _report_data(model, data_dir, split, class_names, max_images, num_example_images, batch_size,
+                 num_workers) -> _ReportData:
+    """The split with the model's eval preprocessing, `max_images` of it evenly spaced, and the example images."""
+    config = data_config_for(model)
     class_map = _class_map(model, data_dir, split, class_names)
     dataset = ImageFolderDataset(data_dir, split, class_map=class_map,
-                                 transform=build_transforms(data_config, None, is_training=False),
+                                 transform=build_transforms(config, None, is_training=False),
                                  substitute_unreadable=False)
     names_by_index = {i: n for n, i in dataset.class_to_idx.items()}
     num_classes = max(names_by_index) + 1
@@ -186,110 +266,27 @@ def routing_report(
     example_positions = set(np.unique(np.linspace(0, len(subset) - 1, min(num_example_images, len(subset))).round()
                                       .astype(int)).tolist()) if num_example_images > 0 else set()
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return _ReportData(config, dataset, indices, subset, loader, example_positions, labels, num_classes, top1_known)
 
-    if soft:
-        layers = {m.layer_name: m for m in moe_layers(model).values()}
-        header = dict(model=model_name, checkpoint=checkpoint, start_checkpoint=start_checkpoint,
-                      data_dir=str(data_dir), split=split, input_size=[int(v) for v in data_config['input_size']])
-        return soft_routing_report(
-            model, loader, len(subset), output_dir, data_config, layers, start_model, background_threshold,
-            lambda it, total: _progress(it, progress, total, 'routing report'), device, header, top1_known)
 
-    mean = torch.tensor(data_config['mean']).view(1, -1, 1, 1)
-    std = torch.tensor(data_config['std']).view(1, -1, 1, 1)
-    patch_size = tuple(model.patch_embed.patch_size)
-    num_prefix = int(getattr(model, 'num_prefix_tokens', 0))
-    models = {'model': model} if start_model is None else {'model': model, 'start': start_model}
-    stats: Dict[str, Dict[str, LayerStats]] = {key: {} for key in models}
-    examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in info}
-    example_meta: List[Dict[str, Any]] = []
-    num_images = correct = excluded = position = 0
-    was_training = {key: m.training for key, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets, readable in _progress(loader, progress, len(loader), 'routing report'):
-                positions = torch.arange(position, position + len(targets))
-                position += len(targets)
-                keep = readable.bool()
-                excluded += int((~keep).sum())
-                if not keep.any():
-                    continue
-                images, targets, positions = images[keep], targets[keep], positions[keep]
-                display = (images * std + mean).clamp(0, 1)  # the un-normalised, resized and cropped images
-                H, W = images.shape[-2:]
-                grid = (H // patch_size[0], W // patch_size[1])
-                categories = patch_categories(display, patch_size, num_prefix, background_threshold)
-                is_example = torch.tensor([int(p) in example_positions for p in positions])
-                num_images += len(targets)
-                for key, m in models.items():
-                    with capture_routing(keep_tensors=True) as cap:
-                        logits = m(images.to(device))
-                    if key == 'model' and top1_known:
-                        correct += int((logits.argmax(dim=-1).cpu() == targets).sum())
-                    for name, routing in cap.tensors:
-                        if name not in info:
-                            raise ValueError(f'layer {name!r} recorded routing but is not a MoE layer of the model')
-                        if name not in stats[key]:
-                            stats[key][name] = LayerStats(
-                                info[name]['num_experts'], routing.probs.shape[1], num_prefix, grid, num_classes,
-                                info[name]['expert_choice'])
-                        per_image = stats[key][name].update(routing.token_index, routing.combine_weights,
-                                                            routing.probs, targets, categories)
-                        if key == 'model':
-                            for i in is_example.nonzero().flatten().tolist():
-                                examples[name].append(dict(
-                                    image=display[i].permute(1, 2, 0).numpy(), target=int(targets[i]),
-                                    **{k: v[i].numpy() for k, v in per_image.items()}))
-                for i in is_example.nonzero().flatten().tolist():
-                    sample = int(indices[int(positions[i])])
-                    example_meta.append(dict(path=dataset.path(sample), target=int(targets[i]),
-                                             category_counts={c: int((categories[i] == k).sum()) for c, k in (
-                                                 ('prefix', PREFIX), ('background', BACKGROUND), ('object', OBJECT))}))
-    finally:
-        for key, m in models.items():
-            m.train(was_training[key])
-    if num_images == 0:
-        raise ValueError(f'no readable image in {data_dir}/{split}')
-    missing = sorted(set(info) - set(stats['model']))
-    if missing:
-        raise ValueError(f'MoE layers {missing} of {model_name} did not run in the forward pass')
-
-    layers = {name: stats['model'][name].result() for name in info}
-    start_layers = {name: stats['start'][name].result() for name in info} if start_model is not None else None
+def _draw_figures(out: Path, layers, start_layers, examples, labels, patch_size, experts_shown: int):
+    """The coverage, combine-weight, class-map and example PNGs in `out`: (relative paths, experts shown per layer)."""
     out.mkdir(parents=True, exist_ok=True)
-    figure_paths: Dict[str, Any] = dict(coverage='coverage.png', combine_weights='combine_weights.png',
-                                        class_maps={}, examples={})
+    paths: Dict[str, Any] = dict(coverage='coverage.png', combine_weights='combine_weights.png', class_maps={},
+                                 examples={})
     shown: Dict[str, List[int]] = {}
-    figures.plot_coverage(out / figure_paths['coverage'], layers, start_layers)
-    figures.plot_combine_weights(out / figure_paths['combine_weights'], layers, start_layers)
+    figures.plot_coverage(out / paths['coverage'], layers, start_layers)
+    figures.plot_combine_weights(out / paths['combine_weights'], layers, start_layers)
     for name, layer in layers.items():
         stem = _file_stem(name)
-        figure_paths['class_maps'][name] = f'classes_{stem}.png'
-        figures.plot_class_maps(out / figure_paths['class_maps'][name], name, layer, labels)
+        paths['class_maps'][name] = f'classes_{stem}.png'
+        figures.plot_class_maps(out / paths['class_maps'][name], name, layer, labels)
         if examples[name]:
-            shown[name] = _pick(layer['expert_importance'], min(experts_shown, layer['num_experts']))
-            figure_paths['examples'][name] = f'examples_{stem}.png'
-            figures.plot_examples(out / figure_paths['examples'][name], name, examples[name], shown[name], layer,
+            shown[name] = _most_important(layer['expert_importance'], min(experts_shown, layer['num_experts']))
+            paths['examples'][name] = f'examples_{stem}.png'
+            figures.plot_examples(out / paths['examples'][name], name, examples[name], shown[name], layer,
                                   patch_size, labels)
-
-    first = next(iter(layers.values()))
-    result = dict(
-        model=model_name, checkpoint=checkpoint, start_checkpoint=start_checkpoint, data_dir=str(data_dir),
-        split=split, num_images=num_images, num_excluded=excluded, num_classes=num_classes, class_names=labels,
-        top1=100.0 * correct / num_images if top1_known else None,
-        input_size=[int(v) for v in data_config['input_size']], patch_size=list(patch_size),
-        num_prefix_tokens=num_prefix, grid=first['grid'], background_threshold=background_threshold,
-        background_definition=(f'a patch is background when the mean of its un-normalised pixel values (over '
-                               f'channels and pixels, in [0, 1]) is below {background_threshold}; object otherwise'),
-        layers=layers, start_layers=start_layers, experts_shown=shown, examples=example_meta, figures=figure_paths,
-        capacity_factor=capacity_factors(model),
-    )
-    result['seconds'] = time.perf_counter() - started
-    (out / 'report.json').write_text(json.dumps(result, indent=1))
-    (out / 'report.md').write_text(format_report(result))
-    return result
+    return paths, shown
 
 
 def _capacity_text(factors: Dict[str, float]) -> str:
@@ -311,27 +308,35 @@ def _arrow(start: Optional[Dict], end: Dict, get, fmt) -> str:
 
 def format_report(r: Dict[str, Any]) -> str:
     """report.md from the numbers `routing_report` returns (figures linked by relative path)."""
-    layers, start = r['layers'], r['start_layers']
+    lines = (_header_lines(r) + _coverage_lines(r) + _importance_lines(r) + _combine_weight_lines(r)
+             + _example_lines(r) + [f'Written in {r["seconds"]:.1f} s.'])
+    return '\n'.join(lines) + '\n'
+
+
+def _routers(layers: Dict[str, Dict]) -> List[str]:
+    return sorted({layer['router'].replace('_', ' ') for layer in layers.values()})
+
+
+def _header_lines(r: Dict[str, Any]) -> List[str]:
+    layers, P = r['layers'], r['num_prefix_tokens']
     first = next(iter(layers.values()))
-    routers = sorted({layer['router'].replace('_', ' ') for layer in layers.values()})
-    P = r['num_prefix_tokens']
     lines = [
         f'# Routing report: {r["model"]}', '',
         f'Model `{r["model"]}`' + (f' (checkpoint `{r["checkpoint"]}`)' if r['checkpoint'] else '')
         + f' on `{r["data_dir"]}/{r["split"]}`: {r["num_images"]} images'
         + (f' ({r["num_excluded"]} unreadable left out)' if r['num_excluded'] else '')
         + f', {r["num_classes"]} classes' + (f', top-1 {r["top1"]:.2f} %' if r['top1'] is not None else '') + '.',
-        f'{len(layers)} MoE layer(s) ({", ".join(routers)}, {first["num_experts"]} experts, capacity '
+        f'{len(layers)} MoE layer(s) ({", ".join(_routers(layers))}, {first["num_experts"]} experts, capacity '
         f'{first["capacity"]} slots per expert per image'
         + (f', capacity factor {_capacity_text(r["capacity_factor"])}' if r.get('capacity_factor') else '')
-        + '); input {r["input_size"][1]}x{r["input_size"][2]}, patch '
+        + f'); input {r["input_size"][1]}x{r["input_size"][2]}, patch '
         f'{r["patch_size"][0]}x{r["patch_size"][1]}: {r["grid"][0]}x{r["grid"][1]} patches + {P} prefix token(s) = '
         f'{first["num_tokens"]} tokens per image.',
     ]
-    if start is not None:
+    if r['start_layers'] is not None:
         lines.append(f'Start model for comparison: `{r["start_checkpoint"] or "given"}` (same images; "start -> end" '
                      f'in the tables).')
-    lines += [
+    return lines + [
         '',
         f'**Background / object patches**: {r["background_definition"]}. Prefix tokens (the class token'
         f'{", registers" if P > 1 else ""}) are counted apart. A token taken by no expert skips the MoE layer '
@@ -341,11 +346,15 @@ def format_report(r: Dict[str, Any]) -> str:
         '(`vit_moe.capture_routing(keep_tensors=True)`: slot token indices, combine weights, router probabilities); '
         'the figures are drawn from the same arrays, which `report.json` holds.',
         '',
-        '## Tokens taken by 0, 1, 2, ... experts', '',
-        '| layer | tokens unprocessed | background | object | prefix | mean experts per token | '
-        'background / object patches |',
-        '|---|---|---|---|---|---|---|',
     ]
+
+
+def _coverage_lines(r: Dict[str, Any]) -> List[str]:
+    layers, start = r['layers'], r['start_layers']
+    lines = ['## Tokens taken by 0, 1, 2, ... experts', '',
+             '| layer | tokens unprocessed | background | object | prefix | mean experts per token | '
+             'background / object patches |',
+             '|---|---|---|---|---|---|---|']
     for name, layer in layers.items():
         s = start[name] if start else None
         cells = [_arrow(s, layer, lambda x, k=k: x['unprocessed_fraction'][k], _pct)
@@ -356,20 +365,24 @@ def format_report(r: Dict[str, Any]) -> str:
                      + f' | {counts["background"]} / {counts["object"]} |')
     lines += ['', '"Unprocessed": the fraction of the category\'s tokens that no expert took.'
               + (' Under expert choice the mean number of experts per token is E x capacity / T by construction; '
-                 'where the slots go is what changes.' if 'expert choice' in routers else ''), '']
+                 'where the slots go is what changes.' if 'expert choice' in _routers(layers) else ''), '']
     for name, layer in layers.items():
         hist = layer['experts_per_token']['all']
         last = max(k for k, v in enumerate(hist) if v) if any(hist) else 0
         lines.append(f'- `{name}`: tokens taken by k = 0..{last} experts: {", ".join(str(v) for v in hist[:last + 1])}'
                      + (f' (start: {", ".join(str(v) for v in start[name]["experts_per_token"]["all"][:last + 1])})'
                         if start else ''))
-    lines += ['', f'![tokens per number of experts and unprocessed patch positions]({r["figures"]["coverage"]})', '',
-              '## Expert load and importance per class', '',
-              '| layer | importance per expert (min - max) | largest class importance | largest class share of '
-              'combine weight |', '|---|---|---|---|']
-    labels = r['class_names']
+    return lines + ['', f'![tokens per number of experts and unprocessed patch positions]({r["figures"]["coverage"]})',
+                    '']
+
+
+def _importance_lines(r: Dict[str, Any]) -> List[str]:
+    layers, labels = r['layers'], r['class_names']
+    lines = ['## Expert load and importance per class', '',
+             '| layer | importance per expert (min - max) | largest class importance | largest class share of '
+             'combine weight |', '|---|---|---|---|']
     for name, layer in layers.items():
-        imp = layer['expert_importance']
+        importance = layer['expert_importance']
         cells = []
         for key in ('importance', 'combine_weight'):
             m = np.array([[np.nan if v is None else v for v in row] for row in layer['per_class'][key]], dtype=float)
@@ -378,36 +391,41 @@ def format_report(r: Dict[str, Any]) -> str:
                 cells.append(f'expert {e}, class {labels[c]}: {m[e, c]:.3f}')
             else:
                 cells.append('-')
-        lines.append(f'| {name} | {min(imp):.3f} - {max(imp):.3f} | {cells[0]} | {cells[1]} |')
+        lines.append(f'| {name} | {min(importance):.3f} - {max(importance):.3f} | {cells[0]} | {cells[1]} |')
     if any(layer['router'] == 'expert_choice' for layer in layers.values()):
         lines += ['', 'Under expert choice every expert takes exactly `capacity` tokens of every image, so the load '
                       '(share of token -> expert assignments) is uniform by construction; the heatmaps show the '
                       'router importance (mean probability over the class\'s tokens) and each expert\'s share of the '
                       'class\'s combine weight instead (token choice layers also show the load).']
     lines.append('')
-    for name in layers:
-        lines.append(f'- `{name}`: ![{name} experts x classes]({r["figures"]["class_maps"][name]})')
-    lines += ['', '## Combine weights', '',
-              '| layer | filled slots | mean | min | max |', '|---|---|---|---|---|']
+    return lines + [f'- `{name}`: ![{name} experts x classes]({r["figures"]["class_maps"][name]})' for name in layers]
+
+
+def _combine_weight_lines(r: Dict[str, Any]) -> List[str]:
+    layers, start = r['layers'], r['start_layers']
+    lines = ['', '## Combine weights', '', '| layer | filled slots | mean | min | max |', '|---|---|---|---|---|']
     for name, layer in layers.items():
         s = start[name] if start else None
         cw = layer['combine_weights']
         lines.append(f'| {name} | {cw["num_filled"]} of {cw["num_slots"]} | '
                      + ' | '.join(_arrow(s, layer, lambda x, k=k: x['combine_weights'][k], lambda v: _num(v, 4))
                                   for k in ('mean', 'min', 'max')) + ' |')
-    lines += ['', f'![combine weights]({r["figures"]["combine_weights"]})', '']
-    if r['figures']['examples']:
-        lines += ['## Example images', '',
-                  f'{len(r["examples"])} images evenly spaced over the split. Columns: the image; experts per patch '
-                  f'(red: none); the top expert of each patch (largest combine weight; black: none); then the layer\'s '
-                  f'most important experts, each with the patches it took framed and tinted in its colour. Patches no '
-                  f'expert took are framed in red; prefix tokens taken are written in the corner of a cell.', '',
-                  '| layer | experts shown (importance) |', '|---|---|']
-        for name, experts in r['experts_shown'].items():
-            imp = layers[name]['expert_importance']
-            lines.append(f'| {name} | ' + ', '.join(f'{e} ({imp[e]:.1%})' for e in experts) + ' |')
-        lines.append('')
-        for name, path in r['figures']['examples'].items():
-            lines += [f'### {name}', '', f'![{name} example routing]({path})', '']
-    lines.append(f'Written in {r["seconds"]:.1f} s.')
-    return '\n'.join(lines) + '\n'
+    return lines + ['', f'![combine weights]({r["figures"]["combine_weights"]})', '']
+
+
+def _example_lines(r: Dict[str, Any]) -> List[str]:
+    if not r['figures']['examples']:
+        return []
+    lines = ['## Example images', '',
+             f'{len(r["examples"])} images evenly spaced over the split. Columns: the image; experts per patch '
+             f'(red: none); the top expert of each patch (largest combine weight; black: none); then the layer\'s '
+             f'most important experts, each with the patches it took framed and tinted in its colour. Patches no '
+             f'expert took are framed in red; prefix tokens taken are written in the corner of a cell.', '',
+             '| layer | experts shown (importance) |', '|---|---|']
+    for name, experts in r['experts_shown'].items():
+        importance = r['layers'][name]['expert_importance']
+        lines.append(f'| {name} | ' + ', '.join(f'{e} ({importance[e]:.1%})' for e in experts) + ' |')
+    lines.append('')
+    for name, path in r['figures']['examples'].items():
+        lines += [f'### {name}', '', f'![{name} example routing]({path})', '']
+    return lines

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .routing_stats import BACKGROUND, OBJECT, PREFIX, patch_categories
+from .routing_pass import RoutingPass
+from .routing_stats import BACKGROUND, OBJECT, PREFIX
 
 __all__ = ['soft_routing_report', 'format_soft_report']
 
@@ -70,49 +71,24 @@ def soft_routing_report(model: torch.nn.Module, loader, dataset_size: int, outpu
                         header: Optional[Dict[str, Any]] = None, top1_known: bool = True) -> Dict[str, Any]:
     """One pass over `loader` ((images, targets, readable) batches) with `model` (and `start_model`); writes
     report.json and report.md to `output_dir` and returns the numbers. `layer_names`: layer -> its SoftMoeMlp."""
-    from ..layers import capture_routing
     started = time.perf_counter()
-    device = device or next(model.parameters()).device
-    mean = torch.tensor(data_config['mean']).view(1, -1, 1, 1)
-    std = torch.tensor(data_config['std']).view(1, -1, 1, 1)
-    patch_size = tuple(model.patch_embed.patch_size)
-    num_prefix = int(getattr(model, 'num_prefix_tokens', 0))
     models = {'model': model} if start_model is None else {'model': model, 'start': start_model}
+    run = RoutingPass(models, data_config, background_threshold, device or next(model.parameters()).device)
     sums = {key: {name: _SoftLayerSums(layer.num_experts) for name, layer in layer_names.items()} for key in models}
-    was_training = {key: m.training for key, m in models.items()}
-    num_images = correct = excluded = 0
-    for m in models.values():
-        m.eval()
-    try:
-        with torch.inference_mode():
-            for images, targets, readable in progress(loader, len(loader)):
-                keep = readable.bool()
-                excluded += int((~keep).sum())
-                if not keep.any():
-                    continue
-                images, targets = images[keep], targets[keep]
-                categories = patch_categories((images * std + mean).clamp(0, 1), patch_size, num_prefix,
-                                              background_threshold)
-                num_images += len(targets)
-                for key, m in models.items():
-                    with capture_routing(keep_tensors=True) as cap:
-                        logits = m(images.to(device))
-                    if key == 'model':
-                        correct += int((logits.argmax(dim=-1).cpu() == targets).sum())
-                    metrics = cap.layers
-                    for name, routing in cap.tensors:
-                        sums[key][name].update(metrics[name], routing.probs, categories)
-    finally:
-        for key, m in models.items():
-            m.train(was_training[key])
-    if num_images == 0:
+    for batch in run.batches(loader, progress):
+        for key, capture in batch.captures.items():
+            metrics = capture.layers
+            for name, routing in capture.tensors:
+                sums[key][name].update(metrics[name], routing.probs, batch.categories)
+    if run.num_images == 0:
         raise ValueError('no readable image in the split')
     slots = {name: layer.router.slots_per_expert for name, layer in layer_names.items()}
     layers = {name: sums['model'][name].result(slots[name]) for name in layer_names}
     start_layers = {name: sums['start'][name].result(slots[name]) for name in layer_names} if start_model else None
-    result = dict(header or {}, kind='soft', num_images=num_images, num_excluded=excluded,
-                  top1=100.0 * correct / num_images if top1_known else None, num_prefix_tokens=num_prefix,
-                  patch_size=list(patch_size), background_threshold=background_threshold, layers=layers,
+    result = dict(header or {}, kind='soft', num_images=run.num_images, num_excluded=run.num_excluded,
+                  top1=100.0 * run.correct / run.num_images if top1_known else None,
+                  num_prefix_tokens=run.num_prefix, patch_size=list(run.patch_size),
+                  background_threshold=background_threshold, layers=layers,
                   start_layers=start_layers, seconds=time.perf_counter() - started)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ _OPEN: List['RoutingCapture'] = []  # innermost last
 
 class LayerRouting(NamedTuple):
     """What one MoE layer decided and produced (kept with `keep_tensors=True`)."""
-    token_index: torch.Tensor  # [B, E, capacity]
+    token_index: Optional[torch.Tensor]  # [B, E, capacity]; None for Soft MoE, whose slots hold no single token
     combine_weights: torch.Tensor  # [B, E, capacity]
     probs: torch.Tensor  # [B, T, E]
     output: torch.Tensor  # [B, T, D]
@@ -51,7 +51,8 @@ class RoutingCapture:
                expert_output: Optional[torch.Tensor] = None) -> None:
         self.records.append((name, routing.aux_loss, routing.metrics))
         if self.keep_tensors:
-            self.tensors.append((name, LayerRouting(routing.token_index, routing.combine_weights, routing.probs,
+            token_index = routing.token_index if 'token_index' in routing._fields else None  # SoftRouting has none
+            self.tensors.append((name, LayerRouting(token_index, routing.combine_weights, routing.probs,
                                                     output, inputs, expert_output)))
 
     @property

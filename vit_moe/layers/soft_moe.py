@@ -34,7 +34,6 @@ class SoftRouting(NamedTuple):
     aux_loss: torch.Tensor
     metrics: Dict[str, torch.Tensor]
     probs: torch.Tensor  # [B, T, E] combine mass per expert (for the expert metrics)
-    token_index = None  # no slot holds a single token: the slot-based tools refuse a Soft MoE layer
 
 
 def slot_similarity(dispatch: torch.Tensor) -> torch.Tensor:

@@ -77,32 +77,32 @@ UPCYCLE_RULES = (
 )
 
 
-def _fine_grained_shape(want: torch.Size, granularity: int, where: Optional[Tuple[int, Tuple[int, ...]]]
-                        ) -> torch.Size:
-    """The stacked shape of whole experts for fine-grained `want`: hidden widths times `granularity`."""
-    if where is None:
-        return want
-    full = list(want)
-    full[where[0]] *= granularity
+def _fine_grained_shape(target_shape: torch.Size, granularity: int,
+                        hidden_axis: Optional[Tuple[int, Tuple[int, ...]]]) -> torch.Size:
+    """The stacked shape of whole experts for fine-grained `target_shape`: hidden widths times `granularity`."""
+    if hidden_axis is None:
+        return target_shape
+    full = list(target_shape)
+    full[hidden_axis[0]] *= granularity
     return torch.Size(full)
 
 
-def _slice_experts(dense: torch.Tensor, want: torch.Size, granularity: int,
-                   where: Optional[Tuple[int, Tuple[int, ...]]]) -> torch.Tensor:
+def _slice_experts(dense: torch.Tensor, target_shape: torch.Size, granularity: int,
+                   hidden_axis: Optional[Tuple[int, Tuple[int, ...]]]) -> torch.Tensor:
     """Fine-grained experts from a dense tensor: expert e of E takes hidden slice e // (E / G) of G (in every half of a
     packed GLU fc1); fc2's bias, not per hidden unit, is divided by G so that the G slices sum to the dense MLP."""
-    tiled = _tile_expert(dense, _fine_grained_shape(want, granularity, where))  # [E, ...] whole experts
-    if where is None:
+    tiled = _tile_expert(dense, _fine_grained_shape(target_shape, granularity, hidden_axis))  # [E, ...] whole experts
+    if hidden_axis is None:
         return tiled / granularity
-    dim, offsets = where
-    E, halves = want[0], len(offsets)
-    h = want[dim] // halves  # hidden units of one fine-grained expert
+    dim, offsets = hidden_axis
+    E, halves = target_shape[0], len(offsets)
+    h = target_shape[dim] // halves  # hidden units of one fine-grained expert
     H = h * granularity
     index = torch.stack([torch.cat([torch.arange(j * H + g * h, j * H + (g + 1) * h) for j in range(halves)])
                          for g in (e // (E // granularity) for e in range(E))])  # [E, halves * h]
     shape = [1] * tiled.dim()
     shape[0], shape[dim] = E, halves * h
-    index = index.view(shape).expand(*[want[i] if i != dim else halves * h for i in range(len(want))])
+    index = index.view(shape).expand(*[target_shape[i] if i != dim else halves * h for i in range(len(target_shape))])
     return tiled.gather(dim, index).contiguous()
 
 
@@ -124,7 +124,7 @@ def scale_for_shared_experts(state_dict: Dict[str, torch.Tensor], model: nn.Modu
 
 
 _MOE_KEY = re.compile(r'(^|\.)mlp\.(experts|router)\.')
-_ROUTER_KEY = re.compile(r'(^|\.)mlp\.(router\.|output_scale$)')  # new in an upcycled model: the model's init
+_NEW_IN_UPCYCLED_KEY = re.compile(r'(^|\.)mlp\.(router\.|output_scale$)')  # new in an upcycled model: the model's init
 
 
 def resolve_moe_blocks(moe_blocks: Optional[MoeBlocks], depth: int) -> List[int]:
@@ -188,8 +188,8 @@ def drop_upcycle(state_dict: Dict[str, torch.Tensor], model: nn.Module, drop_rat
     """
     from ..layers import moe_layers
     for name, layer in moe_layers(model).items():
-        units = {f'{name}.experts.{suffix}': where for suffix, where in layer.experts.hidden_units().items()}
-        units = {key: where for key, where in units.items() if key in state_dict}
+        units = {f'{name}.experts.{suffix}': axis for suffix, axis in layer.experts.hidden_units().items()}
+        units = {key: hidden_axis for key, hidden_axis in units.items() if key in state_dict}
         hidden, num_experts = layer.experts.hidden_features, next(iter(layer.experts.parameters())).shape[0]
         k = round(drop_ratio * hidden)
         stats = {}  # (key, offset) -> mean, std of that part of the dense tensor (expert 0 is the dense copy)
@@ -257,45 +257,56 @@ def convert_dense_to_moe(
         if key in target:
             if _check_shape(key, value.shape, target[key].shape):
                 out[key] = value
-            continue
-        converted = False
-        for rule in () if moe_input else rules:
-            new_key = re.sub(rule.pattern, rule.target, key) if re.match(rule.pattern, key) else None
-            if new_key not in target:
-                continue
-            converted = True  # one dense key may fill several targets (routed and shared experts)
-            want = target[new_key].shape
-            prefix = next((p for p in fine_grained if new_key.startswith(p)), None)
-            if prefix is not None:
-                where = fine_grained[prefix].experts.hidden_units().get(new_key[len(prefix):])  # its hidden units
-                G = fine_grained[prefix].expert_granularity
-                if _check_shape(new_key, value.shape, _dense_shape(_fine_grained_shape(want, G, where)), key):
-                    out[new_key] = target[new_key] if expert_init == 'random' else _slice_experts(value, want, G,
-                                                                                                  where)
-            elif _check_shape(new_key, value.shape, rule.dense_shape(want), dense_key=key):
-                out[new_key] = target[new_key] if expert_init == 'random' else rule.transform(value, want)
-        if not converted:
+        elif moe_input or not _apply_rules(key, value, rules, target, fine_grained, expert_init, _check_shape, out):
             unexpected.append(key)
 
-    new_in_moe = [k for k in target if k not in out and _ROUTER_KEY.search(k) and not moe_input]
+    new_in_moe = [k for k in target if k not in out and _NEW_IN_UPCYCLED_KEY.search(k) and not moe_input]
     out.update({k: target[k] for k in new_in_moe})  # routers start from the model's N(0, 0.02) init
     missing = [k for k in target if k not in out and k not in mismatched_targets
                and not any(k.startswith(p) for p in ignore_shape_of)]
     if mismatched or missing or unexpected:
-        parts = []
-        if mismatched:
-            order = {k: i for i, k in enumerate(target)}  # report in the model's order: embeddings first
-            mismatched = [text for _, text in sorted(mismatched, key=lambda m: order[m[0]])]
-            more = f'; ... ({len(mismatched)} in all)' if len(mismatched) > 3 else ''
-            parts.append('shape mismatch: ' + '; '.join(mismatched[:3]) + more)
-        if missing:
-            parts.append('missing keys: ' + _format_keys(missing, limit=4))
-        if unexpected:
-            parts.append('unexpected keys: ' + _format_keys(unexpected, limit=4))
-        details = f'{"MoE" if moe_input else "dense"} checkpoint: ' + ' | '.join(parts)
-        raise CheckpointMismatchError(f'Checkpoint does not fit {type(model).__name__} ({details})', details)
+        _raise_mismatch(model, list(target), moe_input, mismatched, missing, unexpected)
     if expert_init != 'random' and not moe_input:
         scale_for_shared_experts(out, model)
     if expert_init == 'drop' and not moe_input:
         drop_upcycle(out, model, drop_ratio)
     return out
+
+
+def _apply_rules(key, value, rules, target, fine_grained, expert_init, check_shape, out) -> bool:
+    """Fill `out` with every model key the `rules` derive from dense `key` (one dense key may fill several: routed
+    and shared experts); False when the model has none of them."""
+    converted = False
+    for rule in rules:
+        new_key = re.sub(rule.pattern, rule.target, key) if re.match(rule.pattern, key) else None
+        if new_key not in target:
+            continue
+        converted = True
+        target_shape = target[new_key].shape
+        prefix = next((p for p in fine_grained if new_key.startswith(p)), None)
+        if prefix is not None:
+            hidden_axis = fine_grained[prefix].experts.hidden_units().get(new_key[len(prefix):])  # its hidden units
+            G = fine_grained[prefix].expert_granularity
+            whole_experts = _fine_grained_shape(target_shape, G, hidden_axis)
+            if check_shape(new_key, value.shape, _dense_shape(whole_experts), key):
+                out[new_key] = target[new_key] if expert_init == 'random' else _slice_experts(
+                    value, target_shape, G, hidden_axis)
+        elif check_shape(new_key, value.shape, rule.dense_shape(target_shape), dense_key=key):
+            out[new_key] = target[new_key] if expert_init == 'random' else rule.transform(value, target_shape)
+    return converted
+
+
+def _raise_mismatch(model: nn.Module, target_keys: List[str], moe_input: bool, mismatched, missing, unexpected):
+    """One CheckpointMismatchError naming the first mismatched shapes, missing and unexpected keys."""
+    parts = []
+    if mismatched:
+        order = {k: i for i, k in enumerate(target_keys)}  # report in the model's order: embeddings first
+        mismatched = [text for _, text in sorted(mismatched, key=lambda m: order[m[0]])]
+        more = f'; ... ({len(mismatched)} in all)' if len(mismatched) > 3 else ''
+        parts.append('shape mismatch: ' + '; '.join(mismatched[:3]) + more)
+    if missing:
+        parts.append('missing keys: ' + _format_keys(missing, limit=4))
+    if unexpected:
+        parts.append('unexpected keys: ' + _format_keys(unexpected, limit=4))
+    details = f'{"MoE" if moe_input else "dense"} checkpoint: ' + ' | '.join(parts)
+    raise CheckpointMismatchError(f'Checkpoint does not fit {type(model).__name__} ({details})', details)
