@@ -60,8 +60,8 @@ def accuracy_rows(args) -> list:
             path = export_onnx(model, Path(tmp) / f'c{c:g}.onnx', check=False,
                                quantize=None if args.variant == 'fp32' else args.variant)
             ort = evaluate_onnx(path, args.data_dir, num_workers=0)
-            rows.append({'capacity': c, 'PyTorch fp32 top-1 (%)': 100 * pytorch['top1'],
-                         f'ONNX Runtime {args.variant} top-1 (%)': 100 * ort['top1'], 'images': ort['num_samples']})
+            rows.append({'capacity': c, 'PyTorch fp32 top-1 (%)': pytorch['top1'],
+                         f'ONNX Runtime {args.variant} top-1 (%)': ort['top1'], 'images': ort['num_samples']})
     return rows
 
 

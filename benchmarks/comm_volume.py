@@ -6,7 +6,7 @@ checked against what a real run's collectives move.
     python -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/comm_volume.py --measure \\
         [--strategies ddp fsdp2 ep+ddp ep+fsdp2] [--json FILE]        # gloo on CPUs: a tiny model, one step each
 
-The table: `vit_moe.training.comm_volume` (bf16 mixed precision, one micro-batch per step; the models on the meta
+The table: `vit_moe.planning.comm_volume` (bf16 mixed precision, one micro-batch per step; the models on the meta
 device). --measure: every process builds a tiny upcycled model, sets it up as each strategy does (DDP with the expert
 shards ignored, FSDP2 `fully_shard` per block plus the root, `shard_experts`), runs one forward and backward (and the
 expert gradients' all-reduce), and counts the bytes of every collective it calls (DDP through a counting comm hook,
@@ -33,7 +33,7 @@ TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_c
 def table(models, processes, batch_sizes, ep, mixed_precision) -> str:
     """GB each process sends per step; for expert parallelism also the part that leaves an EP group of `ep` GPUs
     (one node: the all-to-alls stay on its links)."""
-    from vit_moe.training.comm_volume import comm_volume, expert_parameter_numel
+    from vit_moe.planning.comm_volume import comm_volume, expert_parameter_numel
     lines = []
     for name in models:
         with torch.device('meta'):
@@ -70,7 +70,7 @@ class _Counted(torch.autograd.Function):
 
 
 def _instrument(counts: Counter):
-    """Count what the collectives move (bytes a process sends: see vit_moe.training.comm_volume)."""
+    """Count what the collectives move (bytes a process sends: see vit_moe.planning.comm_volume)."""
     import torch.distributed as dist
     import vit_moe.layers.expert_parallel as ep_module
 
@@ -120,7 +120,7 @@ def measure_one(strategy: str, ep: int, mixed_precision: str, grad_checkpointing
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel
     from vit_moe.layers import moe_layers, shard_experts
-    from vit_moe.training.comm_volume import comm_volume
+    from vit_moe.planning.comm_volume import comm_volume
     from vit_moe.training.expert_parallel import ExpertShards
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)

@@ -7,40 +7,22 @@ Counted from each model built on the meta device (exact per-tensor shapes, no we
 CPU. For each model, two tables:
 
 1. model state per GPU with AdamW under DDP, FSDP2 full shard and FSDP2 with bf16 mixed precision
-   (`vit_moe.training.memory.parameter_memory`),
+   (`vit_moe.planning.memory.parameter_memory`),
 2. activations saved for the backward pass per image and per batch, float32 or bf16 autocast, with and without
-   gradient checkpointing (`vit_moe.training.memory.activation_memory`).
+   gradient checkpointing (`vit_moe.planning.memory.activation_memory`).
 
 Prints to stdout; writes FILE only with --output. GB = 1e9 bytes, MB = 1e6 bytes.
 """
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import timm
 import torch
 
 import vit_moe  # noqa: F401  registers the models
+from vit_moe.planning import memory  # torch and timm only
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_memory():
-    """vit_moe/training/memory.py by path: `import vit_moe.training` would also import Accelerate and the training
-    loop, which this script does not need (memory.py needs only torch and timm)."""
-    name = 'vit_moe.training.memory'
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / 'vit_moe' / 'training' / 'memory.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-memory = _load_memory()
 GB, MB = memory.GB, 1e6
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""The bytes-moved formula (vit_moe.training.comm_volume) against the collectives of a real 4-process run."""
+"""The bytes-moved formula (vit_moe.planning.comm_volume) against the collectives of a real 4-process run."""
 import json
 
 from conftest import launch_processes, run_script

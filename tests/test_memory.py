@@ -1,10 +1,11 @@
-"""vit_moe.training.memory: parameter / gradient / AdamW bytes per GPU (DDP, FSDP2) and saved activations.
+"""vit_moe.planning.memory: parameter / gradient / AdamW bytes per GPU (DDP, FSDP2) and saved activations.
 
 Full-size models only on the meta device; real compute only on a small model. memory.py is loaded by path:
 `import vit_moe.training` would also import Accelerate and the training loop, which it does not need.
 """
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import timm
 import torch
 
 import vit_moe  # noqa: F401  registers the models
+from vit_moe.planning import memory
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = dict(img_size=64, depth=4, num_experts=4)  # 4x4 patches + class token, dim 192, MoE in blocks 2 and 3
 
 
 def _load(name, path):
@@ -25,9 +26,9 @@ def _load(name, path):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+SMALL = dict(img_size=64, depth=4, num_experts=4)  # 4x4 patches + class token, dim 192, MoE in blocks 2 and 3
 
 
-memory = _load('vit_moe.training.memory', 'vit_moe/training/memory.py')
 
 
 def meta_model(name='vit_b16_moe_upcycled', **kwargs):
@@ -204,10 +205,14 @@ def test_rejects_bad_arguments(b16):
         memory.activation_memory(b16, 0)
 
 
-def test_memory_module_imports_only_torch_and_timm():
-    source = (ROOT / 'vit_moe' / 'training' / 'memory.py').read_text()
+def test_the_planning_model_imports_only_torch_and_timm():
+    source = (ROOT / 'vit_moe' / 'planning' / 'memory.py').read_text()
     imports = {line.split()[1].split('.')[0] for line in source.splitlines() if line.startswith(('import ', 'from '))}
     assert imports <= {'contextlib', 'math', 'dataclasses', 'typing', 'torch', 'timm'}
+    loaded = subprocess.run([sys.executable, '-c', 'import sys, vit_moe.planning; print(sorted(m for m in sys.modules '
+                             'if m.split(".")[0] in ("accelerate", "onnx", "onnxruntime", "torchmetrics")))'],
+                            capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == '[]'  # no training or ONNX stack: the dry run, memory table and EP table alike
 
 
 def test_memory_table_script(tmp_path, capsys, monkeypatch):
@@ -228,7 +233,7 @@ def test_expert_parallel_memory_is_the_bytes_of_a_sharded_model(strategy):
     FSDP2) plus the rest as the strategy holds it: the count equals the parameters of a model sharded that way."""
     import timm
     from vit_moe.layers import moe_layers, shard_experts
-    from vit_moe.training.memory import fsdp_shard_numel, parameter_memory
+    from vit_moe.planning.memory import fsdp_shard_numel, parameter_memory
     model = timm.create_model('vit_ti16_moe_upcycled', img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
                               num_experts=8)
     whole = [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]

@@ -14,7 +14,8 @@ ALLOWED = {
     'layers': set(),
     'models': {'layers'},
     'data': set(),
-    'training': {'layers', 'models', 'data'},
+    'planning': {'layers', 'models'},
+    'training': {'layers', 'models', 'data', 'planning'},
     'onnx': {'layers', 'models', 'data'},
     'analysis': {'layers', 'models', 'data'},
 }

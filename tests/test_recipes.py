@@ -149,7 +149,7 @@ def test_dry_run_names_what_does_not_fit_in_one_line_and_exits_2():
 def test_dry_run_memory_is_the_memory_models_for_the_launch():
     """The dry run's numbers are the memory model's (`benchmarks/memory_table.py`), for the launch it resolves."""
     from vit_moe.training.dry_run import plan_memory, resolve_launch
-    from vit_moe.training.memory import parameter_memory
+    from vit_moe.planning.memory import parameter_memory
     cfg = load_config(str(ROOT / 'configs' / 'finetune_augreg.yaml'))
     launch = resolve_launch(cfg, str(ROOT / 'configs' / 'accelerate' / 'fsdp2.yaml'))
     assert (launch.strategy, launch.num_processes, launch.mixed_precision) == ('fsdp2', 8, 'bf16')  # the recipe's

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from vit_moe import _cli
 from vit_moe.training import load_config, train
 from vit_moe.training import sweep as sweep_mod
+from vit_moe.training.sweep import runner as sweep_runner, spec as sweep_spec
 from vit_moe.training.loop import NonFiniteLossError
 from vit_moe.training.sweep import (
     BASELINE, RESULT_FILE, SweepError, aggregate, cell_name, expand_grid, format_markdown, load_sweep, mean_curve,
@@ -59,7 +60,7 @@ _KEYS = ('num_experts', 'capacity_factor', 'moe_blocks', 'router', 'expert_init'
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.lists(_VALUES, min_size=1, max_size=4, unique_by=sweep_mod._format_value),
+@given(st.lists(st.lists(_VALUES, min_size=1, max_size=4, unique_by=sweep_spec._format_value),
                 min_size=1, max_size=len(_KEYS)))
 def test_grid_is_the_cartesian_product_with_unique_folder_safe_names(axes):
     grid = {f'model_kwargs.{key}': values for key, values in zip(_KEYS, axes)}
@@ -71,8 +72,8 @@ def test_grid_is_the_cartesian_product_with_unique_folder_safe_names(axes):
     assert all(re.fullmatch(r'[A-Za-z0-9._+=,~-]+', n) and n not in ('.', '..') and len(n) <= 150 for n in names)
     assert cells[0] == {k: v[0] for k, v in grid.items()}  # first axis slowest, values in order
     inner = math.prod(len(v) for v in axes[1:])  # the first axis changes slowest
-    first = [sweep_mod._format_value(c[next(iter(grid))]) for c in cells[:inner]]
-    assert first == [sweep_mod._format_value(axes[0][0])] * inner
+    first = [sweep_spec._format_value(c[next(iter(grid))]) for c in cells[:inner]]
+    assert first == [sweep_spec._format_value(axes[0][0])] * inner
 
 
 def test_cell_names_sub_grids_and_named_axes():
@@ -234,7 +235,7 @@ def test_tiny_sweep_end_to_end_resumes_and_reruns_nothing(tmp_path, monkeypatch)
 
     # again: nothing is trained, no log changes; without its sweep_result.json a run still reads as finished
     logs = _logs(sweep)
-    monkeypatch.setattr(sweep_mod, 'train', lambda cfg: pytest.fail(f'{cfg.output_dir} was trained again'))
+    monkeypatch.setattr(sweep_runner, 'train', lambda cfg: pytest.fail(f'{cfg.output_dir} was trained again'))
     assert len(run_sweep(sweep, say=said.append)['skipped']) == 7 and _logs(sweep) == logs
     params = rows['num_experts=4']['params']
     (out / RESULT_FILE).unlink()
@@ -261,7 +262,7 @@ def _fake_train(outcomes):
 
 def test_a_diverged_run_is_recorded_and_an_interrupted_one_stops_the_sweep(tmp_path, monkeypatch):
     sweep = load_sweep(_configs(tmp_path, dense=None, baseline=None))
-    monkeypatch.setattr(sweep_mod, 'train', _fake_train([NonFiniteLossError('non-finite loss (nan) at step 3; x'),
+    monkeypatch.setattr(sweep_runner, 'train', _fake_train([NonFiniteLossError('non-finite loss (nan) at step 3; x'),
                                                          0, 15]))
     outcome = run_sweep(sweep, say=lambda text: None)
     assert (outcome['interrupted'], outcome['run'], outcome['ran']) == (
@@ -281,12 +282,12 @@ def test_a_launcher_trains_each_run_in_its_own_processes(tmp_path, monkeypatch):
     monkeypatch.setenv('PYTHONPATH', str(ROOT))
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     sweep = _one_run_sweep(tmp_path)
-    monkeypatch.setattr(sweep_mod, 'train', lambda cfg: pytest.fail('trained in the sweep\'s process'))
+    monkeypatch.setattr(sweep_runner, 'train', lambda cfg: pytest.fail('trained in the sweep\'s process'))
     outcome = run_sweep(sweep, say=lambda text: None, command=[sys.executable, str(ROOT / 'train_scripts/train.py')])
     run = sweep.cells[0].runs[0]
     result = json.loads((Path(run.cfg.output_dir) / RESULT_FILE).read_text())
     assert outcome['ran'] == ['num_experts=2 seed 0'] and run_status(run).state == 'finished'
-    assert result['status'] == 'finished' and result['params'] == sweep_mod._count_params(
+    assert result['status'] == 'finished' and result['params'] == sweep_runner._count_params(
         Path(run.cfg.output_dir) / 'model') > 0
     monkeypatch.setenv('WORLD_SIZE', '2')
     with pytest.raises(SweepError, match='the sweep runs as one process'):
@@ -340,10 +341,11 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_plots_need_the_report_extra_and_matplotlib_is_imported_lazily(tmp_path, monkeypatch):
-    tree = ast.parse(Path(sweep_mod.__file__).read_text())
-    top_level = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]
-    top_level += [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module]
-    assert not [name for name in top_level if name.startswith('matplotlib')]
+    for module in Path(sweep_mod.__file__).parent.glob('*.py'):
+        tree = ast.parse(module.read_text())
+        top_level = [a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names]
+        top_level += [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module]
+        assert not [name for name in top_level if name.startswith('matplotlib')], module
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else find_spec(
         name, *a))

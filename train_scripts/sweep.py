@@ -5,7 +5,7 @@
     python train_scripts/sweep.py --config configs/sweeps/experts.yaml --launcher "accelerate launch --config_file
                                   configs/accelerate/ddp.yaml"      # multi-GPU: each run launched on its own
 
-The sweep config (see configs/sweeps/ and vit_moe/training/sweep.py) names a base trainer config, a grid of
+The sweep config (see configs/sweeps/ and vit_moe/training/sweep/) names a base trainer config, a grid of
 settings (cells), seeds, an optional dense stage (a dense model trained once, or an existing one, that every
 cell upcycles) and an optional baseline (the dense model continued for the same steps). Each run lands in
 OUTPUT/<cell>/seed_<s>/; a finished run is not rerun, an interrupted one resumes from its newest checkpoint, and

@@ -104,6 +104,12 @@ def _act(act_layer: Union[Type[nn.Module], nn.Module]) -> nn.Module:
     return copy.deepcopy(act_layer) if isinstance(act_layer, nn.Module) else act_layer()  # keeps its arguments
 
 
+def _like(mlp: nn.Module, fc1: nn.Linear, num_experts: int, granularity: int) -> dict:
+    """A bank's keyword arguments taken from a dense timm MLP whose input projection is `fc1`."""
+    return dict(act_layer=mlp.act, bias=(fc1.bias is not None, mlp.fc2.bias is not None),
+                drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity))
+
+
 class _ExpertBank(nn.Module):
     """Shared parts: in / hidden / out widths and the Drop-Upcycling map of hidden units."""
     in_features: int
@@ -112,6 +118,13 @@ class _ExpertBank(nn.Module):
 
     def hidden_units(self) -> HiddenUnits:
         raise NotImplementedError
+
+    def _set_widths(self, in_features: int, hidden_features: int, out_features: Optional[int], bias, drop
+                    ) -> Tuple[Tuple[bool, bool], Tuple[float, float]]:
+        """The widths (out_features defaults to in_features); returns bias and dropout as (fc1, fc2) pairs."""
+        self.in_features, self.hidden_features = in_features, hidden_features
+        self.out_features = out_features or in_features
+        return to_2tuple(bias), to_2tuple(drop)
 
     def _hidden_to_output(self, num_experts: int, act_layer, drop_probs: Tuple[float, float], norm: Optional[nn.Module],
                           bias: bool) -> None:
@@ -141,9 +154,7 @@ class ExpertMlps(_ExpertBank):
             norm: Optional[nn.Module] = None,
     ):
         super().__init__()
-        out_features = out_features or in_features
-        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        bias, drop_probs = self._set_widths(in_features, hidden_features, out_features, bias, drop)
         self.fc1 = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
         self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
 
@@ -157,10 +168,8 @@ class ExpertMlps(_ExpertBank):
         if not isinstance(mlp.fc1, nn.Linear):
             raise TypeError(f'{type(mlp).__name__} with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); '
                             f'accepted: nn.Linear fc1 / fc2')
-        return cls(
-            num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features, granularity, mlp), mlp.fc2.out_features,
-            act_layer=mlp.act, bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
-            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity))
+        return cls(num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features, granularity, mlp),
+                   mlp.fc2.out_features, **_like(mlp, mlp.fc1, num_experts, granularity))
 
     def hidden_units(self) -> HiddenUnits:
         return {'fc1.weight': (2, (0,)), 'fc1.bias': (1, (0,)), 'fc2.weight': (1, (0,))}
@@ -188,9 +197,7 @@ class ExpertGluMlps(_ExpertBank):
             gate_last: bool = True,
     ):
         super().__init__()
-        out_features = out_features or in_features
-        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        bias, drop_probs = self._set_widths(in_features, hidden_features, out_features, bias, drop)
         self.gate_last = gate_last
         self.fc1 = StackedLinear(num_experts, in_features, 2 * hidden_features, bias=bias[0])
         self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
@@ -200,11 +207,8 @@ class ExpertGluMlps(_ExpertBank):
         if not isinstance(mlp.fc1, nn.Linear):
             raise TypeError(f'GluMlp with {type(mlp.fc1).__name__} layers cannot be upcycled (conv MLP); accepted: '
                             f'nn.Linear fc1 / fc2')
-        return cls(
-            num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features // 2, granularity, mlp),
-            mlp.fc2.out_features, act_layer=mlp.act, bias=(mlp.fc1.bias is not None, mlp.fc2.bias is not None),
-            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity),
-            gate_last=mlp.gate_last)
+        return cls(num_experts, mlp.fc1.in_features, _slice(mlp.fc1.out_features // 2, granularity, mlp),
+                   mlp.fc2.out_features, gate_last=mlp.gate_last, **_like(mlp, mlp.fc1, num_experts, granularity))
 
     def hidden_units(self) -> HiddenUnits:
         halves = (0, self.hidden_features)  # a hidden unit is one column in each half: value and gate
@@ -235,19 +239,15 @@ class ExpertSwiGLUs(_ExpertBank):
             norm: Optional[nn.Module] = None,
     ):
         super().__init__()
-        out_features = out_features or in_features
-        bias, drop_probs = to_2tuple(bias), to_2tuple(drop)
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        bias, drop_probs = self._set_widths(in_features, hidden_features, out_features, bias, drop)
         self.fc1_g = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
         self.fc1_x = StackedLinear(num_experts, in_features, hidden_features, bias=bias[0])
         self._hidden_to_output(num_experts, act_layer, drop_probs, norm, bias[1])
 
     @classmethod
     def like(cls, mlp: SwiGLU, num_experts: int, granularity: int = 1) -> 'ExpertSwiGLUs':
-        return cls(
-            num_experts, mlp.fc1_x.in_features, _slice(mlp.fc1_x.out_features, granularity, mlp),
-            mlp.fc2.out_features, act_layer=mlp.act, bias=(mlp.fc1_x.bias is not None, mlp.fc2.bias is not None),
-            drop=(mlp.drop1.p, mlp.drop2.p), norm=_hidden_norm(mlp.norm, num_experts, granularity))
+        return cls(num_experts, mlp.fc1_x.in_features, _slice(mlp.fc1_x.out_features, granularity, mlp),
+                   mlp.fc2.out_features, **_like(mlp, mlp.fc1_x, num_experts, granularity))
 
     def hidden_units(self) -> HiddenUnits:
         one = (0,)

@@ -75,6 +75,8 @@ class _LinearRouter(nn.Module):
         self.router_norm = config.router_norm
         self.priority_tokens = priority_tokens  # the first P tokens of an image (class token, registers) go first
         self.groups = config.groups  # softmax (and top-k, normalisation) within each of G blocks of E / G experts
+        self.capacity_factor = float(config.capacity_factor)
+        self.capacity_multiple_of = config.capacity_multiple_of
         self.gate = nn.Linear(dim, config.num_experts, bias=False)
         self.init_weights()
 
@@ -112,6 +114,16 @@ class _LinearRouter(nn.Module):
 
     def route(self, logits: torch.Tensor) -> Routing:
         raise NotImplementedError
+
+    def norm_per_token(self, probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
+        gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
+        if self.router_norm:
+            gates = _normalise_per_token(gates, token_index, self.norm_per_token(probs, token_index, gates))
+        return gates * filled
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, router_norm={self.router_norm}, ' \
@@ -156,23 +168,14 @@ class ExpertChoiceRouter(_LinearRouter):
     to 1 within each group of experts that took it.
     """
 
-    def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
-        super().__init__(dim, config, priority_tokens)
-        self.capacity_factor = float(config.capacity_factor)
-        self.capacity_multiple_of = config.capacity_multiple_of
-
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert: P + ceil(C * G * (T - P) / E), at most T (`MoeConfig.capacity`)."""
         return expert_choice_slots(num_tokens, self.priority_tokens, self.num_experts, self.capacity_factor,
                                    self.groups, self.capacity_multiple_of)
 
-    def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
-        gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
-        if self.router_norm:
-            per_token = _weight_per_token(probs, token_index, gates, self.groups)  # [B, T, G]
-            gates = _normalise_per_token(gates, token_index, per_token)
-        return gates * filled
+    def norm_per_token(self, probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """[B, T, G] what `router_norm` divides a token's weights by: their sum over the experts that took it."""
+        return _weight_per_token(probs, token_index, gates, self.groups)
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""
@@ -214,8 +217,6 @@ class TokenChoiceRouter(_LinearRouter):
 
     def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
         super().__init__(dim, config, priority_tokens)
-        self.capacity_factor = float(config.capacity_factor)
-        self.capacity_multiple_of = config.capacity_multiple_of
         self.top_k = config.top_k
         self.batch_priority = config.batch_priority
         self.aux_loss_weight = float(config.aux_loss_weight)
@@ -234,15 +235,10 @@ class TokenChoiceRouter(_LinearRouter):
         offsets = torch.arange(G, device=probs.device).view(1, 1, G, 1) * (E // G)  # [1, 1, G, 1]
         return gates, experts + offsets
 
-    def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
-        gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
-        if self.router_norm:
-            B, T, _ = probs.shape
-            topk_sum = self._top_k(probs)[0].sum(dim=-1)  # [B, T, G]
-            flat = (token_index * self.groups + _group_of_slots(token_index, self.groups)).flatten(1)
-            gates = gates / topk_sum.reshape(B, T * self.groups).gather(1, flat).view_as(gates)
-        return gates * filled
+    def norm_per_token(self, probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """[B, T, G] what `router_norm` divides a token's weights by: the sum of its top-k probabilities per group
+        (before capacity drops)."""
+        return self._top_k(probs)[0].sum(dim=-1)
 
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""

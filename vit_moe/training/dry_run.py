@@ -6,7 +6,7 @@
 Builds the model on the meta device (no weights, no data, no GPU), resolves the launch (DDP or FSDP2, processes,
 mixed precision from the accelerate config unless the training config sets it; global batch; the lr after
 `lr_base_size` scaling) and estimates the memory of the fullest process with the memory model
-(`vit_moe.training.memory`: parameters, gradients, AdamW state, transient buffers, the EMA, and the activations
+(`vit_moe.planning.memory`: parameters, gradients, AdamW state, transient buffers, the EMA, and the activations
 with and without gradient checkpointing). With `gpu_memory_gb` it says whether the run fits; the estimate leaves out
 the CUDA context, the allocator's caching and the gradients of the activations, so `MARGIN` of the card is kept
 free.
@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .config import ConfigError, TrainConfig, read_yaml, scaled_lr
-from .memory import GB, activation_memory, fsdp_shard_numel, parameter_memory
+from ..planning.memory import GB, activation_memory, fsdp_shard_numel, parameter_memory
 
 __all__ = ['Launch', 'MemoryPlan', 'resolve_launch', 'plan_memory', 'dry_run', 'MARGIN']
 
