@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--onnx-dir', default=None, help='where to export (default: a temp folder)')
-    parser.add_argument('--reuse', action='store_true', help='reuse ONNX files already in --onnx-dir')
+    parser.add_argument('--reuse', action='store_true',
+                        help='reuse ONNX files already in --onnx-dir (exported again when made at another capacity)')
     parser.add_argument('--variants', nargs='+', choices=['fp32', 'int8'], default=['fp32', 'int8'],
                         help='ONNX variants to time (int8: export_onnx(quantize="int8"))')
     parser.add_argument('--no-pytorch', dest='pytorch', action='store_false', help='time ONNX Runtime only')

@@ -66,7 +66,7 @@ def describe_files(path: Path) -> str:
     return text + (f' + {data} ({data.stat().st_size / 1e6:.1f} MB)' if data.is_file() else '')
 
 
-def main(argv=None) -> int:
+def build_parser() -> _cli.ArgumentParser:
     parser = _cli.ArgumentParser(description=__doc__)
     parser.add_argument('--model', required=True, type=MODEL_NAME)
     parser.add_argument('--checkpoint', default=None, help="file, trainer output folder, 'default' or hf-hub:org/name")
@@ -107,7 +107,11 @@ def main(argv=None) -> int:
     parser.add_argument('--max-images', type=int, default=1000)
     parser.add_argument('--min-data-agreement', type=float, default=None,
                         help='top-1 agreement required on --data-dir (default 0.999 fp32, 0.99 fp16, 0.97 int8)')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_ranges(parser: _cli.ArgumentParser, args) -> None:
+    """One parser error naming a threshold outside its range."""
     fraction, positive = (lambda v: 0 <= v <= 1, 'in [0, 1]'), (lambda v: v > 0, '> 0')
     for flag, (valid, accepted) in dict(
             tie_rtol=(lambda v: 0 <= v < 1, 'in [0, 1)'), min_agreement=fraction, min_data_agreement=fraction,
@@ -115,10 +119,15 @@ def main(argv=None) -> int:
         value = getattr(args, flag)
         if value is not None and not valid(value):
             parser.error(f'--{flag.replace("_", "-")} must be {accepted}, got {value}')
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_ranges(parser, args)
     _cli.setup_logging(args.verbose)
     from vit_moe.models import create_model_from_checkpoint
-    from vit_moe.layers import moe_layers, soft_moe_layers
-    from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, export_onnx, format_parity  # the [onnx] extra
+    from vit_moe.onnx import export_onnx  # the [onnx] extra
 
     if args.data_dir:
         from vit_moe.data import check_image_folder
@@ -135,6 +144,23 @@ def main(argv=None) -> int:
     done = ', '.join(['onnx.checker full check passed'] + (['int8 weights, routers float32'] if args.quantize else [])
                      + (['optimised'] if args.optimize else []))
     print(f'exported {describe_files(path)}; {done}{_int8_note(path) if args.quantize else ""}')
+    if not _parity_holds(model, path, args, kind, export_kwargs):
+        return 1
+    if args.data_dir and _check_real_images(path, model, args, kind):
+        return 1
+    if args.triton_repo:
+        from vit_moe.onnx.triton import write_triton_repository
+        folder = write_triton_repository(path, args.triton_repo, max_batch_size=args.triton_max_batch_size,
+                                         gpu=args.triton_gpu or args.fp16)
+        print(f'Triton model repository: {folder} (config.pbtxt, 1/{path.name} as model.onnx)')
+    return 0
+
+
+def _parity_holds(model, path: Path, args, kind: str, export_kwargs: dict) -> bool:
+    """Parity with PyTorch on random batches (MoE layers one by one on a debug export of the same graph); prints one
+    line per batch size, and on stderr what failed."""
+    from vit_moe.layers import moe_layers, soft_moe_layers
+    from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, export_onnx, format_parity
     parity_model = copy.deepcopy(model).half() if args.fp16 else model
     atol = args.atol if args.atol is not None else 1e-3
     min_agreement = args.min_agreement if args.min_agreement is not None else 1.0
@@ -146,7 +172,7 @@ def main(argv=None) -> int:
             if same > 1e-5:
                 print(f'the deployed file and its debug export differ by {same:.1e}: cannot vouch for it',
                       file=sys.stderr)
-                return 1
+                return False
         rtol = args.rtol
         if rtol is None and kind != 'fp32' and soft_moe_layers(model):  # no layer-by-layer check to judge by
             rtol = SOFT_END_TO_END_RTOL
@@ -161,15 +187,7 @@ def main(argv=None) -> int:
     if not ok:
         limit = f'atol {atol}, min top-1 agreement {min_agreement}' if kind == 'fp32' else 'layer by layer'
         print(f'parity check failed ({limit})', file=sys.stderr)
-        return 1
-    if args.data_dir and _check_real_images(path, model, args, kind):
-        return 1
-    if args.triton_repo:
-        from vit_moe.onnx.triton import write_triton_repository
-        folder = write_triton_repository(path, args.triton_repo, max_batch_size=args.triton_max_batch_size,
-                                         gpu=args.triton_gpu or args.fp16)
-        print(f'Triton model repository: {folder} (config.pbtxt, 1/{path.name} as model.onnx)')
-    return 0
+    return ok
 
 
 DATA_AGREEMENT = {'fp32': 0.999, 'fp16': 0.99, 'int8': 0.97}  # default --min-data-agreement

@@ -88,7 +88,28 @@ def test_validate_and_the_routing_report_take_and_record_the_capacity_factor(fol
     report = json.loads((tmp_path / 'report' / 'report.json').read_text())
     assert report['capacity_factor'] == {'blocks.2.mlp': 1.0, 'blocks.3.mlp': 1.0}
     assert report['layers']['blocks.3.mlp']['capacity'] == 5  # ceil(1.0 x 17 / 4)
-    assert 'capacity factor 1' in (tmp_path / 'report' / 'report.md').read_text()
+    text = (tmp_path / 'report' / 'report.md').read_text()
+    assert 'capacity factor 1' in text and 'input 32x32' in text and '{r[' not in text
+
+
+def test_the_benchmark_times_the_capacity_it_is_given_and_never_reuses_a_file_made_at_another(tmp_path):
+    def file_capacity():
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / 'moe.fp32.onnx')).metadata_props}
+        return json.loads(props['timm_data_config'])['capacity_factor']
+
+    common = ['--moe', NAME, '--dense', 'vit_tiny_patch16_224', '--model-kwargs',
+              json.dumps({k: v for k, v in TINY_MOE.items() if k != 'num_experts'}), '--moe-kwargs',
+              '{num_experts: 4}', '--batch-sizes', '1', '--rounds', '1', '--warmup', '0', '--variants', 'fp32',
+              '--no-pytorch', '--gap-ms', '0', '--onnx-dir', str(tmp_path)]
+    written = []
+    for c, reuse in (('0.5', []), ('1.0', ['--reuse']), ('1.0', ['--reuse'])):
+        rc, _, err = run_front_end('export/onnx_benchmark.py', *common, *reuse, '--capacity-factor', c,
+                                   '--json', str(tmp_path / 'result.json'))
+        assert rc == 0, err
+        assert json.loads((tmp_path / 'result.json').read_text())['capacity_factor'] == float(c)
+        assert file_capacity() == {'blocks.2.mlp': float(c), 'blocks.3.mlp': float(c)}
+        written.append((tmp_path / 'moe.fp32.onnx').stat().st_mtime_ns)
+    assert written[1] != written[0] and written[2] == written[1]  # made again at 1.0, then reused
 
 
 def test_a_triton_repository_parses_with_tritons_model_config(folder, tmp_path):

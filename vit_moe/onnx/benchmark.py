@@ -4,9 +4,10 @@ Same inputs for every configuration; warm-up calls first; then `rounds` rounds t
 every (model, runtime) in turn, so machine noise hits all alike. Medians, min-max spread, ratios, file sizes.
 
 A pause (`gap_s`, default 50 ms) precedes every timed call: an ONNX Runtime session's worker threads keep spinning
-for a while after a run and, on a machine with few cores, take CPU from whatever is timed next (measured on 2
-cores: a dense int8 model 23 ms after an idle pause, 41 ms right after another session's run).
+for a while after a run and, on a machine with few cores, take CPU from whatever is timed next (README, "Inference":
+the measurement).
 """
+import json
 import logging
 import os
 import statistics
@@ -18,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 from .export import export_onnx
+from .metadata import METADATA_KEY
 from .runtime import OnnxClassifier
 
 __all__ = ['benchmark_inference', 'format_benchmark']
@@ -40,7 +42,7 @@ def _runners(models: Dict[str, torch.nn.Module], onnx_dir: Path, variants: Seque
             runners[(name, 'pytorch')] = lambda x, m=model: m(torch.from_numpy(x))
         for variant in variants:
             path = onnx_dir / f'{name}.{variant}.onnx'
-            if not (reuse_onnx and path.exists()):
+            if not (reuse_onnx and path.exists() and _same_capacity(path, model)):
                 _logger.info(f'exporting {name} ({type(model).__name__}, {variant}) to {path}')
                 export_onnx(model, path, check=False, quantize=None if variant == 'fp32' else variant)
             session = OnnxClassifier(path, threads=threads)
@@ -48,6 +50,15 @@ def _runners(models: Dict[str, torch.nn.Module], onnx_dir: Path, variants: Seque
             info['file_mb'][f'{name} {variant}'] = _file_mb(path)
             runners[(name, f'onnxruntime {variant}')] = session
     return runners, info
+
+
+def _same_capacity(path: Path, model: torch.nn.Module) -> bool:
+    """Whether the file at `path` was exported with the capacity factors `model` has now (a reused file must be)."""
+    import onnx
+    from ..layers import capacity_factors
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    recorded = json.loads(props.get(METADATA_KEY, '{}')).get('capacity_factor') or {}
+    return recorded == capacity_factors(model)
 
 
 def _ratios(ms: Dict[Tuple[str, str, int], float], batch_sizes: Sequence[int]) -> list:
