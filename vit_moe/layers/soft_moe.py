@@ -11,7 +11,7 @@ With copied experts a Soft MoE layer is not the dense MLP (an expert sees averag
 `SoftMoeMlp` starts from `soft_scale` (the logit scale: larger -> sharper dispatch and combine; 100 by default for
 upcycling, vmoe trains from 1). Logits and both softmaxes are float32 under any autocast.
 """
-from typing import Dict, List, NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -125,6 +125,7 @@ class SoftMoeMlp(MoeMlp):
         return out.to(x.dtype), routing, expert_out
 
 
-def soft_moe_layers(model: nn.Module) -> List[str]:
-    """Module paths of the Soft MoE layers of `model` (tools built on slot routing refuse them by name)."""
-    return [name for name, m in model.named_modules() if isinstance(m, SoftMoeMlp)]
+def soft_moe_layers(model: nn.Module) -> Dict[str, 'SoftMoeMlp']:
+    """Module path -> SoftMoeMlp for the Soft MoE layers of `model`, like `moe_layers` (tools built on slot routing
+    refuse them by name)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SoftMoeMlp)}

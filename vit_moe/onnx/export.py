@@ -189,7 +189,7 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
             raise OnnxExportError(f'{type(model).__name__} has no MoE layer: there is no routing to expose')
         soft = soft_moe_layers(model)
         if soft:
-            raise OnnxExportError(f'{soft[0]} is a Soft MoE layer: its slots mix all tokens, there is no slot routing '
+            raise OnnxExportError(f'{next(iter(soft))} is a Soft MoE layer: its slots mix all tokens, there is no slot routing '
                                   f'to expose; accepted: expert_choice / token_choice layers (check Soft MoE end to end)')
         output_names += [f'{n}/{kind}' for n in layers for kind in ROUTING_KINDS]
     try:

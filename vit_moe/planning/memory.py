@@ -159,7 +159,15 @@ def parameter_memory(
             optimizer=2 * fp32 * trainable, transient=0 if gradient_as_bucket_view else fp32 * trainable,
             num_params=num_params)
 
-    n = num_gpus
+    return _fsdp2_memory(model, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names)
+
+
+def _fsdp2_memory(model: nn.Module, n: int, mixed_precision: str, reduce_dtype: torch.dtype,
+                  wrap_cls_names: Optional[Iterable[str]]) -> ParameterMemory:
+    """`parameter_memory` under FSDP2 full shard over `n` GPUs (see its docstring for what `transient` holds)."""
+    fp32 = 4
+    params = list(model.parameters())
+    num_params = sum(p.numel() for p in params)
     shard = sum(fsdp_shard_numel(p.shape, n) for p in params)  # elements per rank
     trainable = sum(fsdp_shard_numel(p.shape, n) for p in params if p.requires_grad)
     pb = _nbytes(_PARAM_DTYPES[mixed_precision])  # unsharded param / grad bytes
@@ -182,7 +190,7 @@ def parameter_memory(
     transient = gathered(root) + unsharded_grads(root) \
         + 2 * gathered(block) + unsharded_grads(block) + reduce_scatter_input(block)
     return ParameterMemory(
-        strategy, num_gpus, mixed_precision, params=fp32 * shard, grads=fp32 * trainable,
+        'fsdp2', n, mixed_precision, params=fp32 * shard, grads=fp32 * trainable,
         optimizer=2 * fp32 * trainable, transient=transient, num_params=num_params, largest_unit=largest)
 
 
