@@ -182,30 +182,7 @@ def routing_report(
 
     models = {'model': model} if start_model is None else {'model': model, 'start': start_model}
     run = RoutingPass(models, data.config, background_threshold, device)
-    stats: Dict[str, Dict[str, LayerStats]] = {key: {} for key in models}
-    examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in info}
-    example_meta: List[Dict[str, Any]] = []
-    for batch in run.batches(data.loader, bar):
-        grid = (batch.display.shape[-2] // run.patch_size[0], batch.display.shape[-1] // run.patch_size[1])
-        shown_images = [i for i, p in enumerate(batch.positions.tolist()) if p in data.example_positions]
-        for key, capture in batch.captures.items():
-            for name, routing in capture.tensors:
-                if name not in info:
-                    raise ValueError(f'layer {name!r} recorded routing but is not a MoE layer of the model')
-                if name not in stats[key]:
-                    stats[key][name] = LayerStats(info[name]['num_experts'], routing.probs.shape[1], run.num_prefix,
-                                                  grid, data.num_classes, info[name]['expert_choice'])
-                per_image = stats[key][name].update(routing.token_index, routing.combine_weights, routing.probs,
-                                                    batch.targets, batch.categories)
-                if key == 'model':
-                    examples[name] += [dict(image=batch.display[i].permute(1, 2, 0).numpy(),
-                                            target=int(batch.targets[i]),
-                                            **{k: v[i].numpy() for k, v in per_image.items()}) for i in shown_images]
-        for i in shown_images:
-            counts = {c: int((batch.categories[i] == k).sum())
-                      for c, k in (('prefix', PREFIX), ('background', BACKGROUND), ('object', OBJECT))}
-            example_meta.append(dict(path=data.dataset.path(int(data.indices[int(batch.positions[i])])),
-                                     target=int(batch.targets[i]), category_counts=counts))
+    stats, examples, example_meta = _collect(run, data, info, bar)
     if run.num_images == 0:
         raise ValueError(f'no readable image in {data_dir}/{split}')
     missing = sorted(set(info) - set(stats['model']))
@@ -233,6 +210,36 @@ def routing_report(
     (out / 'report.json').write_text(json.dumps(result, indent=1))
     (out / 'report.md').write_text(format_report(result))
     return result
+
+
+def _collect(run: RoutingPass, data: '_ReportData', info: Dict[str, Dict[str, Any]], bar):
+    """The pass over the images: per model key and layer its `LayerStats`, the example images' per-patch arrays per
+    layer, and the example images' paths and patch counts."""
+    stats: Dict[str, Dict[str, LayerStats]] = {key: {} for key in run.models}
+    examples: Dict[str, List[Dict[str, Any]]] = {name: [] for name in info}
+    example_meta: List[Dict[str, Any]] = []
+    for batch in run.batches(data.loader, bar):
+        grid = (batch.display.shape[-2] // run.patch_size[0], batch.display.shape[-1] // run.patch_size[1])
+        shown_images = [i for i, p in enumerate(batch.positions.tolist()) if p in data.example_positions]
+        for key, capture in batch.captures.items():
+            for name, routing in capture.tensors:
+                if name not in info:
+                    raise ValueError(f'layer {name!r} recorded routing but is not a MoE layer of the model')
+                if name not in stats[key]:
+                    stats[key][name] = LayerStats(info[name]['num_experts'], routing.probs.shape[1], run.num_prefix,
+                                                  grid, data.num_classes, info[name]['expert_choice'])
+                per_image = stats[key][name].update(routing.token_index, routing.combine_weights, routing.probs,
+                                                    batch.targets, batch.categories)
+                if key == 'model':
+                    examples[name] += [dict(image=batch.display[i].permute(1, 2, 0).numpy(),
+                                            target=int(batch.targets[i]),
+                                            **{k: v[i].numpy() for k, v in per_image.items()}) for i in shown_images]
+        for i in shown_images:
+            counts = {c: int((batch.categories[i] == k).sum())
+                      for c, k in (('prefix', PREFIX), ('background', BACKGROUND), ('object', OBJECT))}
+            example_meta.append(dict(path=data.dataset.path(int(data.indices[int(batch.positions[i])])),
+                                     target=int(batch.targets[i]), category_counts=counts))
+    return stats, examples, example_meta
 
 
 class _ReportData(NamedTuple):
