@@ -58,8 +58,19 @@ def float_block(w1, b1, w2, b2):
     return _model(nodes, dict(w1=w1, b1=b1[:, None], w2=w2, b2=b2[:, None]))
 
 
-def per_expert_block(w1, b1, w2, b2):
-    """Split, then per expert: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (x2, GELU between)."""
+def _dynamic_int8_linear(src: str, pre: str, dst: str) -> list:
+    """src -> DynamicQuantizeLinear -> MatMulInteger(q{pre}) -> Cast -> Mul(scales) -> Add(b{pre}) -> dst."""
+    return [helper.make_node('DynamicQuantizeLinear', [src], [f'a{pre}', f'as{pre}', f'az{pre}']),
+            helper.make_node('MatMulInteger', [f'a{pre}', f'q{pre}', f'az{pre}'], [f'i{pre}']),
+            helper.make_node('Cast', [f'i{pre}'], [f'f{pre}'], to=TensorProto.FLOAT),
+            helper.make_node('Mul', [f'as{pre}', f's{pre}'], [f'sc{pre}']),
+            helper.make_node('Mul', [f'f{pre}', f'sc{pre}'], [f'm{pre}']),
+            helper.make_node('Add', [f'm{pre}', f'b{pre}'], [dst])]
+
+
+def per_expert_block(w1, b1, w2, b2, one_gelu: bool = False):
+    """Split, then per expert: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (x2, GELU between);
+    `one_gelu`: one GELU node over every expert's hidden units (Concat -> Gelu -> Split) instead of one per expert."""
     E = w1.shape[0]
     q1, s1 = _quantize_columns(w1)
     q2, s2 = _quantize_columns(w2)
@@ -67,42 +78,18 @@ def per_expert_block(w1, b1, w2, b2):
     for e in range(E):
         inits.update({f'q1_{e}': q1[e], f's1_{e}': s1[e, 0], f'b1_{e}': b1[e], f'q2_{e}': q2[e], f's2_{e}': s2[e, 0],
                       f'b2_{e}': b2[e]})
-        for i, (src, dst) in enumerate(((f'x{e}', f'g{e}'), (f'g{e}', f'y{e}')), start=1):
-            pre = f'{i}_{e}'
-            nodes += [helper.make_node('DynamicQuantizeLinear', [src], [f'a{pre}', f'as{pre}', f'az{pre}']),
-                      helper.make_node('MatMulInteger', [f'a{pre}', f'q{pre}', f'az{pre}'], [f'i{pre}']),
-                      helper.make_node('Cast', [f'i{pre}'], [f'f{pre}'], to=TensorProto.FLOAT),
-                      helper.make_node('Mul', [f'as{pre}', f's{pre}'], [f'sc{pre}']),
-                      helper.make_node('Mul', [f'f{pre}', f'sc{pre}'], [f'm{pre}']),
-                      helper.make_node('Add', [f'm{pre}', f'b{pre}'], [f'h{pre}' if i == 1 else dst])]
-            if i == 1:
-                nodes.append(helper.make_node('Gelu', [f'h{pre}'], [dst], domain='com.microsoft'))
-    nodes.append(helper.make_node('Concat', [f'y{e}' for e in range(E)], ['y'], axis=0))
-    return _model(nodes, inits)
-
-
-def per_expert_one_gelu_block(w1, b1, w2, b2):
-    """Today's per-expert matmuls, but one GELU over every expert's hidden units (Concat -> Gelu -> Split)."""
-    E = w1.shape[0]
-    q1, s1 = _quantize_columns(w1)
-    q2, s2 = _quantize_columns(w2)
-    inits, nodes = {}, [helper.make_node('Split', ['x'], [f'x{e}' for e in range(E)], axis=0, num_outputs=E)]
-    for e in range(E):
-        inits.update({f'q1_{e}': q1[e], f's1_{e}': s1[e, 0], f'b1_{e}': b1[e], f'q2_{e}': q2[e], f's2_{e}': s2[e, 0],
-                      f'b2_{e}': b2[e]})
-    for i, (src, dst) in enumerate((('x', 'h'), ('g', 'y')), start=1):
+    fc1 = [_dynamic_int8_linear(f'x{e}', f'1_{e}', f'h{e}') for e in range(E)]
+    fc2 = [_dynamic_int8_linear(f'g{e}', f'2_{e}', f'y{e}') for e in range(E)]
+    if one_gelu:
+        nodes += [n for expert in fc1 for n in expert]
+        nodes += [helper.make_node('Concat', [f'h{e}' for e in range(E)], ['h'], axis=0),
+                  helper.make_node('Gelu', ['h'], ['g'], domain='com.microsoft'),
+                  helper.make_node('Split', ['g'], [f'g{e}' for e in range(E)], axis=0, num_outputs=E)]
+        nodes += [n for expert in fc2 for n in expert]
+    else:
         for e in range(E):
-            pre = f'{i}_{e}'
-            nodes += [helper.make_node('DynamicQuantizeLinear', [f'{src}{e}'], [f'a{pre}', f'as{pre}', f'az{pre}']),
-                      helper.make_node('MatMulInteger', [f'a{pre}', f'q{pre}', f'az{pre}'], [f'i{pre}']),
-                      helper.make_node('Cast', [f'i{pre}'], [f'f{pre}'], to=TensorProto.FLOAT),
-                      helper.make_node('Mul', [f'as{pre}', f's{pre}'], [f'sc{pre}']),
-                      helper.make_node('Mul', [f'f{pre}', f'sc{pre}'], [f'm{pre}']),
-                      helper.make_node('Add', [f'm{pre}', f'b{pre}'], [f'{dst}{e}'])]
-        nodes.append(helper.make_node('Concat', [f'{dst}{e}' for e in range(E)], [dst], axis=0))
-        if i == 1:
-            nodes += [helper.make_node('Gelu', ['h'], ['gall'], domain='com.microsoft'),
-                      helper.make_node('Split', ['gall'], [f'g{e}' for e in range(E)], axis=0, num_outputs=E)]
+            nodes += fc1[e] + [helper.make_node('Gelu', [f'h{e}'], [f'g{e}'], domain='com.microsoft')] + fc2[e]
+    nodes.append(helper.make_node('Concat', [f'y{e}' for e in range(E)], ['y'], axis=0))
     return _model(nodes, inits)
 
 
@@ -167,7 +154,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     weights = _weights(args.experts, args.dim, args.hidden)
     builds = {'float32': float_block(*weights), 'int8, per expert (today)': per_expert_block(*weights),
-              'int8, per expert, one GELU per layer': per_expert_one_gelu_block(*weights),
+              'int8, per expert, one GELU per layer': per_expert_block(*weights, one_gelu=True),
               'int8, per layer, per-expert matmuls': per_layer_block(*weights, fused=False),
               'int8, per layer, MatMulIntegerToFloat': per_layer_block(*weights, fused=True),
               'int8, batched 3-D matmul': batched_block(*weights)}
