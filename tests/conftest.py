@@ -62,6 +62,11 @@ def log_records(output_dir, kind='train'):
     return [r for r in map(json.loads, open(Path(output_dir) / 'log.jsonl')) if r['type'] == kind]
 
 
+def train_state_of(checkpoint) -> dict:
+    """The counters a checkpoint folder holds (its trainer_state.json)."""
+    return json.loads((Path(checkpoint) / 'trainer_state.json').read_text())
+
+
 def script_env() -> dict:
     """Environment of the front ends run by the tests: this checkout importable, CPU only, one thread each."""
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', ACCELERATE_USE_CPU='1')

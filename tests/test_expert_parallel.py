@@ -77,8 +77,8 @@ def test_a_two_process_expert_parallel_run_is_the_ddp_run(runs):
     _assert_close_weights(runs['ep']['ema'], runs['ddp']['ema'], atol=1e-5)
     start, = log_records(runs['ep']['output_dir'], 'start')
     assert start['expert_parallel_size'] == 2 and start['experts_per_process'] == {'blocks.1.mlp': 2}
-    checkpoint = runs['ep']['output_dir'] / 'checkpoints' / 'checkpoint_step_6' / 'experts'
-    assert len(list(checkpoint.glob('*.distcp'))) == 2  # each process wrote its shards
+    checkpoint = runs['ep']['output_dir'] / 'checkpoints' / 'checkpoint_step_6' / 'state'
+    assert len(list(checkpoint.glob('*.distcp'))) == 2  # each process wrote its expert shards
 
 
 def test_four_processes_as_2_x_2_match_the_four_process_ddp_run(data, tmp_path):

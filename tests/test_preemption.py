@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from vit_moe.training import ConfigError, complete_checkpoints, latest_checkpoint, train
 
-from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
+from conftest import (
+    ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config, train_state_of,
+)
 
 pytestmark = pytest.mark.xdist_group('preemption')  # one pytest-xdist worker: the module fixtures are built once
 
@@ -46,7 +48,7 @@ def _assert_checkpoints_whole(output_dir):
     """Every folder named like a checkpoint is complete and holds the model and the train state."""
     for path in (Path(output_dir) / 'checkpoints').glob('checkpoint_step_*'):
         assert (path / 'COMPLETE').is_file(), path
-        assert (path / 'model.safetensors').is_file() and (path / 'custom_checkpoint_0.pkl').is_file(), path
+        assert (path / 'state' / '.metadata').is_file() and (path / 'trainer_state.json').is_file(), path
 
 
 @pytest.fixture(scope='module')
@@ -102,7 +104,7 @@ def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp
     proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    stopped_at = torch.load(latest_checkpoint(out) / 'custom_checkpoint_0.pkl', weights_only=True)['step']
+    stopped_at = train_state_of(latest_checkpoint(out))['step']
     assert stopped_at == 4 and 'checkpoint_step_4' in stderr
     result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -186,24 +188,35 @@ def test_latest_skips_an_incomplete_checkpoint_and_names_it(tmp_path, data, capl
 
 
 def test_two_processes_draw_different_masks_and_still_resume_exactly(tmp_path, data):
+    """Every micro-batch draws its own random numbers (dropout, drop-path, mixup) from (seed, epoch, micro-batch number):
+    the two processes draw different ones, and one process accumulating two micro-batches draws, for each, what the
+    process that ran it drew."""
     launch = launch_processes(2)
     masks = '''
-import json, sys, numpy as np, torch
+import json, sys, torch
 from vit_moe.training import Trainer, load_config
 trainer = Trainer(load_config(None, json.loads(sys.argv[1])))
-rank = trainer.accelerator.process_index
-draws = dict(dropout=torch.nn.functional.dropout(torch.ones(256), 0.5).tolist(), beta=float(np.random.beta(1, 1)))
-open(f'{trainer.out}/draws_{rank}.json', 'w').write(json.dumps(draws))
+draws, step = [], trainer.train_step
+def train_step(images, targets):
+    draws.append(torch.rand(4).tolist())  # what dropout / drop-path would draw for this micro-batch
+    step(images, targets)
+trainer.train_step = train_step
+trainer.fit()
+open(f'{trainer.out}/draws_{trainer.accelerator.process_index}.json', 'w').write(json.dumps(draws))
 '''
-    cfg = json.dumps(dict(RUN, model_kwargs=json.loads(RUN['model_kwargs']), progress=False, data_dir=str(data),
-                          output_dir=str(tmp_path / 'draws')))
     script = tmp_path / 'draws.py'
     script.write_text(masks)
-    result = run_script([*launch, str(script), cfg])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert log_records(tmp_path / 'draws', 'start')[0]['num_processes'] == 2
-    draws = [json.loads((tmp_path / 'draws' / f'draws_{rank}.json').read_text()) for rank in (0, 1)]
-    assert draws[0]['dropout'] != draws[1]['dropout'] and draws[0]['beta'] != draws[1]['beta']
+    for name, processes, accumulation in (('two', 2, 1), ('one', 1, 2)):
+        cfg = json.dumps(dict(RUN, model_kwargs=json.loads(RUN['model_kwargs']), progress=False, data_dir=str(data),
+                              output_dir=str(tmp_path / name), steps=2, grad_accum_steps=accumulation))
+        result = run_script([*(launch if processes == 2 else [sys.executable]), str(script), cfg])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert log_records(tmp_path / name, 'start')[0]['num_processes'] == processes
+    two = [json.loads((tmp_path / 'two' / f'draws_{rank}.json').read_text()) for rank in (0, 1)]
+    one = json.loads((tmp_path / 'one' / 'draws_0.json').read_text())
+    assert len(one) == 4 and len(two[0]) == len(two[1]) == 2
+    assert two[0][0] != two[1][0]
+    assert one == [two[number % 2][number // 2] for number in range(4)]  # micro-batch i of rank r: number 2 i + r
 
     full, part = tmp_path / 'full', tmp_path / 'part'
     for out, extra in ((full, {}), (part, dict(steps=4)), (part, dict(resume='latest'))):
@@ -213,14 +226,17 @@ open(f'{trainer.out}/draws_{rank}.json', 'w').write(json.dumps(draws))
                                rtol=1e-5, atol=1e-6)
     _assert_same_weights(_weights(part), _weights(full))
 
-    # the same checkpoint resumed by ONE process: it continues (not exactly, and it says so) from the same images
+    # the same checkpoint resumed by ONE process: it keeps the global batch with 2 accumulation steps, and says so once
     one = run_script([sys.executable, 'train_scripts/train.py', *_args(data, part, steps=10, resume='latest')])
     assert one.returncode == 0, one.stderr[-3000:]
-    assert 'saved by 2 process(es) and is resumed by 1' in one.stderr
+    assert one.stderr.count('saved by 2 process(es) x 1 accumulation step(s), resumed by 1 x 2: the global batch '
+                            'stays 12 images') == 1
     assert [r['step'] for r in log_records(part)] == list(range(1, 11))
-    state = torch.load(latest_checkpoint(part) / 'custom_checkpoint_0.pkl', weights_only=True)
-    # 8 steps x 2 processes x 6 images = 16 batches of 6; the last window was logged before the save: none open
-    assert dict(state, elapsed_s=0) == dict(step=10, batches=16 + 2, num_processes=1, elapsed_s=0, log_window=None)
+    state = train_state_of(latest_checkpoint(part))
+    # the last window was logged before the save: none open
+    assert dict(state, elapsed_s=0) == dict(step=10, num_processes=1, grad_accum_steps=2, global_batch=12,
+                                            expert_parallel_size=1, launch='one process', elapsed_s=0,
+                                            log_window=None, loss_scale=None)
 
 
 def test_ema_is_evaluated_saved_and_resumed_exactly(tmp_path, data):

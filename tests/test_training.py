@@ -21,7 +21,9 @@ from vit_moe.data import BadImageError
 from vit_moe.layers import RoutingCapture
 from vit_moe.training import NonFiniteLossError, Trainer, latest_checkpoint, train, validate
 
-from conftest import ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
+from conftest import (
+    ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config, train_state_of,
+)
 
 
 def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_path, data):
@@ -95,8 +97,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(t
         train(tiny_config(tmp_path, checkpoint_every=2))
     checkpoints = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())
     assert checkpoints == ['checkpoint_step_2']  # untouched
-    state = torch.load(tmp_path / 'run/checkpoints/checkpoint_step_2/custom_checkpoint_0.pkl', weights_only=True)
-    assert state['step'] == 2
+    assert train_state_of(tmp_path / 'run/checkpoints/checkpoint_step_2')['step'] == 2
     assert not (tmp_path / 'run' / 'model').exists()
 
 
@@ -161,8 +162,8 @@ def _sigterm_everyone_then_resume(proc, job, tmp_path, processes, launch, seen):
     if processes == 1:
         assert proc.returncode == 128 + signal.SIGTERM
     checkpoint = latest_checkpoint(str(tmp_path / 'run'))
-    assert checkpoint is not None and (checkpoint / 'model.safetensors').is_file()
-    step = torch.load(checkpoint / 'custom_checkpoint_0.pkl', weights_only=True)['step']
+    assert checkpoint is not None and (checkpoint / 'state' / '.metadata').is_file()
+    step = train_state_of(checkpoint)['step']
     assert step == 4
     resumed = run_script([*launch, 'train_scripts/train.py', *_cli_args(tmp_path, steps=step + 2, num_workers=2,
                                                                          resume='latest')])
@@ -252,8 +253,10 @@ def test_every_accumulated_step_is_the_mean_gradient_of_exactly_grad_accum_steps
             (loss / 2).backward()
         for name, param in reference.named_parameters():
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-3, atol=1e-6, msg=name)
-    state = torch.load(latest_checkpoint(summary['output_dir']) / 'custom_checkpoint_0.pkl', weights_only=True)
-    assert dict(state, elapsed_s=0) == dict(step=6, batches=12, num_processes=1, elapsed_s=0, log_window=None)
+    state = train_state_of(latest_checkpoint(summary['output_dir']))
+    assert dict(state, elapsed_s=0) == dict(step=6, num_processes=1, grad_accum_steps=2, global_batch=8,
+                                            expert_parallel_size=1, launch='one process', elapsed_s=0,
+                                            log_window=None, loss_scale=None)
     assert state['elapsed_s'] > 0
     assert list((tmp_path / 'run').rglob('events.out.tfevents*'))
 

@@ -21,4 +21,4 @@ from .models import (
 
 from ._cli import leave as exit_process  # end a process of a distributed launch without a Gloo abort
 
-__version__ = '0.3.0'
+__version__ = '0.4.0'

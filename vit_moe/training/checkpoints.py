@@ -1,8 +1,8 @@
 """ Training checkpoints that survive being killed at any moment.
 
-Layout: `output_dir/checkpoints/checkpoint_step_<N>/`, an Accelerate `save_state` folder (model, optimizer,
-RNG states of every process, the registered train state and EMA) plus `config.yaml` (the run's config) and
-`COMPLETE` (written last).
+Layout: `output_dir/checkpoints/checkpoint_step_<N>/` holds the training state (`state/`, a torch.distributed.checkpoint
+folder keyed by parameter name, and `trainer_state.json`: `vit_moe.training.training_state`), `config.yaml` (the
+run's config) and `COMPLETE` (written last).
 
 A checkpoint is written into `checkpoints/.partial_step_<N>`, completed with `COMPLETE`, flushed to disk, and
 only then renamed to its final name (`vit_moe._files.install_folder`), so a folder named `checkpoint_step_<N>` is always whole. Old checkpoints
@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -33,22 +34,24 @@ _NAME = re.compile(r'^checkpoint_step_(\d+)$')
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint (Accelerate `register_for_checkpointing`)."""
-    step: int = 0  # optimizer steps done
-    batches: int = 0  # micro-batches consumed per process (positions the data order)
-    num_processes: int = 1  # of the run that saved it
+    """The counters of a run, saved with every checkpoint (`trainer_state.json`)."""
+    step: int = 0  # optimizer steps done: with the seed, also the position in the data order
     elapsed_s: float = 0.0  # wall-clock seconds spent in the training loop, summed over resumes
     log_window: Optional[Dict[str, Any]] = None  # the open logging window (StepMeter.window_state) at the save
+    global_batch: int = 0  # images per optimizer step, kept by every resumed leg
+    num_processes: int = 1  # the launch of the leg that saved it: processes, accumulation, expert parallelism
+    grad_accum_steps: int = 1
+    expert_parallel_size: int = 1
+    launch: str = ''
+    loss_scale: Optional[Dict[str, Any]] = None  # fp16 GradScaler state
 
     def state_dict(self) -> Dict[str, Any]:
-        return dict(step=self.step, batches=self.batches, num_processes=self.num_processes, elapsed_s=self.elapsed_s,
-                    log_window=self.log_window)
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.step, self.batches = int(state['step']), int(state['batches'])
-        self.num_processes = int(state.get('num_processes', 1))
-        self.elapsed_s = float(state.get('elapsed_s', 0.0))
-        self.log_window = state.get('log_window')  # absent in checkpoints of vit-moe <= 0.2: the window restarts
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
 
 
 def checkpoint_root(output_dir) -> Path:
@@ -101,10 +104,9 @@ def remove_leftovers(output_dir) -> List[Path]:
     return leftovers
 
 
-def write_checkpoint(accelerator, output_dir, step: int, config_text: str,
-                     also: Optional[Callable[[Path], None]] = None) -> Path:
-    """Save the Accelerate state as `checkpoint_step_<step>`, atomically. Call on every process. `also(folder)`, called
-    on every process after Accelerate's save, writes more into it (the sharded EMA) before it is marked complete."""
+def write_checkpoint(accelerator, output_dir, step: int, config_text: str, save: Callable[[Path], None]) -> Path:
+    """Write checkpoint `checkpoint_step_<step>` atomically: `save(folder)` (called on every process) writes the
+    training state into it, then the main process adds the config and `COMPLETE` and renames it into place."""
     root = checkpoint_root(output_dir)
     final = root / f'checkpoint_step_{step}'
     partial = root / f'.partial_step_{step}'
@@ -113,9 +115,7 @@ def write_checkpoint(accelerator, output_dir, step: int, config_text: str,
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if also is not None:
-        also(partial)
+    save(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / 'config.yaml').write_text(config_text)

@@ -4,21 +4,24 @@
 `train_step` (forward with the MoE aux loss, backward, update) then `after_step` (EMA, log, checkpoint,
 evaluate, react to SIGTERM / Ctrl-C); `finish()` evaluates and saves the model (and its EMA).
 
-Preemption: checkpoints (`vit_moe.training.checkpoints`) are Accelerate `save_state` folders written atomically
-and named by step; they hold the model, optimizer, every process's RNG states, the train state and the EMA, so
-`resume` continues in place exactly, data order and augmentations included, however often the run is killed
-(SIGKILL included) and resumed. SIGTERM / Ctrl-C save a checkpoint at the next step boundary before exiting.
-A non-finite loss stops the run before the update and saves nothing.
+Parallelism is applied in one place (`vit_moe.training.parallelize`). Checkpoints (`vit_moe.training.checkpoints`)
+are written atomically and named by step; they hold the training state by parameter name
+(`vit_moe.training.training_state`: model, optimizer, EMA with torch.distributed.checkpoint, and the counters), so
+`resume` continues the same run on any launch (process count, DDP / FSDP2, expert-parallel size), however often the
+run is killed (SIGKILL included) and resumed. A resumed leg keeps the run's global batch by changing gradient
+accumulation. SIGTERM / Ctrl-C save a checkpoint at the next step boundary before exiting. A non-finite loss stops
+the run before the update and saves nothing.
 
-Randomness: the model is built and the data order drawn from `seed` on every process; dropout, drop-path and
-mixup then draw from `seed + process index` (as timm's train.py does), so processes do not repeat each
-other's masks. Augmentations are seeded per (seed, epoch, sample).
+Randomness: the model is built from `seed` on every process. The data order is drawn from (seed, epoch) over whole
+global batches, and dropout, drop-path and mixup are seeded per micro-batch from (seed, epoch, micro-batch number)
+(`vit_moe.training.data_order`); augmentations per (seed, epoch, sample). None of it depends on the launch.
 """
 import logging
 import os
 import signal
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -26,12 +29,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+    DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin,
     ProjectConfiguration, TorchDynamoPlugin, set_seed,
 )
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from .._files import atomic_write
@@ -45,18 +47,16 @@ from .checkpoints import (
     TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
     remove_leftovers, write_checkpoint,
 )
+from .data_order import GlobalBatchSampler, reseed_micro_batch
 from .config import ConfigError, TrainConfig, resume_conflicts, scaled_lr, signal_number
 from .evaluation import evaluate, fresh_accelerator_state
 from .meters import StepMeter
 from .optim import create_optimizer
 from .ema import ShardedEma
-from .expert_parallel import (
-    EXPERTS_FOLDER, ExpertShards, ExpertSwitch, accept_checkpoint_without_experts, gather_for_saving, leaving_out,
-    load_expert_checkpoint, whole_expert_names,
-)
-from .fsdp_wrap import wrap_every_block
+from .parallelize import Parallelism
 from .run_log import RunLog
 from .schedule import learning_rate
+from .training_state import load_training_state, read_train_state, save_training_state
 
 __all__ = ['train', 'Trainer', 'NonFiniteLossError', 'forward_loss']
 
@@ -153,13 +153,12 @@ class Trainer:
         self.signals = STOP_SIGNALS + ((signal_number(cfg.save_signal),) if cfg.save_signal else ())
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
-        self.global_batch = cfg.batch_size * self.accelerator.num_processes * cfg.grad_accum_steps
-        self.lr = scaled_lr(cfg, self.global_batch)  # the peak lr of this launch
-        # expert parallelism: a (dp, ep) mesh; each process keeps E / N experts of every MoE layer
-        self.shards = ExpertShards(cfg.expert_parallel_size, self.accelerator.num_processes,
-                                   self.accelerator.device.type) if cfg.expert_parallel_size > 1 else None
         resume_from = self._checkpoint_to_resume()
-        self.resume_experts = resume_from is not None and (resume_from / EXPERTS_FOLDER).is_dir()
+        self.state = read_train_state(resume_from) if resume_from is not None else TrainState()
+        self._set_global_batch(resume_from)  # kept by a resumed leg: accumulation makes up for the process count
+        self.lr = scaled_lr(cfg, self.global_batch)  # the peak lr of the run
+        # DDP / FSDP2 as launched; expert parallelism on a (dp, ep) mesh: each process keeps E / N experts
+        self.parallel = Parallelism(self.accelerator, cfg.expert_parallel_size)
         set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()  # a bad option, path or checkpoint is refused here: nothing written yet
         if self.main:
@@ -167,23 +166,17 @@ class Trainer:
             remove_leftovers(self.out)
             atomic_write(self.out / 'config.yaml', cfg.to_yaml())
         self.accelerator.wait_for_everyone()
-        self.state = TrainState()
-        self.accelerator.register_for_checkpointing(self.state)
-        if self.ema is not None and not self.sharded_ema:
-            self.accelerator.register_for_checkpointing(self.ema)
-        set_seed(cfg.seed, device_specific=True)  # dropout, drop-path, mixup: seed + process index
         self.last_saved = -1
         if resume_from is not None:
-            with self._without_expert_shards():  # Accelerate's files hold everything but the expert shards
-                self.accelerator.load_state(str(resume_from))  # restores every process's RNG states too
-            if self.sharded_ema:
-                self.ema.load(resume_from, skip=whole_expert_names(self.unwrapped) if self.resume_experts else ())
-            if self.resume_experts:  # the expert shards, resharded to this launch's expert-parallel size
-                load_expert_checkpoint(resume_from, self.unwrapped, self.optimizer.optimizer, self.ema, self.shards)
+            load_training_state(resume_from, self.unwrapped, self.optimizer.optimizer, self.ema, self.parallel)
+            if self.state.loss_scale and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(self.state.loss_scale)
             self.last_saved = self.state.step
-            self._adapt_to_process_count(resume_from)
             _logger.info(f'resumed from {resume_from} at step {self.state.step}')
         self.state.num_processes = self.accelerator.num_processes
+        self.state.grad_accum_steps = self.accelerator.gradient_accumulation_steps
+        self.state.expert_parallel_size = cfg.expert_parallel_size
+        self.state.launch = self.parallel.describe()
         if _trackers(cfg):
             self.accelerator.init_trackers('vit_moe', config={k: v for k, v in cfg.to_dict().items()
                                                               if isinstance(v, (int, float, str, bool))})
@@ -193,7 +186,8 @@ class Trainer:
         self.log.write(dict(type='start', step=self.state.step, num_processes=self.accelerator.num_processes,
                             distributed_type=str(self.accelerator.distributed_type.value),
                             mixed_precision=self.accelerator.mixed_precision, global_batch=self.global_batch,
-                            lr=self.lr, model_kwargs=self.model_args, expert_parallel_size=cfg.expert_parallel_size,
+                            grad_accum_steps=self.accelerator.gradient_accumulation_steps, lr=self.lr,
+                            model_kwargs=self.model_args, expert_parallel_size=cfg.expert_parallel_size,
                             experts_per_process=self._experts_per_process()), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
@@ -236,15 +230,27 @@ class Trainer:
             self._check_resumable(resume_from)
         return resume_from
 
-    def _adapt_to_process_count(self, checkpoint: Path) -> None:
-        """Resuming on another number of processes: keep the images seen, say what is no longer exact."""
-        saved, now = self.state.num_processes, self.accelerator.num_processes
-        if saved == now:
-            return
-        self.state.batches = self.state.batches * saved // now  # the same number of images into the data order
-        _logger.warning(f'{checkpoint} was saved by {saved} process(es) and is resumed by {now}: the global batch is '
-                        f'now {self.cfg.batch_size * now * self.cfg.grad_accum_steps} images and the data order and '
-                        f'per-process randomness differ from an uninterrupted run from here on')
+    def _set_global_batch(self, checkpoint: Optional[Path]) -> None:
+        """The run's global batch: batch_size x processes x grad_accum_steps for a new run, the checkpoint's for a
+        resumed one, whose accumulation then makes up for another process count (refused when it cannot)."""
+        cfg, processes = self.cfg, self.accelerator.num_processes
+        per_step = cfg.batch_size * processes
+        self.global_batch = self.state.global_batch or per_step * cfg.grad_accum_steps
+        self.state.global_batch = self.global_batch
+        if self.global_batch % per_step:
+            divisors = [n for n in range(1, self.global_batch // cfg.batch_size + 1)
+                        if (self.global_batch // cfg.batch_size) % n == 0]
+            raise ConfigError(
+                f'{checkpoint} was trained with a global batch of {self.global_batch} images; {processes} processes x '
+                f'batch_size {cfg.batch_size} do not divide it, so no accumulation keeps it; launch a number of '
+                f'processes in {divisors}')
+        accumulation = self.global_batch // per_step
+        self.accelerator.gradient_accumulation_steps = accumulation
+        if checkpoint is not None and self.main and (processes, accumulation) != (self.state.num_processes,
+                                                                                  self.state.grad_accum_steps):
+            _logger.warning(f'{checkpoint.name} was saved by {self.state.num_processes} process(es) x '
+                            f'{self.state.grad_accum_steps} accumulation step(s), resumed by {processes} x '
+                            f'{accumulation}: the global batch stays {self.global_batch} images')
 
     def _check_resumable(self, checkpoint: Path) -> None:
         saved = checkpoint / 'config.yaml'
@@ -305,46 +311,32 @@ class Trainer:
         if cfg.verify_images:
             self._verify_images()
 
+        # the same order and epoch length on every launch; Accelerate deals the micro-batches out round-robin
+        self.sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, cfg.seed)
         train_loader = torch.utils.data.DataLoader(
-            self.train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.num_workers,
+            self.train_set, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.num_workers,
             persistent_workers=False,  # fresh workers each epoch see train_set.epoch
             generator=torch.Generator().manual_seed(cfg.seed),  # iterator seeds must not draw from the global RNG
             worker_init_fn=WorkerSignals(self.signals))  # SIGTERM to the process group: the main process saves first
         val_loader = torch.utils.data.DataLoader(
             self.val_set, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
             num_workers=cfg.num_workers, worker_init_fn=WorkerSignals(self.signals))
-        if len(train_loader) == 0:
-            raise ValueError(f'train split has {len(self.train_set)} images, fewer than batch_size={cfg.batch_size}')
-        if self.shards is not None:
-            self.shards.shard(model)  # this process's experts (before the EMA copies the model)
-        expert_names = self.shards.names if self.shards else (whole_expert_names(model) if self.resume_experts else ())
-        optimizer = create_optimizer(model, cfg.opt, self.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
-                                     cfg.opt_betas, cfg.opt_eps, apart=expert_names)
-        if self.shards is not None:
-            self.shards.hook_optimizer(optimizer, model)
         self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                            num_classes=self.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
         self.loss_fn = _loss_fn(cfg)
-        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
-        # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP); under
-        # FSDP2 it keeps the EMA of each process's shards instead, made after `prepare` (vit_moe.training.ema)
-        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup,
-                              device=self.accelerator.device) if cfg.ema_decay and not fsdp else None
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        self.expert_switch = ExpertSwitch()
-        if self.resume_experts and self.shards is None:  # Accelerate's files lack the experts: they are in experts/
-            accept_checkpoint_without_experts(model, self.expert_switch, self.ema)
-        if fsdp:
-            wrap_every_block(model, self.accelerator.state.fsdp_plugin)
-            if self.shards is not None:  # FSDP2 shards everything else; the expert banks stay this process's shard
-                self.accelerator.state.fsdp_plugin.ignored_modules = self.shards.expert_banks(model)
-        self.model, self.optimizer, self.train_loader, self.val_loader = self.accelerator.prepare(
-            model, optimizer, train_loader, val_loader)
-        self.unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if cfg.ema_decay and fsdp:
-            self.ema = ShardedEma(self.unwrapped, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
-            self.ema.exclude = set(self.shards.names if self.shards else ())  # those go with the expert shards
+
+        def make_optimizer(model):  # the routed experts in groups of their own on every launch
+            return create_optimizer(model, cfg.opt, self.lr, cfg.weight_decay, cfg.layer_decay, cfg.router_lr_mult,
+                                    cfg.opt_betas, cfg.opt_eps, apart=self.parallel.expert_names(model))
+
+        prepared = self.parallel.apply(model, make_optimizer, (train_loader, val_loader), ema_decay=cfg.ema_decay,
+                                       ema_warmup=cfg.ema_warmup)
+        self.model, self.unwrapped, self.optimizer, self.ema = (prepared.model, prepared.unwrapped,
+                                                                prepared.optimizer, prepared.ema)
+        self.train_loader, self.val_loader = prepared.loaders
         self.sharded_ema = isinstance(self.ema, ShardedEma)
 
     def _experts_per_process(self) -> Dict[str, int]:
@@ -371,12 +363,17 @@ class Trainer:
             self._log_evaluation()
         self.model.train()
         with _StopSignal(self.signals).installed() as self.stop_signal:
+            accumulation, processes = self.accelerator.gradient_accumulation_steps, self.accelerator.num_processes
             while state.step < cfg.steps and not self.interrupted:
-                epoch, skip = divmod(state.batches, len(self.train_loader))
+                epoch, step_in_epoch = divmod(state.step, self.sampler.steps_per_epoch)  # the data position
                 self.train_loader.set_epoch(epoch)
                 self.train_set.set_epoch(epoch)
+                skip = step_in_epoch * accumulation  # this process's micro-batches of the epoch done
                 loader = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
-                for images, targets in iter_with_shielded_workers(loader):  # a stop signal kills no worker
+                batches = iter_with_shielded_workers(loader)  # a stop signal kills no worker
+                for i, (images, targets) in enumerate(batches, start=skip):
+                    # micro-batch i of process r is number i * P + r of the epoch, on any launch
+                    reseed_micro_batch(cfg.seed, epoch, i * processes + self.accelerator.process_index)
                     self.train_step(images, targets)
                     if not self.accelerator.sync_gradients:
                         continue  # accumulating: not an optimizer step yet
@@ -401,16 +398,12 @@ class Trainer:
             if accelerator.sync_gradients:
                 self._check_before_update(loss)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and self.shards is not None:
-                self.shards.reduce_gradients(self.unwrapped)  # the expert shards' mean over every process
+            if accelerator.sync_gradients:
+                self.parallel.reduce_gradients(self.unwrapped)  # the expert shards' mean over every process
             if accelerator.sync_gradients and cfg.grad_clip:
-                if self.shards is not None:
-                    self.shards.clip_grad_norm_(self.unwrapped, cfg.grad_clip)
-                else:
-                    accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.parallel.clip_grad_norm_(self.model, self.unwrapped, cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.state.batches += 1
         self.window_images += cfg.batch_size * accelerator.num_processes
         self.meter.add(dict(loss=loss, task_loss=task_loss, aux_loss=aux_loss,
                             dropped_fraction=routing.dropped_fraction), routing.layers)
@@ -484,10 +477,12 @@ class Trainer:
         if self.last_saved == self.state.step:
             return
         self.state.log_window = self.meter.window_state(self.accelerator)  # a resumed log reads as one run
+        if self.accelerator.scaler is not None:
+            self.state.loss_scale = self.accelerator.scaler.state_dict()
         start = time.perf_counter()
-        with self._without_expert_shards():
-            folder = write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml(),
-                                      also=self._save_shards)
+        folder = write_checkpoint(self.accelerator, self.out, self.state.step, self.cfg.to_yaml(), save=partial(
+            save_training_state, train_state=self.state, unwrapped=self.unwrapped,
+            optimizer=self.optimizer.optimizer, ema=self.ema, parallel=self.parallel, is_main=self.main))
         seconds = time.perf_counter() - start
         if self.main:
             size = sum(f.stat().st_size for f in folder.rglob('*') if f.is_file())
@@ -496,28 +491,6 @@ class Trainer:
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_saved = self.state.step
-
-    @contextmanager
-    def _without_expert_shards(self):
-        """Accelerate's save_state / load_state inside: with expert parallelism, without the expert shards (also when a
-        run without it resumes a checkpoint written with it: they are in the checkpoint's experts/)."""
-        if self.shards is not None:
-            with self.shards.leaving_out_shards(self.unwrapped):
-                yield
-        elif self.resume_experts and self.last_saved < 0:  # loading only
-            names = set(whole_expert_names(self.unwrapped))
-            with leaving_out(self.expert_switch, [p for n, p in self.unwrapped.named_parameters() if n in names]):
-                yield
-        else:
-            yield
-
-    def _save_shards(self, folder: Path) -> None:
-        """What Accelerate's save does not hold, written by every process into `folder`: the sharded EMA's and the
-        expert shards' (with their optimizer state and EMA)."""
-        if self.sharded_ema:
-            self.ema.save(folder)
-        if self.shards is not None:
-            self.shards.save(folder, self.unwrapped, self.optimizer.optimizer, self.ema)
 
     def evaluate(self) -> Dict[str, Any]:
         """The raw model's evaluation, with `ema_` keys for the EMA weights' when EMA is on."""
@@ -548,25 +521,13 @@ class Trainer:
             self.save_checkpoint(reason='final')
             final_eval = self._log_evaluation()
             self.accelerator.wait_for_everyone()
-            # the full weights: gathered from every process's shard under FSDP (a collective: every process calls it)
-            full_state = self.accelerator.get_state_dict(self.model)
-            ema_state = None
-            if self.sharded_ema:
-                with self.ema.weights_in(self.unwrapped):
-                    ema_state = self.accelerator.get_state_dict(self.model)  # gathered too
-            if self.shards is not None:  # every expert, gathered from the processes that hold them
-                full_state = gather_for_saving(self.unwrapped, full_state)
-                if self.sharded_ema:
-                    with self.ema.weights_in(self.unwrapped):
-                        ema_state = gather_for_saving(self.unwrapped, ema_state)
-                elif self.ema is not None:
-                    ema_state = gather_for_saving(self.ema.module, self.ema.module.state_dict())
+            # the whole weights, every expert included: gathered from every process (a collective)
+            full_state = self.parallel.full_state_dict(self.model, self.unwrapped)
+            ema_state = self.parallel.full_state_dict(self.model, self.unwrapped, self.ema) if self.ema else None
             if self.main:
                 self._save_model(self.unwrapped, self.out / 'model', full_state)
-                if self.sharded_ema or ema_state is not None:
+                if ema_state is not None:
                     self._save_model(self.unwrapped, self.out / 'model_ema', ema_state)
-                elif self.ema is not None:
-                    self._save_model(self.ema.module, self.out / 'model_ema')
         self._log_bad_images()
         self.accelerator.end_training()
         self.log.close()

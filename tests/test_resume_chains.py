@@ -1,0 +1,76 @@
+"""A cluster job is many launches: any chain of resumes over one process, DDP, FSDP2 and expert parallelism is the
+uninterrupted run.
+
+One chain of one-step legs, each a real launch (2 gloo processes; the one-process legs run in this process), holds
+the issue's five chains as consecutive legs, so every kind of resume is followed by a second one:
+
+    EP 2 -> DDP -> DDP -> FSDP2 -> DDP -> one -> DDP -> EP 2 -> EP 2 -> FSDP2 -> EP 2 -> one
+
+(EP 2 -> EP 1 -> EP 1; DDP -> FSDP2 -> DDP; 2 processes -> 1 -> 2; EP 1 -> EP 2 -> EP 2; FSDP2 -> EP 2 -> one.)
+The global batch is 8 images (4 per process on 2 processes, 2 accumulation steps on one), 36 images make 4 steps an
+epoch, so the chain crosses two epoch boundaries. The reference is one uninterrupted 12-step run on one process.
+"""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vit_moe.training import train
+
+from conftest import ROOT, launch_processes, log_records, make_image_folder, run_script, tiny_config
+
+pytestmark = pytest.mark.xdist_group('resume_chains')
+
+CHAIN = ['ep2', 'ddp', 'ddp', 'fsdp2', 'ddp', 'one', 'ddp', 'ep2', 'ep2', 'fsdp2', 'ep2', 'one']
+COMMON = dict(batch_size=4, checkpoint_every=1, keep_checkpoints=2, ema_decay=0.7, mixup=0.4,
+              model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4,
+                                moe_blocks=1, drop_path_rate=0.1))
+
+
+def _leg(kind: str, cfg, config_file) -> None:
+    """One leg of the chain on the launch `kind`."""
+    if kind == 'one':
+        train(cfg)
+        return
+    config_file.write_text(cfg.to_yaml())
+    front = ['tests/fsdp_on_cpu.py'] if kind == 'fsdp2' else []
+    ep = ['--expert-parallel-size=2'] if kind == 'ep2' else []
+    run = run_script([*launch_processes(2), *front, 'train_scripts/train.py', '--config', str(config_file), *ep],
+                     timeout=300)
+    assert run.returncode == 0, f'{kind} leg: ' + run.stderr[-3000:]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('chains') / 'data')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data, tmp_path_factory):
+    root = data.parent
+    summary = train(tiny_config(root, output_dir=str(tmp_path_factory.mktemp('full') / 'run'), steps=len(CHAIN),
+                                grad_accum_steps=2, **COMMON))
+    return summary['output_dir']
+
+
+def _weights(output_dir, folder='model'):
+    return load_file(str(ROOT / output_dir / folder / 'model.safetensors'))
+
+
+def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uninterrupted, tmp_path):
+    out = tmp_path / 'chain'
+    for step, kind in enumerate(CHAIN, start=1):
+        cfg = tiny_config(data.parent, output_dir=str(out), steps=step, resume='auto', **COMMON)
+        _leg(kind, cfg, tmp_path / 'leg.yaml')
+        losses = [r['loss'] for r in log_records(out)]
+        reference = [r['loss'] for r in log_records(uninterrupted)][:step]
+        np.testing.assert_allclose(losses, reference, rtol=1e-3, err_msg=f'after leg {step} ({kind})')
+    starts = log_records(out, 'start')
+    assert [s['num_processes'] for s in starts] == [1 if k == 'one' else 2 for k in CHAIN]
+    assert [s['grad_accum_steps'] for s in starts] == [2 if k == 'one' else 1 for k in CHAIN]
+    assert {s['global_batch'] for s in starts} == {8}
+    for folder in ('model', 'model_ema'):
+        got, expected = _weights(out, folder), _weights(uninterrupted, folder)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4, msg=f'{folder}: {key}')

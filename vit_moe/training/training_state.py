@@ -1,0 +1,108 @@
+""" The training state keyed by name, saved with torch.distributed.checkpoint: one checkpoint for every launch.
+
+A checkpoint folder's `state/` is a DCP folder with the model (`model.<name>`), the optimizer (`optim.state.<name>.*`
+and its parameter groups, by parameter name, from `torch.distributed.checkpoint.state_dict`) and the EMA
+(`ema.<name>`). Each tensor is saved as this launch holds it (whole on one process and under DDP, FSDP2's DTensor
+shards, expert shards as DTensors of the whole bank): DCP writes every piece once and reads it back resharded to what
+the next launch holds, whatever its process count, DDP or FSDP2, or expert-parallel size. `trainer_state.json` holds
+the counters (`TrainState`: step, elapsed time, the global batch and the launch that made it, the fp16 loss scale).
+Nothing random is saved: the data order and every random draw derive from (seed, epoch, micro-batch)
+(`vit_moe.training.data_order`).
+"""
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+from .._files import atomic_write
+from .checkpoints import TrainState
+from .config import ConfigError
+
+__all__ = ['STATE_FOLDER', 'TRAINER_STATE', 'save_training_state', 'load_training_state', 'read_train_state',
+           'ema_tensors']
+
+STATE_FOLDER = 'state'  # the DCP folder inside a checkpoint
+TRAINER_STATE = 'trainer_state.json'
+
+
+def ema_tensors(ema) -> Dict[str, torch.Tensor]:
+    """The EMA's tensors keyed by the model's names (timm's ModelEmaV3: its copy's state dict; a ShardedEma: its
+    shards), sharing storage with the EMA: loading into them loads the EMA."""
+    module = getattr(ema, 'module', None)
+    if isinstance(module, nn.Module):
+        return module.state_dict()
+    return ema.state_dict()
+
+
+def _state(unwrapped: nn.Module, optimizer, ema, parallel) -> Dict[str, Any]:
+    """The launch's training state by name, expert shards as DTensors of their whole banks."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, optim_state = get_state_dict(unwrapped, optimizer)
+    as_global = parallel.as_global
+    state = dict(
+        model={n: as_global(n, t) for n, t in model_state.items()},
+        optim=dict(optim_state, state={
+            n: {k: as_global(n, v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in slots.items()}
+            for n, slots in optim_state['state'].items()}))
+    if ema is not None:
+        state['ema'] = {n: as_global(n, t) for n, t in ema_tensors(ema).items()}
+    return state
+
+
+def _local(value):
+    """Expert shards back from their DTensors (nested dicts and lists kept as they are)."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(value, dict):
+        return {k: _local(v) for k, v in value.items()}
+    if isinstance(value, DTensor) and value.device_mesh.mesh_dim_names == ('dp', 'ep'):
+        return value.to_local()
+    return value
+
+
+@contextmanager
+def _quiet():
+    """DCP in a single process warns that it is one: that is what it is meant to do here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        yield
+
+
+def save_training_state(folder: Path, train_state: TrainState, unwrapped: nn.Module, optimizer, ema, parallel,
+                        is_main: bool) -> None:
+    """Write the training state into `folder` (a collective: every process writes its pieces)."""
+    import torch.distributed.checkpoint as dcp
+    with _quiet():
+        dcp.save(_state(unwrapped, optimizer, ema, parallel), checkpoint_id=str(Path(folder) / STATE_FOLDER))
+    if is_main:
+        atomic_write(Path(folder) / TRAINER_STATE, json.dumps(train_state.state_dict(), indent=1))
+
+
+def read_train_state(folder: Path) -> TrainState:
+    """The counters of checkpoint `folder`; one line for a checkpoint this version cannot resume."""
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE).is_file():
+        if (folder / 'custom_checkpoint_0.pkl').is_file():
+            raise ConfigError(
+                f'{folder} was written by vit-moe 0.3 or earlier (Accelerate\'s save_state layout), which saved the '
+                f'training state by launch, not by name; finish that run with the version that wrote it, or start a '
+                f'new run from its weights: pretrained={folder / "model.safetensors"}')
+        raise ConfigError(f'{folder} holds no {TRAINER_STATE}: not a checkpoint of this trainer')
+    state = TrainState()
+    state.load_state_dict(json.loads((folder / TRAINER_STATE).read_text()))
+    return state
+
+
+def load_training_state(folder: Path, unwrapped: nn.Module, optimizer, ema, parallel) -> None:
+    """Read `folder`'s training state into this launch's model, optimizer and EMA, resharded (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    state = _state(unwrapped, optimizer, ema, parallel)
+    with _quiet():
+        dcp.load(state, checkpoint_id=str(Path(folder) / STATE_FOLDER))  # in place, into this launch's tensors
+    state = _local(state)
+    set_state_dict(unwrapped, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
+    # the EMA was loaded in place: its tensors (shared with the EMA) were in `state`
