@@ -74,3 +74,15 @@ def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uni
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4, msg=f'{folder}: {key}')
+
+
+def test_a_checkpoint_of_the_accelerate_layout_is_refused_in_one_line_that_says_what_to_do(data, tmp_path):
+    """Checkpoints written before the training state was saved by name (vit-moe 0.3: Accelerate's save_state)."""
+    old = tmp_path / 'run' / 'checkpoints' / 'checkpoint_step_4'
+    old.mkdir(parents=True)
+    for name in ('model.safetensors', 'optimizer.bin', 'custom_checkpoint_0.pkl', 'random_states_0.pkl', 'COMPLETE'):
+        (old / name).write_bytes(b'')
+    from vit_moe.training import ConfigError
+    with pytest.raises(ConfigError, match=r'written by vit-moe 0.3 or earlier .*start a new run from its weights: '
+                                          r'pretrained=.*checkpoint_step_4/model.safetensors'):
+        train(tiny_config(data.parent, output_dir=str(tmp_path / 'run'), resume='latest', **COMMON))
