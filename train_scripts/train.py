@@ -12,8 +12,8 @@ A bad key, value, path or image exits with 2 and one line on stderr; --debug (or
 traceback instead. --verbose shows other libraries' INFO logs (Accelerate's checkpointing, ...) and warnings.
 
 Before a cluster launch, --dry-run builds the model on the meta device, resolves the launch (processes, DDP / FSDP2,
-global batch, lr) and estimates the memory per process; with --gpu-memory-gb it exits 0 if that fits, 2 (one line
-naming what does not) if not:
+expert parallelism, global batch, lr) and estimates the memory per process; with --gpu-memory-gb it exits 0 if that
+fits, 2 (one line naming what does not) if not:
     python train_scripts/train.py --config ... --dry-run --accelerate-config configs/accelerate/ddp.yaml \
         [--num-processes 8] [--gpu-memory-gb 40]
 """
@@ -31,7 +31,8 @@ def _dry_run_flags(argv):
     parser.add_argument('--num-processes', type=int, default=None)
     parser.add_argument('--gpu-memory-gb', type=float, default=None)
     flags, rest = parser.parse_known_args(argv)
-    if not flags.dry_run and (flags.accelerate_config or flags.num_processes or flags.gpu_memory_gb):
+    if not flags.dry_run and (flags.accelerate_config or flags.num_processes is not None
+                              or flags.gpu_memory_gb is not None):
         parser.error('--accelerate-config, --num-processes and --gpu-memory-gb go with --dry-run')
     return flags, rest
 

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = [
     'GB', 'STRATEGIES', 'ParameterMemory', 'ActivationMemory', 'fsdp_units', 'fsdp_shard_numel', 'parameter_memory',
-    'activation_memory',
+    'routed_expert_parameters', 'activation_memory',
 ]
 
 GB = 1e9  # decimal gigabyte, as in the tables
@@ -194,11 +194,16 @@ def _fsdp2_memory(model: nn.Module, n: int, mixed_precision: str, reduce_dtype: 
         optimizer=2 * fp32 * trainable, transient=transient, num_params=num_params, largest_unit=largest)
 
 
+def routed_expert_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The routed experts' parameters of every MoE layer: what expert parallelism spreads over processes."""
+    from ..layers import moe_layers
+    return [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]
+
+
 def _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
                              gradient_as_bucket_view, size: int) -> ParameterMemory:
     """`parameter_memory` of the model without its routed experts, plus their 1 / `size` share per GPU."""
-    from ..layers import moe_layers
-    expert_params = [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]
+    expert_params = routed_expert_parameters(model)
     held = {id(p) for p in expert_params}
     frozen = [p for p in model.parameters() if id(p) in held and p.requires_grad]
     try:  # the rest, as the strategy has it: the experts frozen (no grads, no optimizer state) and removed below
