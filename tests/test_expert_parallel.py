@@ -29,9 +29,9 @@ def _args(data, out, **overrides):
     return [f'--{k.replace("_", "-")}={v}' for k, v in values.items() if v is not None]
 
 
-def _train(data, out, processes=2, **overrides):
-    run = run_script([*launch_processes(processes), 'train_scripts/train.py', *_args(data, out, **overrides)],
-                     timeout=600)
+def _train(data, out, processes=2, front=None, **overrides):
+    launch = launch_processes(processes) + ([front] if front else []) if processes > 1 else [sys.executable]
+    run = run_script([*launch, 'train_scripts/train.py', *_args(data, out, **overrides)], timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     ema = out / 'model_ema' / 'model.safetensors'
     return dict(losses=[r['loss'] for r in log_records(out)], weights=load_file(str(out / 'model' / 'model.safetensors')),
@@ -82,10 +82,26 @@ def test_a_two_process_expert_parallel_run_is_the_ddp_run(runs):
 
 
 def test_four_processes_as_2_x_2_match_the_four_process_ddp_run(data, tmp_path):
-    ddp = _train(data, tmp_path / 'ddp4', processes=4, steps=4, ema_decay=None)
-    ep = _train(data, tmp_path / 'ep4', processes=4, steps=4, ema_decay=None, expert_parallel_size=2)
-    np.testing.assert_allclose(ep['losses'], ddp['losses'], rtol=1e-3)
-    _assert_close_weights(ep['weights'], ddp['weights'], atol=1e-5)
+    """DDP + EP and FSDP2 + EP on a 2 x 2 mesh equal 4-process DDP. Under FSDP2 each expert bank is also sharded over
+    its 2 data-parallel replicas: every process holds 1 of the 4 experts at rest; its checkpoint resumes on one
+    process."""
+    ddp = _train(data, tmp_path / 'ddp4', processes=4, steps=4)
+    ep = _train(data, tmp_path / 'ep4', processes=4, steps=4, expert_parallel_size=2)
+    fsdp = _train(data, tmp_path / 'fsdp_ep4', processes=4, steps=4, expert_parallel_size=2, front='tests/fsdp_on_cpu.py')
+    for run in (ep, fsdp):
+        np.testing.assert_allclose(run['losses'], ddp['losses'], rtol=1e-3)
+        _assert_close_weights(run['weights'], ddp['weights'], atol=1e-5)
+        _assert_close_weights(run['ema'], ddp['ema'], atol=1e-5)
+    start, = log_records(fsdp['output_dir'], 'start')
+    assert start['distributed_type'] == 'FSDP' and start['experts_per_process'] == {'blocks.1.mlp': 1}
+    resumed = tmp_path / 'resumed'  # FSDP2 + EP 2 x 2 -> one process, from the checkpoint of step 2
+    shutil.copytree(tmp_path / 'fsdp_ep4', resumed)
+    for leftover in ('model', 'model_ema', 'checkpoints/checkpoint_step_4', 'checkpoints/checkpoint_step_6'):
+        shutil.rmtree(resumed / leftover, ignore_errors=True)
+    one = _train(data, resumed, processes=1, steps=4, resume='latest')
+    np.testing.assert_allclose(one['losses'], ddp['losses'], rtol=1e-3)
+    _assert_close_weights(one['weights'], ddp['weights'], atol=1e-5)
+    _assert_close_weights(one['ema'], ddp['ema'], atol=1e-5)
 
 
 def _stopped_by_sigterm_at_step_4(data, out):

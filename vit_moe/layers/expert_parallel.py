@@ -93,6 +93,9 @@ def expert_parameter_names(model: nn.Module) -> List[str]:
 def gather_experts(shard: torch.Tensor, group, size: int) -> torch.Tensor:
     """The whole stacked tensor [E, ...] from every process's shard [E / N, ...] (a collective of the group)."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    if isinstance(shard, DTensor):  # FSDP2's pieces of this process's experts: whole first
+        shard = shard.full_tensor()
     full = shard.new_empty((size * shard.shape[0], *shard.shape[1:]))
     dist.all_gather_into_tensor(full, shard.detach().contiguous(), group=group)
     return full

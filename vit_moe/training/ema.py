@@ -3,13 +3,12 @@
 Under DDP or one process the trainer keeps timm's `ModelEmaV3` of the model as timm does (a full copy). Under FSDP2
 a full copy on every process would undo the sharding, so `ShardedEma` keeps the EMA of each process's own shards:
 `ModelEmaV3` built on a module that holds the detached (DTensor) shards of `model.state_dict()`, so the decay, warm-up
-and update are timm's own code, run on DTensors (each process updates its shard). It is checkpointed with
-torch.distributed.checkpoint (every process writes its shard; resumable on another number of processes), and the
-EMA weights are evaluated and gathered for `model_ema/` by copying them into the model's shards for that time
+and update are timm's own code, run on DTensors (each process updates its shard). It is checkpointed by name with
+the rest of the training state (`vit_moe.training.training_state`: every process writes its shard; resumable on any
+launch), and the EMA weights are evaluated and gathered for `model_ema/` by copying them into the model's shards for that time
 (`ShardedEma.weights_in(model)`), then restoring the trained weights.
 """
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -17,8 +16,6 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 
 __all__ = ['ShardedEma']
-
-EMA_FOLDER = 'ema'  # inside a checkpoint folder: the EMA shards (torch.distributed.checkpoint)
 
 
 class _Shards(nn.Module):
@@ -40,9 +37,8 @@ class ShardedEma:
     def __init__(self, model: nn.Module, decay: float, use_warmup: bool = False):
         from torch.distributed.tensor import DTensor
         shards = _Shards(model)
-        kinds = {isinstance(t, DTensor) for t in shards.parameters()}  # expert-parallel shards stay plain tensors
+        kinds = {isinstance(t, DTensor) for t in shards.parameters()}  # expert banks left out of FSDP2: plain tensors
         self.ema = ModelEmaV3(shards, decay=decay, use_warmup=use_warmup, foreach=len(kinds) == 1)
-        self.exclude: set = set()  # names whose EMA another checkpoint writes (expert-parallel shards)
 
     def update(self, model: nn.Module, step: int) -> None:
         self.ema.update(model, step=step)
@@ -69,17 +65,3 @@ class ShardedEma:
             with torch.no_grad():
                 for value, own in zip(model.state_dict().values(), saved):
                     value.copy_(own)
-
-    def save(self, checkpoint: Path) -> None:
-        """Every process writes its shards into `checkpoint/ema` (a collective)."""
-        import torch.distributed.checkpoint as dcp
-        state = {k: v for k, v in self.state_dict().items() if k not in self.exclude}
-        dcp.save(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))
-
-    def load(self, checkpoint: Path, skip=()) -> None:
-        """Read the shards of `checkpoint/ema`, resharded to this launch's processes (a collective); `skip`: names the
-        checkpoint keeps elsewhere (the expert shards of an expert-parallel run)."""
-        import torch.distributed.checkpoint as dcp
-        skip = set(skip) | self.exclude
-        state = {k: v for k, v in self.state_dict().items() if k not in skip}
-        dcp.load(state, checkpoint_id=str(Path(checkpoint) / EMA_FOLDER))  # in place

@@ -3,14 +3,17 @@ gradients and clipping.
 
 With `expert_parallel_size` N the W processes form a DeviceMesh ('dp', 'ep') of (W / N) x N. Each MoE layer keeps E / N
 experts per process (`vit_moe.layers.shard_experts`; the all-to-alls are in the layer), and everything else stays as
-the launch has it: replicated under DDP (which ignores the expert shards), sharded under FSDP2 (whose units leave the
-expert banks out). After the backward of an optimizer step, each expert shard's gradient, which holds the
-contributions of the N processes of its group, is summed over its W / N data-parallel replicas and divided by W: the
-mean over all processes, as DDP's all-reduce gives every other parameter. The gradient norm for clipping is the norm
-of the whole model (expert shards summed over their group).
+the launch has it: replicated under DDP (which ignores the expert shards), sharded under FSDP2. Under FSDP2 each
+expert bank is also its own FSDP unit over the 'dp' dimension (`shard_over_dp`): a process holds E / W experts at rest
+(E / N gathered for the layer's forward), where W / N divides E / N. After the backward of an optimizer step, each
+expert shard's gradient, which holds the contributions of the N processes of its group, is averaged over all W
+processes, as DDP's all-reduce averages every other parameter: summed over its W / N data-parallel replicas (DDP) or
+averaged over them by FSDP2's reduce-scatter, then divided by what is left. The gradient norm for clipping is the
+norm of the whole model (expert shards summed over the mesh).
 
-In a checkpoint each shard is a DTensor over the mesh (`ExpertShards.as_global`: Shard(0) over 'ep', Replicate over
-'dp'), so the training state holds every expert under its own name with its whole shape, whatever the launch
+In a checkpoint each shard is a DTensor of its whole bank over the mesh (`ExpertShards.as_global`: Shard(0) over 'ep'
+and, under FSDP2, the 'dp' shards within each process's block of experts, else Replicate over 'dp'), so the training
+state holds every expert under its own name with its whole shape, whatever the launch
 (`vit_moe.training.training_state`).
 """
 from typing import List
@@ -66,16 +69,39 @@ class ExpertShards:
     def parameters(self, model: nn.Module) -> List[nn.Parameter]:
         return [p for n, p in model.named_parameters() if n in self.names]
 
+    def shard_over_dp(self, model: nn.Module, **fsdp_kwargs) -> bool:
+        """FSDP2: every expert bank its own FSDP unit over 'dp' (each process then holds E / W experts at rest); False
+        (nothing done) where the W / N replicas do not divide a layer's E / N experts."""
+        from torch.distributed.fsdp import fully_shard
+        banks = self.expert_banks(model)
+        replicas = self.world // self.size
+        if any(bank.fc2.weight.shape[0] % replicas for bank in banks):
+            return False
+        for bank in banks:
+            fully_shard(bank, mesh=self.mesh['dp'], **fsdp_kwargs)
+        return True
+
     def as_global(self, local: torch.Tensor):
-        """This process's shard [E / N, ...] as the DTensor [E, ...] it is a piece of (replicated over 'dp')."""
+        """This process's shard [E / N, ...] (or FSDP2's piece of it, a DTensor over 'dp') as the DTensor [E, ...] of
+        the whole bank."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
+        if isinstance(local, DTensor):  # E / N experts split over 'dp' within this process's block of the bank
+            return DTensor.from_local(local.to_local(), self.mesh, [_StridedShard(0, split_factor=self.size), Shard(0)],
+                                      run_check=False, shape=(local.shape[0] * self.size, *local.shape[1:]),
+                                      stride=local.stride())
         return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
-        """Each shard's gradient summed over its data-parallel replicas, divided by every process: the mean."""
+        """Each shard's gradient averaged over every process: summed over its data-parallel replicas (FSDP2 has
+        averaged them already), divided by the rest."""
+        from torch.distributed.tensor import DTensor
         for p in self.parameters(model):
             if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor):  # FSDP2's reduce-scatter averaged it over 'dp'
+                p.grad.div_(self.size)
                 continue
             if self.world // self.size > 1:
                 dist.all_reduce(p.grad, group=self.dp_group)
@@ -95,10 +121,13 @@ class ExpertShards:
             norm = torch.nn.utils.get_total_norm([p.grad for p in others], 2.0)
             squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
         if experts:
-            local = torch.nn.utils.get_total_norm([p.grad for p in experts], 2.0) ** 2
+            norm = torch.nn.utils.get_total_norm([p.grad for p in experts], 2.0)
+            local = (norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2  # over 'dp' (FSDP2's pieces)
             dist.all_reduce(local, group=self.ep_group)
             squares.append(local)
         total = torch.stack(squares).sum().sqrt()
         with implicit_replication():
-            torch.nn.utils.clip_grads_with_norm_([p for p in others + experts], max_norm, total)
+            for params in (others, experts):  # apart: under FSDP2 they are DTensors of different meshes
+                if params:
+                    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total

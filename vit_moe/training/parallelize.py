@@ -17,9 +17,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from timm.utils import ModelEmaV3
 
-from ..layers import unsharded_state_dict
+from ..layers import moe_layers, unsharded_state_dict
 from .ema import ShardedEma
 from .expert_parallel import ExpertShards, routed_expert_names
 from .fsdp_wrap import wrap_every_block
@@ -54,20 +55,31 @@ class Parallelism:
         kind = f'{"FSDP2" if self.fsdp else "DDP"} on {processes} processes' if processes > 1 else 'one process'
         return kind + (f', expert parallelism {self.expert_parallel_size}' if self.shards else '')
 
+    def experts_per_process(self, model: nn.Module) -> Dict[str, int]:
+        """MoE layer -> the routed experts a process holds at rest."""
+        from torch.distributed.tensor import DTensor
+        weights = {name: layer.experts.fc2.weight for name, layer in moe_layers(model).items()}
+        return {name: (w.to_local() if isinstance(w, DTensor) else w).shape[0] for name, w in weights.items()}
+
     def apply(self, model: nn.Module, make_optimizer: Callable[[nn.Module], Any], loaders=(),
               ema_decay: float = 0.0, ema_warmup: bool = False) -> Prepared:
         accelerator = self.accelerator
+        plugin = accelerator.state.fsdp_plugin if self.fsdp else None
+        banks_sharded = False
         if self.shards is not None:
             self.shards.shard(model)  # this process's experts, before the EMA copies the model
+            if self.fsdp:  # and under FSDP2 each bank its own unit over 'dp', before the optimizer sees them
+                banks_sharded = self.shards.shard_over_dp(
+                    model, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                    reshard_after_forward=plugin.reshard_after_forward)
         optimizer = make_optimizer(model)
         # the EMA copies the model before `prepare` wraps its forward (mixed precision) or the module (DDP)
         ema = ModelEmaV3(model, decay=ema_decay, use_warmup=ema_warmup, device=accelerator.device) \
             if ema_decay and not self.fsdp else None
         if self.fsdp:
-            plugin = accelerator.state.fsdp_plugin
             wrap_every_block(model, plugin)
-            if self.shards is not None:  # FSDP2 shards everything else; the expert banks stay this process's shard
-                plugin.ignored_modules = self.shards.expert_banks(model)
+            if self.shards is not None and not banks_sharded:
+                plugin.ignored_modules = self.shards.expert_banks(model)  # they stay this process's E / N experts
         model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         if ema_decay and self.fsdp:

@@ -13,7 +13,7 @@ import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,29 +38,23 @@ def ema_tensors(ema) -> Dict[str, torch.Tensor]:
     return ema.state_dict()
 
 
-def _state(unwrapped: nn.Module, optimizer, ema, parallel) -> Dict[str, Any]:
-    """The launch's training state by name, expert shards as DTensors of their whole banks."""
+def _state(unwrapped: nn.Module, optimizer, ema, parallel) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The launch's training state by name, as this launch holds it and as it is saved (expert shards as DTensors of
+    their whole banks, sharing storage with this launch's tensors: loading into the second loads the first)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, optim_state = get_state_dict(unwrapped, optimizer)
+    own = dict(model=model_state, optim=optim_state)
+    if ema is not None:
+        own['ema'] = ema_tensors(ema)
     as_global = parallel.as_global
-    state = dict(
+    saved = dict(
         model={n: as_global(n, t) for n, t in model_state.items()},
         optim=dict(optim_state, state={
             n: {k: as_global(n, v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in slots.items()}
             for n, slots in optim_state['state'].items()}))
     if ema is not None:
-        state['ema'] = {n: as_global(n, t) for n, t in ema_tensors(ema).items()}
-    return state
-
-
-def _local(value):
-    """Expert shards back from their DTensors (nested dicts and lists kept as they are)."""
-    from torch.distributed.tensor import DTensor
-    if isinstance(value, dict):
-        return {k: _local(v) for k, v in value.items()}
-    if isinstance(value, DTensor) and value.device_mesh.mesh_dim_names == ('dp', 'ep'):
-        return value.to_local()
-    return value
+        saved['ema'] = {n: as_global(n, t) for n, t in own['ema'].items()}
+    return own, saved
 
 
 @contextmanager
@@ -76,7 +70,7 @@ def save_training_state(folder: Path, train_state: TrainState, unwrapped: nn.Mod
     """Write the training state into `folder` (a collective: every process writes its pieces)."""
     import torch.distributed.checkpoint as dcp
     with _quiet():
-        dcp.save(_state(unwrapped, optimizer, ema, parallel), checkpoint_id=str(Path(folder) / STATE_FOLDER))
+        dcp.save(_state(unwrapped, optimizer, ema, parallel)[1], checkpoint_id=str(Path(folder) / STATE_FOLDER))
     if is_main:
         atomic_write(Path(folder) / TRAINER_STATE, json.dumps(train_state.state_dict(), indent=1))
 
@@ -100,9 +94,8 @@ def load_training_state(folder: Path, unwrapped: nn.Module, optimizer, ema, para
     """Read `folder`'s training state into this launch's model, optimizer and EMA, resharded (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    state = _state(unwrapped, optimizer, ema, parallel)
+    own, saved = _state(unwrapped, optimizer, ema, parallel)
     with _quiet():
-        dcp.load(state, checkpoint_id=str(Path(folder) / STATE_FOLDER))  # in place, into this launch's tensors
-    state = _local(state)
-    set_state_dict(unwrapped, optimizer, model_state_dict=state['model'], optim_state_dict=state['optim'])
-    # the EMA was loaded in place: its tensors (shared with the EMA) were in `state`
+        dcp.load(saved, checkpoint_id=str(Path(folder) / STATE_FOLDER))  # in place, into this launch's tensors
+    set_state_dict(unwrapped, optimizer, model_state_dict=own['model'], optim_state_dict=own['optim'])
+    # the EMA was loaded in place: its tensors (shared with the EMA) were in `saved`
