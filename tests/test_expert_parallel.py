@@ -196,5 +196,6 @@ def test_the_slurm_script_is_valid_bash_and_launches_what_readme_says():
     assert check.returncode == 0, check.stderr
     text = script.read_text()
     for needed in ('#SBATCH --signal=B:USR1@', '--resume auto', '--expert-parallel-size', '--rdzv_backend c10d',
-                   'pkill -USR1 -f train_scripts/train.py', 'scontrol requeue', '--save-signal SIGUSR1'):
+                   'trap forward_save_signal USR1', 'trap forward_stop_signal TERM', 'scontrol requeue',
+                   '--save-signal SIGUSR1'):
         assert needed in text, needed

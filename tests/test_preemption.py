@@ -106,6 +106,8 @@ def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     stopped_at = train_state_of(latest_checkpoint(out))['step']
     assert stopped_at == 4 and 'checkpoint_step_4' in stderr
+    stop, = log_records(out, 'stop')  # what a script reads where a launcher hides the exit status
+    assert (stop['signal'], stop['step']) == (signal.SIGTERM, 4)
     result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'at step 4' in result.stderr  # the resume line names the step

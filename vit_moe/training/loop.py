@@ -30,7 +30,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration, DistributedDataParallelKwargs, GradientAccumulationPlugin,
-    ProjectConfiguration, TorchDynamoPlugin, set_seed,
+    ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed,
 )
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -41,7 +41,7 @@ from ..data import (
     STOP_SIGNALS, BadImageLog, ImageFolderDataset, WorkerSignals, build_transforms, data_config_for,
     iter_with_shielded_workers, verify_images,
 )
-from ..layers import capture_routing, moe_layers
+from ..layers import capture_routing
 from ..models import create_model_from_checkpoint, save_trained_model, trained_model_config
 from .checkpoints import (
     TrainState, checkpoint_step, complete_checkpoints, is_complete, latest_checkpoint, prune_checkpoints,
@@ -55,6 +55,7 @@ from .optim import create_optimizer
 from .ema import ShardedEma
 from .parallelize import Parallelism
 from .run_log import RunLog
+from .run_lock import acquire_run_lock
 from .schedule import learning_rate
 from .training_state import load_training_state, read_train_state, save_training_state
 
@@ -161,6 +162,10 @@ class Trainer:
         self.parallel = Parallelism(self.accelerator, cfg.expert_parallel_size)
         set_seed(cfg.seed)  # the same model init on every process
         self._build_data_and_model()  # a bad option, path or checkpoint is refused here: nothing written yet
+        # one live run per output folder: a second launch into it is refused in one line naming the live run (before
+        # anything is written into it)
+        self.run_lock = acquire_run_lock(self.out, self.main, broadcast=(
+            lambda verdict: broadcast_object_list([verdict])[0]) if self.accelerator.num_processes > 1 else None)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.out)
@@ -188,7 +193,7 @@ class Trainer:
                             mixed_precision=self.accelerator.mixed_precision, global_batch=self.global_batch,
                             grad_accum_steps=self.accelerator.gradient_accumulation_steps, lr=self.lr,
                             model_kwargs=self.model_args, expert_parallel_size=cfg.expert_parallel_size,
-                            experts_per_process=self._experts_per_process()), self.state.step)
+                            experts_per_process=self.parallel.experts_per_process(self.unwrapped)), self.state.step)
         self._logged_bad_images = set()
         self.interrupted = 0
         self.stop_requested = False
@@ -339,10 +344,6 @@ class Trainer:
         self.train_loader, self.val_loader = prepared.loaders
         self.sharded_ema = isinstance(self.ema, ShardedEma)
 
-    def _experts_per_process(self) -> Dict[str, int]:
-        """MoE layer -> the routed experts each process holds."""
-        return {name: layer.experts.fc2.weight.shape[0] for name, layer in moe_layers(self.unwrapped).items()}
-
     def _verify_images(self) -> None:
         bad = verify_images(self.train_set) + verify_images(self.val_set)
         if bad and self.cfg.bad_image_policy == 'error':
@@ -443,6 +444,7 @@ class Trainer:
         if self.stop_requested:
             self.interrupted = self.stop_signal.signum or signal.SIGTERM
             self.save_checkpoint(reason=f'signal {int(self.interrupted)}')
+            self.log.write(dict(type='stop', signal=int(self.interrupted), step=state.step), state.step)
             _logger.warning(f'stopped by signal {self.interrupted} at step {state.step}; checkpoint saved')
             return True
         return False
@@ -531,6 +533,7 @@ class Trainer:
         self._log_bad_images()
         self.accelerator.end_training()
         self.log.close()
+        self.run_lock.release()
         return dict(
             step=self.state.step, interrupted=int(self.interrupted), eval=final_eval, output_dir=str(self.out),
             main_process=self.main,
