@@ -8,15 +8,18 @@ checked against what a real run's collectives move.
 
 The table: `vit_moe.planning.comm_volume` (bf16 mixed precision, one micro-batch per step; the models on the meta
 device). --measure: every process builds a tiny upcycled model, sets it up as each strategy does (DDP with the expert
-shards ignored, FSDP2 `fully_shard` per block plus the root, `shard_experts`), runs one forward and backward (and the
-expert gradients' all-reduce), and counts the bytes of every collective it calls (DDP through a counting comm hook,
-FSDP2's all-gathers and reduce-scatters, the all-to-alls forward and backward); rank 0 prints the counts beside the
-formula's and writes them to --json.
+shards ignored, FSDP2 `fully_shard` per block plus the root, `shard_experts`; under FSDP2 + EP, as the trainer, each
+expert bank first its own `fully_shard` unit over the mesh's 'dp' dimension: `ExpertShards.shard_over_dp`), runs one
+forward and backward (and the trainer's `reduce_gradients` of the expert shards), and counts the bytes of every
+collective it calls (DDP through a counting comm hook, FSDP2's all-gathers and reduce-scatters: over the 'dp' replicas,
+a group smaller than the world, the expert banks'; the all-to-alls forward and backward); rank 0 prints the counts
+beside the formula's and writes them to --json.
 """
 import argparse
 import json
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import timm
@@ -77,17 +80,22 @@ def _instrument(counts: Counter):
     def size(group) -> int:
         return dist.get_world_size(group)
 
+    def experts(group) -> bool:  # the 'dp' replicas of an expert group (FSDP2 + EP's expert banks), not the world
+        return size(group) < dist.get_world_size()
+
     gather, scatter, reduce, a2a = dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce, \
         ep_module.all_to_all_single_autograd
 
     def all_gather_single(output_tensor, input_tensor, group=None, async_op=False):
         g = size(group)
-        counts['parameters'] += output_tensor.numel() * output_tensor.element_size() * (g - 1) // g
+        counts['expert_parameters' if experts(group) else 'parameters'] += \
+            output_tensor.numel() * output_tensor.element_size() * (g - 1) // g
         return gather(output_tensor, input_tensor, group=group, async_op=async_op)
 
     def reduce_scatter_single(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
         g = size(group)
-        counts['gradients'] += input.numel() * input.element_size() * (g - 1) // g
+        counts['expert_gradients' if experts(group) else 'gradients'] += \
+            input.numel() * input.element_size() * (g - 1) // g
         return scatter(output=output, input=input, op=op, group=group, async_op=async_op)
 
     def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
@@ -115,6 +123,27 @@ def _ddp_counting_hook(counts: Counter, world: int):
     return hook
 
 
+@contextmanager
+def _layer_norm_as_on_cuda():
+    """LayerNorm in fp32 under autocast, as CUDA's autocast runs it (layer_norm is on its fp32 list); CPU's keeps the
+    input's dtype. Under DDP the residual stream is fp32 either way; under FSDP2's bf16 policy it is bf16, so without
+    this the tokens the all-to-alls send would be bf16 here and fp32 on GPUs."""
+    import torch.nn.functional as F
+    plain = F.layer_norm
+
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if not torch.is_autocast_enabled('cpu'):
+            return plain(input, normalized_shape, weight, bias, eps)
+        with torch.autocast('cpu', enabled=False):
+            return plain(input.float(), normalized_shape, None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps)
+    F.layer_norm = layer_norm
+    try:
+        yield
+    finally:
+        F.layer_norm = plain
+
+
 def measure_one(strategy: str, ep: int, mixed_precision: str, grad_checkpointing: bool, batch: int) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -140,17 +169,24 @@ def measure_one(strategy: str, ep: int, mixed_precision: str, grad_checkpointing
     else:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
             if mixed_precision == 'bf16' else MixedPrecisionPolicy()
-        ignored = set(p for bank in shards.expert_banks(model) for p in bank.parameters()) if shards else None
+        # as the trainer (training/parallelize.py): each expert bank its own unit over 'dp' first, where the replicas
+        # divide its experts; else the banks left out of FSDP2's units (whole E / N experts per process)
+        banks_sharded = shards is not None and shards.shard_over_dp(model, mp_policy=policy, reshard_after_forward=True)
+        ignored = set(p for bank in shards.expert_banks(model) for p in bank.parameters()) \
+            if shards is not None and not banks_sharded else None
         for block in model.blocks:
             fully_shard(block, mp_policy=policy, ignored_params=ignored)
         fully_shard(model, mp_policy=policy, ignored_params=ignored)
     generator = torch.Generator().manual_seed(rank)
     images, targets = torch.randn(batch, 3, 16, 16, generator=generator), torch.randint(0, 5, (batch,), generator=generator)
-    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=mixed_precision == 'bf16' and strategy.endswith('ddp'))
-    with autocast:
-        loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
-    loss.backward()
-    if shards is not None:  # the trainer's expert-gradient all-reduce, counted
+    # bf16: autocast under DDP and FSDP2 alike, as Accelerate wraps the prepared model's forward (its native_amp), on
+    # top of FSDP2's bf16 MixedPrecisionPolicy; LayerNorms as CUDA's autocast runs them (the tokens sent: their outputs)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=mixed_precision == 'bf16')
+    with _layer_norm_as_on_cuda():  # the backward too: gradient checkpointing runs the forward again, under autocast
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images).float(), targets)
+        loss.backward()
+    if shards is not None:  # the trainer's expert-gradient reduction (an all-reduce under DDP), counted
         import torch.distributed as dist_module
         dist_module.all_reduce = all_reduce
         try:
@@ -158,9 +194,8 @@ def measure_one(strategy: str, ep: int, mixed_precision: str, grad_checkpointing
         finally:
             dist_module.all_reduce = plain_all_reduce
     measured = dict(counts)
-    return dict(measured={k: measured.get(k, 0) for k in ('gradients', 'parameters', 'expert_gradients', 'tokens')},
-                formula=dict(gradients=expected.gradients, parameters=expected.parameters,
-                             expert_gradients=expected.expert_gradients, tokens=expected.tokens))
+    keys = ('gradients', 'parameters', 'expert_gradients', 'expert_parameters', 'tokens')
+    return dict(measured={k: measured.get(k, 0) for k in keys}, formula={k: getattr(expected, k) for k in keys})
 
 
 def measure(args) -> int:

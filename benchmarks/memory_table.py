@@ -70,8 +70,11 @@ over experts: 32 experts on 64 GPUs leave half the ranks holding padding). Trans
 and grads + 2 of the largest (MoE) block's all-gathered params (computing + prefetched; padded to N * ceil(dim0 / N)
 rows, so 2x the experts on 64 GPUs) + its unsharded grads and reduce-scatter buffer. FSDP2 + bf16:
 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype={reduce}): bf16 gathered params and grads. + EP M: every MoE
-layer's routed experts spread over groups of M GPUs (E / M each, fp32 params, grads and AdamW, outside DDP's buckets
-and FSDP2's units); the rest as the strategy holds it.
+layer's routed experts spread over groups of M GPUs, E / M each (fp32 params, grads and AdamW), whole tensors outside
+DDP's buckets; under FSDP2 each expert bank is also an FSDP unit of its own over the W / M data-parallel replicas where
+W / M divides E / M: E / W each at rest, and one bank's E / M experts gathered (with its grads and reduce-scatter
+input) in the transient (32 experts, EP 8: on 8 GPUs one replica, E / W = E / M; on 64 GPUs 4 experts per group do
+not split over 8 replicas, the banks stay whole); the rest as the strategy holds it, its largest unit without experts.
 
 Activations: bytes autograd saves for the backward of one forward + loss (counted with saved-tensor hooks on fake
 tensors; equal to a real CPU run), fused attention (no T x T matrix). Per image = growth per image. Weight copies =

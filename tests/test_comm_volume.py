@@ -1,7 +1,30 @@
 """The bytes-moved formula (vit_moe.planning.comm_volume) against the collectives of a real 4-process run."""
+import importlib.util
 import json
 
-from conftest import launch_processes, run_script
+import timm
+import torch
+
+import vit_moe  # noqa: F401  registers the models
+from conftest import ROOT, launch_processes, run_script
+from vit_moe.layers import moe_layers
+from vit_moe.planning.comm_volume import comm_volume
+
+
+def _tiny_kwargs():
+    """The tiny model `benchmarks/comm_volume.py --measure` runs."""
+    spec = importlib.util.spec_from_file_location('comm_volume_script', ROOT / 'benchmarks' / 'comm_volume.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TINY
+
+
+def _bank_numel(**kwargs):
+    """Elements of one MoE layer's routed expert bank (every expert) of the tiny model, and its experts."""
+    with torch.device('meta'):
+        model = timm.create_model('vit_ti16_moe_upcycled', **dict(_tiny_kwargs(), **kwargs))
+    (layer,) = moe_layers(model).values()
+    return sum(p.numel() for p in layer.experts.parameters()), layer.num_experts
 
 
 def test_the_formula_is_what_a_2_x_2_run_moves_for_every_strategy(tmp_path):
@@ -14,7 +37,38 @@ def test_the_formula_is_what_a_2_x_2_run_moves_for_every_strategy(tmp_path):
     results = json.loads(out.read_text())
     assert len(results) == 8
     for key, result in results.items():
+        assert set(result['measured']) == {'gradients', 'parameters', 'expert_gradients', 'expert_parameters',
+                                           'tokens'}, key
         assert result['measured'] == result['formula'], key
     ep = results['ep+ddp, grad ckpt']['measured']
     assert ep['tokens'] > results['ep+ddp']['measured']['tokens'] > 0  # checkpointing re-runs the forward's
-    assert ep['expert_gradients'] > 0  # the shards' all-reduce over their 2 replicas
+    # the expert shards (E / N = 2 of the 4 experts per process) over their 2 data-parallel replicas, which send half
+    bank, _ = _bank_numel()
+    shard = bank // 2  # elements of a process's E / N experts
+    for key in ('ep+ddp', 'ep+ddp, grad ckpt'):  # DDP: the shards' fp32 all-reduce (2 x 4 B x 1/2)
+        measured = results[key]['measured']
+        assert measured['expert_gradients'] == 2 * 4 * shard // 2 and measured['expert_parameters'] == 0, key
+    for key in ('ep+fsdp2', 'ep+fsdp2, grad ckpt'):  # FSDP2: each bank its own unit over 'dp', 1 expert at rest
+        measured, plain = results[key]['measured'], results[key.replace('ep+', '')]['measured']
+        assert measured['expert_parameters'] == 2 * 2 * shard // 2, key  # bf16 all-gathers: forward and backward
+        assert measured['expert_gradients'] == 2 * shard // 2, key  # one bf16 reduce-scatter, no all-reduce
+        # the banks are not in the units over the 4 processes: FSDP2 without EP reduce-scatters them there too
+        assert plain['gradients'] - measured['gradients'] == 2 * bank * 3 // 4, key
+        assert plain['parameters'] - measured['parameters'] == 2 * 2 * bank * 3 // 4, key
+    # the tokens the all-to-alls send are the same under DDP and FSDP2 (fp32 in, bf16 back)
+    assert results['ep+fsdp2']['measured']['tokens'] == results['ep+ddp']['measured']['tokens']
+
+
+def test_fsdp2_with_expert_parallelism_all_reduces_whole_banks_where_the_replicas_do_not_divide_them():
+    """2 experts, EP 2 on 4 processes: 1 expert per process cannot be split over 2 replicas; the trainer leaves the
+    banks out of FSDP2 (`ExpertShards.shard_over_dp` returns False) and all-reduces their fp32 gradients, as DDP."""
+    with torch.device('meta'):
+        model = timm.create_model('vit_ti16_moe_upcycled', **dict(_tiny_kwargs(), num_experts=2))
+    bank, _ = _bank_numel(num_experts=2)
+    fsdp2, ddp = (comm_volume(model, s, 4, 3, 2, 'bf16') for s in ('ep+fsdp2', 'ep+ddp'))
+    assert fsdp2.expert_parameters == 0 and fsdp2.expert_gradients == ddp.expert_gradients == 2 * 4 * (bank // 2) // 2
+    with torch.device('meta'):
+        model = timm.create_model('vit_ti16_moe_upcycled', **dict(_tiny_kwargs(), num_experts=4))
+    sharded = comm_volume(model, 'ep+fsdp2', 4, 3, 2, 'bf16')
+    assert sharded.expert_parameters > 0 and sharded.expert_gradients < comm_volume(model, 'ep+ddp', 4, 3, 2,
+                                                                                     'bf16').expert_gradients

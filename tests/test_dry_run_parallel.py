@@ -48,15 +48,35 @@ def test_expert_parallelism_divides_the_experts_state_by_n_under_ddp(model, ep):
     assert spread.expert_params == whole.expert_params == experts
 
 
-def test_expert_parallelism_under_fsdp2_is_the_memory_models(model):
-    """FSDP2 + EP 4: the memory model's expert-parallel rows; the EMA holds FSDP2's shards and E / 4 experts."""
-    plan = dry_run(_cfg(4), FSDP2)['plan']
-    state = parameter_memory(model, 'fsdp2', 8, 'no', expert_parallel_size=4)
+@pytest.mark.parametrize('processes, ep, held', [(8, 2, 8), (8, 4, 8), (8, 8, 8), (16, 2, 2), (16, 4, 4)],
+                         ids=['8-ep2', '8-ep4', '8-ep8', '16-ep2-whole', '16-ep4-whole'])
+def test_expert_parallelism_under_fsdp2_holds_e_over_w_experts_where_the_replicas_divide_them(model, processes, ep,
+                                                                                             held):
+    """FSDP2 + EP N on W processes: each expert bank is an FSDP unit over its W / N replicas, so the routed experts'
+    part of the parameters, gradients, AdamW and EMA is 1 / W of EP 1's unsharded where W / N divides E / N (8
+    experts on 8 processes), else 1 / N (16 processes: 8 / N experts over 16 / N replicas stay whole); the rest is
+    FSDP2's shards over W, and the numbers are the memory model's."""
+    experts = _numel(routed_expert_parameters(model))
+    ids = {id(p) for p in routed_expert_parameters(model)}
+    rest = sum(fsdp_shard_numel(p.shape, processes) for p in model.parameters() if id(p) not in ids)
+    buffers = sum(fsdp_shard_numel(b.shape, processes) for b in model.buffers())
+    plan = dry_run(_cfg(ep), FSDP2, num_processes=processes)['plan']
+    for name, nbytes, extra in (('params', 4, 0), ('grads', 4, 0), ('optimizer', 8, 0), ('ema', 4, buffers)):
+        assert getattr(plan, name) == nbytes * (rest + experts // held) + 4 * extra, name
+    state = parameter_memory(model, 'fsdp2', processes, 'no', expert_parallel_size=ep)
     assert (plan.params, plan.grads, plan.optimizer, plan.transient) == (state.params, state.grads, state.optimizer,
                                                                          state.transient)
-    experts = {id(p) for p in routed_expert_parameters(model)}
-    sharded = sum(fsdp_shard_numel(t.shape, 8) for t in [*model.parameters(), *model.buffers()] if id(t) not in experts)
-    assert plan.ema == 4 * (sharded + _numel(routed_expert_parameters(model)) // 4)
+
+
+def test_the_report_names_the_share_of_the_experts_at_rest_under_fsdp2():
+    rc, out, err = run_front_end('train_scripts/train.py', *TINY, '--accelerate-config', FSDP2,
+                                 '--expert-parallel-size', '2')
+    assert rc == 0, err
+    assert ('1/8 of them on each process: expert_parallel_size 2, each bank sharded again by FSDP2 over 4 '
+            'data-parallel replicas)') in out
+    rc, out, err = run_front_end('train_scripts/train.py', *TINY, '--accelerate-config', FSDP2, '--num-processes',
+                                 '16', '--expert-parallel-size', '2')
+    assert rc == 0 and '1/2 of them on each process: expert_parallel_size 2)' in out, err
 
 
 def test_the_command_line_reports_the_shipped_config_with_less_parameter_memory_at_ep_8():

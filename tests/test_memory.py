@@ -14,6 +14,7 @@ import timm
 import torch
 
 import vit_moe  # noqa: F401  registers the models
+from vit_moe.layers import moe_layers
 from vit_moe.planning import memory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,8 +230,9 @@ def test_memory_table_script(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize('strategy', ['ddp', 'fsdp2'])
 def test_expert_parallel_memory_is_the_bytes_of_a_sharded_model(strategy):
-    """With expert_parallel_size N every GPU holds E / N experts of each MoE layer (whole tensors, outside DDP and
-    FSDP2) plus the rest as the strategy holds it: the count equals the parameters of a model sharded that way."""
+    """With expert_parallel_size N every GPU holds E / N experts of each MoE layer (whole tensors outside DDP; under
+    FSDP2 on N = W GPUs each bank is a unit over 1 replica, which holds them all) plus the rest as the strategy holds
+    it: the count equals the parameters of a model sharded that way."""
     import timm
     from vit_moe.layers import moe_layers, shard_experts
     from vit_moe.planning.memory import fsdp_shard_numel, parameter_memory
@@ -245,3 +247,74 @@ def test_expert_parallel_memory_is_the_bytes_of_a_sharded_model(strategy):
     experts = sum(p.numel() for layer in moe_layers(model).values() for p in layer.experts.parameters())
     assert memory.params == 4 * (rest + experts) and memory.optimizer == 8 * (rest + experts)
     assert experts * 4 == sum(p.numel() for p in whole)  # a quarter of the experts
+
+
+def _experts_and_rest(model, gpus):
+    """(elements of the routed experts, whole; FSDP2's shard over `gpus` of everything else per GPU)."""
+    experts = memory.routed_expert_parameters(model)
+    ids = {id(p) for p in experts}
+    rest = sum(memory.fsdp_shard_numel(p.shape, gpus) for p in model.parameters() if id(p) not in ids)
+    return sum(p.numel() for p in experts), rest
+
+
+@pytest.mark.parametrize('gpus, ep, held', [(16, 8, 16), (32, 8, 32), (64, 8, 8), (8, 8, 8), (16, 2, 16)],
+                         ids=['16-ep8', '32-ep8', '64-ep8-whole', '8-ep8', '16-ep2'])
+def test_fsdp2_with_expert_parallelism_holds_e_over_w_experts_where_the_replicas_divide_e_over_n(b16, gpus, ep, held):
+    """FSDP2 + EP N on W GPUs: each expert bank is an FSDP unit over its W / N replicas, so a GPU holds 1 / W of the
+    routed experts (params, grads, AdamW) where W / N divides E / N (32 experts, EP 8: 4 per group, over 2 or 4
+    replicas), else 1 / N (64 GPUs: 4 experts over 8 replicas stay whole); DDP + EP holds 1 / N either way."""
+    experts, rest = _experts_and_rest(b16, gpus)
+    m = memory.parameter_memory(b16, 'fsdp2', gpus, 'bf16', expert_parallel_size=ep)
+    assert memory.experts_sharded_over_dp(b16, gpus, ep) == (held == gpus)
+    assert m.params == m.grads == 4 * (rest + experts // held) and m.optimizer == 8 * (rest + experts // held)
+    ddp = memory.parameter_memory(b16, 'ddp', gpus, expert_parallel_size=ep)
+    others = _num_params(b16) - experts
+    assert ddp.params == ddp.grads == 4 * (others + experts // ep) and ddp.transient == 4 * others
+
+
+def test_fsdp2_with_expert_parallelism_gathers_one_bank_in_the_transient(b16, monkeypatch):
+    """The transient of FSDP2 + EP adds one bank's E / N experts all-gathered (bf16), their unsharded grads (bf16)
+    and their reduce-scatter input (fp32 here) to the units' without the experts; whole banks (the replicas do not
+    divide them) add nothing: their grads are the fp32 grads already counted."""
+    per_layer = max(sum(p.numel() for p in layer.experts.parameters()) for layer in moe_layers(b16).values())
+    sharded = memory.parameter_memory(b16, 'fsdp2', 16, 'bf16', reduce_dtype=torch.float32, expert_parallel_size=8)
+    monkeypatch.setattr(memory, 'experts_sharded_over_dp', lambda *args: False)  # the same GPUs, banks left whole
+    whole = memory.parameter_memory(b16, 'fsdp2', 16, 'bf16', reduce_dtype=torch.float32, expert_parallel_size=8)
+    assert sharded.transient - whole.transient == per_layer // 8 * (2 + 2 + 4)
+    assert whole.params - sharded.params == 4 * _experts_and_rest(b16, 16)[0] // 16  # E / N against E / W
+    units = memory.fsdp_units(b16)  # the largest unit without the experts: a dense block, not an MoE one
+    assert not any('.mlp.experts.' in name for name, _ in units[sharded.largest_unit])
+
+
+@pytest.mark.parametrize('gpus, ep', [(8, 2), (8, 4), (16, 2)])
+def test_fsdp2_with_expert_parallelism_matches_fully_shard_on_a_fake_process_group(gpus, ep):
+    """The per-rank bytes of the trainer's own expert shards (`ExpertShards`: `shard_experts`, each bank
+    `fully_shard` over 'dp' where it divides) under torch's fully_shard per block and root, on a fake process group
+    of `gpus` ranks: 8 experts, EP 2 or 4 on 8 ranks hold 1 each; EP 2 on 16 ranks keeps 4 whole (8 replicas)."""
+    dist = pytest.importorskip('torch.distributed')
+    fake_pg = pytest.importorskip('torch.testing._internal.distributed.fake_pg')
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from vit_moe.training.expert_parallel import ExpertShards
+    kwargs = dict(img_size=64, depth=4, num_experts=8)
+    expected = memory.parameter_memory(meta_model('vit_ti16_moe_upcycled', **kwargs), 'fsdp2', gpus,
+                                       expert_parallel_size=ep)
+    for rank in (0, gpus - 1):
+        dist.init_process_group('fake', rank=rank, world_size=gpus, store=fake_pg.FakeStore())
+        try:
+            model = meta_model('vit_ti16_moe_upcycled', **kwargs)
+            shards = ExpertShards(ep, gpus, 'cpu')
+            shards.shard(model)
+            banks = shards.shard_over_dp(model)
+            assert banks == (gpus == 8)
+            ignored = None if banks else {p for bank in shards.expert_banks(model) for p in bank.parameters()}
+            mesh = init_device_mesh('cpu', (gpus,))
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh, ignored_params=ignored)
+            fully_shard(model, mesh=mesh, ignored_params=ignored)
+            local = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in model.named_parameters()}
+            assert local['blocks.3.mlp.experts.fc1.weight'].shape[0] == (1 if banks else 8 // ep)
+            assert sum(t.untyped_storage().nbytes() for t in local.values()) == expected.params
+        finally:
+            dist.destroy_process_group()

@@ -11,11 +11,17 @@ the collectives a real gloo run calls):
 * FSDP2 over W (full shard, `reshard_after_forward`, one unit per block plus the root): each unit's padded
   parameters all-gathered in the forward and again in the backward (the root once), its gradients reduce-scattered
   once; parameter / gradient bytes from the mixed precision (bf16: 2 + 2, or fp32 4 + 4).
-* Expert parallelism over groups of N (W / N data-parallel replicas): the other parameters as DDP or FSDP2 says; each
-  expert shard's gradient (E / N experts) all-reduced over its W / N replicas; per MoE layer and micro-batch, four
-  all-to-alls of the layer's slots (B images x E x capacity x D: dispatch and return in the forward, their gradients in
-  the backward; two more with gradient checkpointing, which runs the forward of a block again), each sending
-  (N - 1) / N of them, in the dtype they have (fp32 tokens in; the experts' output dtype back: bf16 under autocast).
+* Expert parallelism over groups of N (W / N data-parallel replicas): the other parameters as DDP or FSDP2 says.
+  The expert shards (E / N experts of each layer per process): under DDP, each one's fp32 gradient all-reduced over
+  its W / N replicas. Under FSDP2, each expert bank is an FSDP unit of its own over the W / N replicas (the trainer's
+  `ExpertShards.shard_over_dp`, where W / N divides every layer's E / N): its E / N experts all-gathered in the
+  forward and again in the backward (with gradient checkpointing too), its gradients reduce-scattered once, over the
+  W / N replicas, in the mixed precision's bytes like the other units; where W / N does not divide E / N the banks
+  stay whole and their fp32 gradients are all-reduced as under DDP. Per MoE layer and micro-batch, four all-to-alls
+  of the layer's slots (B images x E x capacity x D: dispatch and return in the forward, their gradients in the
+  backward; two more with gradient checkpointing, which runs the forward of a block again), each sending (N - 1) / N
+  of them, in the dtype they have (fp32 tokens in, the LayerNorm's output under CUDA's autocast; the experts' output
+  dtype back: bf16 under autocast), the same under DDP and FSDP2.
 
 Returns bytes, not GB.
 """
@@ -26,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import moe_layers
-from .memory import fsdp_shard_numel, fsdp_units
+from .memory import expert_shard_numel, experts_sharded_over_dp, fsdp_shard_numel, fsdp_units
 
 __all__ = ['CommVolume', 'comm_volume', 'expert_parameter_numel', 'STRATEGIES']
 
@@ -41,13 +47,15 @@ class CommVolume:
     num_processes: int
     expert_parallel_size: int
     gradients: int  # DDP all-reduce / FSDP2 reduce-scatter of the non-expert (all, without EP) gradients
-    parameters: int  # FSDP2 all-gathers
-    expert_gradients: int  # the expert shards' all-reduce over their data-parallel replicas
+    parameters: int  # FSDP2 all-gathers of the non-expert (all, without EP) parameters
+    expert_gradients: int  # the expert shards' gradients over their data-parallel replicas: all-reduce (DDP) or
+    # reduce-scatter (FSDP2, the banks its units over 'dp')
     tokens: int  # the all-to-alls of every MoE layer
+    expert_parameters: int = 0  # FSDP2 + EP: the expert banks' all-gathers over their data-parallel replicas
 
     @property
     def total(self) -> int:
-        return self.gradients + self.parameters + self.expert_gradients + self.tokens
+        return self.gradients + self.parameters + self.expert_gradients + self.tokens + self.expert_parameters
 
 
 def _expert_names(model: nn.Module) -> List[str]:
@@ -99,14 +107,23 @@ def comm_volume(model: nn.Module, strategy: str, num_processes: int, batch_size:
             gathers = 1 if unit == '' else 2
             parameters += gathers * padded * pb * (W - 1) // W
             gradients += sum(W * fsdp_shard_numel(p.shape, W) for _, p in members if p.requires_grad) * pb * (W - 1) // W
-    expert_gradients = tokens = 0
+    expert_gradients = expert_parameters = tokens = 0
     if N > 1:
         replicas = W // N
-        shard = sum(params[n].numel() for n in experts) // N
-        expert_gradients = 2 * 4 * shard * (replicas - 1) // replicas
+        if strategy == 'ep+fsdp2' and experts_sharded_over_dp(model, W, N):  # each bank a unit over 'dp'
+            pb = _BYTES[mixed_precision]
+            for layer in moe_layers(model).values():
+                bank = list(layer.experts.parameters())
+                padded = sum(replicas * expert_shard_numel(p.shape, W, N, True) for p in bank)
+                expert_parameters += 2 * padded * pb * (replicas - 1) // replicas
+                expert_gradients += sum(replicas * expert_shard_numel(p.shape, W, N, True)
+                                        for p in bank if p.requires_grad) * pb * (replicas - 1) // replicas
+        else:
+            shard = sum(params[n].numel() for n in experts) // N
+            expert_gradients = 2 * 4 * shard * (replicas - 1) // replicas
         out_bytes = 2 if mixed_precision in ('bf16', 'fp16') else 4
         tokens = _tokens(model, batch_size, num_tokens, N, 4, out_bytes, grad_checkpointing)
-    return CommVolume(strategy, W, N, gradients, parameters, expert_gradients, tokens)
+    return CommVolume(strategy, W, N, gradients, parameters, expert_gradients, tokens, expert_parameters)
 
 
 def volumes(model: nn.Module, num_processes: int, batch_size: int, expert_parallel_size: int,

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 __all__ = [
     'GB', 'STRATEGIES', 'ParameterMemory', 'ActivationMemory', 'fsdp_units', 'fsdp_shard_numel', 'parameter_memory',
-    'routed_expert_parameters', 'activation_memory',
+    'routed_expert_parameters', 'experts_sharded_over_dp', 'expert_shard_numel', 'activation_memory',
 ]
 
 GB = 1e9  # decimal gigabyte, as in the tables
@@ -83,7 +83,8 @@ class ParameterMemory:
         grads: fp32 gradients (sharded under FSDP2).
         optimizer: AdamW's exp_avg and exp_avg_sq, fp32.
         transient: FSDP2: all-gathered parameters and unsharded gradients of the root unit and the largest units
-            during forward/backward (see `parameter_memory`); DDP: the reducer's gradient buckets.
+            during forward/backward, with expert parallelism also one expert bank's (see `parameter_memory`); DDP:
+            the reducer's gradient buckets.
         num_params: parameters of the model.
         largest_unit: name of the largest FSDP unit ('' for DDP).
     """
@@ -136,19 +137,25 @@ def parameter_memory(
     Not counted: the bf16 copy of a unit's shard before the all-gather (1/N of a unit), the brief overlap of a flat
     all-gather buffer with its per-parameter copy-out, and allocator fragmentation.
 
-    `expert_parallel_size` M > 1: every MoE layer's routed experts are spread over groups of M GPUs (E / M each, fp32
-    params, grads and AdamW: 16 B per parameter / M), outside DDP's buckets and FSDP2's units (which hold the rest as
-    above).
+    `expert_parallel_size` M > 1 (the W = `num_gpus` GPUs a ('dp', 'ep') mesh of (W / M) x M): every MoE layer's
+    routed experts are spread over groups of M GPUs, E / M per GPU; the rest is held as above, its units without the
+    experts (the largest unit chosen among them). DDP: the E / M experts whole (fp32 params, grads and AdamW: 16 B per
+    parameter / M), outside the reducer's buckets. FSDP2: each expert bank is also an FSDP unit of its own over the
+    W / M data-parallel replicas (`vit_moe.training.expert_parallel.ExpertShards.shard_over_dp`), so a GPU holds
+    E / W experts at rest (16 B per parameter / W), where W / M divides every layer's E / M
+    (`experts_sharded_over_dp`); `transient` then adds one bank's gathering: the largest layer's E / M experts
+    all-gathered (param_dtype), their unsharded grads (param_dtype) and their reduce-scatter input (reduce_dtype).
+    Otherwise the banks stay whole E / M experts per GPU, outside FSDP2's units, as under DDP.
     """
-    if expert_parallel_size > 1:
-        return _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
-                                        gradient_as_bucket_view, expert_parallel_size)
     if strategy not in STRATEGIES:
         raise ValueError(f'strategy must be one of {STRATEGIES}, got {strategy!r}')
     if mixed_precision not in _PARAM_DTYPES:
         raise ValueError(f'mixed_precision must be one of {sorted(_PARAM_DTYPES)}, got {mixed_precision!r}')
     if num_gpus < 1:
         raise ValueError(f'num_gpus must be >= 1, got {num_gpus!r}')
+    if expert_parallel_size > 1:
+        return _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
+                                        gradient_as_bucket_view, expert_parallel_size)
     fp32 = 4
     params = list(model.parameters())
     num_params = sum(p.numel() for p in params)
@@ -163,11 +170,14 @@ def parameter_memory(
 
 
 def _fsdp2_memory(model: nn.Module, n: int, mixed_precision: str, reduce_dtype: torch.dtype,
-                  wrap_cls_names: Optional[Iterable[str]]) -> ParameterMemory:
-    """`parameter_memory` under FSDP2 full shard over `n` GPUs (see its docstring for what `transient` holds)."""
+                  wrap_cls_names: Optional[Iterable[str]], leave_out: Iterable[nn.Parameter] = ()) -> ParameterMemory:
+    """`parameter_memory` under FSDP2 full shard over `n` GPUs (see its docstring for what `transient` holds), of the
+    parameters not in `leave_out` (expert parallelism: the routed experts, outside these units); `num_params` counts
+    every parameter of the model."""
     fp32 = 4
-    params = list(model.parameters())
-    num_params = sum(p.numel() for p in params)
+    num_params = sum(p.numel() for p in model.parameters())
+    left_out = {id(p) for p in leave_out}
+    params = [p for p in model.parameters() if id(p) not in left_out]
     shard = sum(fsdp_shard_numel(p.shape, n) for p in params)  # elements per rank
     trainable = sum(fsdp_shard_numel(p.shape, n) for p in params if p.requires_grad)
     pb = _nbytes(_PARAM_DTYPES[mixed_precision])  # unsharded param / grad bytes
@@ -182,7 +192,8 @@ def _fsdp2_memory(model: nn.Module, n: int, mixed_precision: str, reduce_dtype: 
     def reduce_scatter_input(unit) -> int:  # padded, reduce_dtype
         return sum(n * fsdp_shard_numel(p.shape, n) for _, p in unit if p.requires_grad) * rb
 
-    units = fsdp_units(model, wrap_cls_names)
+    units = {k: [(name, p) for name, p in unit if id(p) not in left_out]
+             for k, unit in fsdp_units(model, wrap_cls_names).items()}
     root = units.pop('')
     largest = max(units, key=lambda k: 2 * gathered(units[k]) + unsharded_grads(units[k])
                   + reduce_scatter_input(units[k]), default='')
@@ -200,40 +211,70 @@ def routed_expert_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for layer in moe_layers(model).values() for p in layer.experts.parameters()]
 
 
+def experts_sharded_over_dp(model: nn.Module, num_gpus: int, expert_parallel_size: int) -> bool:
+    """FSDP2 + expert parallelism M over `num_gpus` W: whether every expert bank becomes an FSDP unit of its own over
+    the W / M data-parallel replicas (E / W experts per GPU at rest), as the trainer does where W / M divides every
+    MoE layer's E / M (`vit_moe.training.expert_parallel.ExpertShards.shard_over_dp`); else they stay E / M whole."""
+    from ..layers import moe_layers
+    replicas = num_gpus // expert_parallel_size
+    return all((layer.experts.fc2.weight.shape[0] // expert_parallel_size) % replicas == 0
+               for layer in moe_layers(model).values())
+
+
+def expert_shard_numel(shape: Sequence[int], num_gpus: int, expert_parallel_size: int, over_dp: bool) -> int:
+    """Elements a GPU holds of a routed expert tensor of (whole-bank) `shape` [E, ...] under expert parallelism M over
+    `num_gpus` W: E / M experts whole, or (`over_dp`: FSDP2's unit over the W / M replicas) its `fsdp_shard_numel`
+    of them, E / W experts where W / M divides E / M."""
+    local = (shape[0] // expert_parallel_size, *shape[1:])
+    return fsdp_shard_numel(local, num_gpus // expert_parallel_size) if over_dp else math.prod(local)
+
+
 def _with_expert_parallelism(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
                              gradient_as_bucket_view, size: int) -> ParameterMemory:
-    """`parameter_memory` of the model without its routed experts, plus their 1 / `size` share per GPU."""
+    """`parameter_memory` of the model without its routed experts, plus what a GPU holds of them: E / `size` whole
+    (DDP; FSDP2 where the replicas do not divide E / `size`), or E / W in FSDP2 units of their own over the
+    W / `size` data-parallel replicas, with one bank's gathering in `transient`."""
+    if num_gpus % size:
+        raise ValueError(f'expert_parallel_size={size} does not divide num_gpus={num_gpus}')
+    fp32 = 4
     expert_params = routed_expert_parameters(model)
     held = {id(p) for p in expert_params}
-    frozen = [p for p in model.parameters() if id(p) in held and p.requires_grad]
-    try:  # the rest, as the strategy has it: the experts frozen (no grads, no optimizer state) and removed below
-        for p in frozen:
-            p.requires_grad_(False)
-        rest = parameter_memory(model, strategy, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names,
-                                gradient_as_bucket_view)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    experts = sum(p.numel() for p in expert_params)
-    strategy_params = rest.params - 4 * (sum(fsdp_shard_numel(p.shape, num_gpus) for p in expert_params)
-                                         if strategy == 'fsdp2' else experts)
-    return ParameterMemory(strategy, num_gpus, mixed_precision, params=strategy_params + 4 * experts // size,
-                           grads=rest.grads + 4 * experts // size, optimizer=rest.optimizer + 8 * experts // size,
-                           transient=rest.transient - (_fsdp_expert_transient(model, rest, expert_params, num_gpus,
-                                                                              mixed_precision) if strategy == 'fsdp2'
-                                                       else 0),
-                           num_params=rest.num_params, largest_unit=rest.largest_unit)
+    over_dp = strategy == 'fsdp2' and experts_sharded_over_dp(model, num_gpus, size)
+    shard = {id(p): expert_shard_numel(p.shape, num_gpus, size, over_dp) for p in expert_params}
+    experts = sum(shard.values())
+    trainable = sum(shard[id(p)] for p in expert_params if p.requires_grad)
+    if strategy == 'ddp':
+        others = [p for p in model.parameters() if id(p) not in held]
+        other_trainable = sum(p.numel() for p in others if p.requires_grad)
+        return ParameterMemory(
+            strategy, num_gpus, mixed_precision, params=fp32 * (sum(p.numel() for p in others) + experts),
+            grads=fp32 * (other_trainable + trainable), optimizer=2 * fp32 * (other_trainable + trainable),
+            transient=0 if gradient_as_bucket_view else fp32 * other_trainable,  # the experts are not in the buckets
+            num_params=sum(p.numel() for p in model.parameters()))
+    rest = _fsdp2_memory(model, num_gpus, mixed_precision, reduce_dtype, wrap_cls_names, leave_out=expert_params)
+    transient = rest.transient + (_expert_bank_transient(model, num_gpus, size, mixed_precision, reduce_dtype)
+                                  if over_dp else 0)
+    return ParameterMemory('fsdp2', num_gpus, mixed_precision, params=rest.params + fp32 * experts,
+                           grads=rest.grads + fp32 * trainable, optimizer=rest.optimizer + 2 * fp32 * trainable,
+                           transient=transient, num_params=rest.num_params, largest_unit=rest.largest_unit)
 
 
-def _fsdp_expert_transient(model, rest, expert_params, num_gpus, mixed_precision) -> int:
-    """The experts' part of FSDP2's transient buffers (they are not gathered under expert parallelism): two of the
-    largest unit's gathered experts (the largest unit is an MoE block)."""
-    if not rest.largest_unit:
-        return 0
+def _expert_bank_transient(model, num_gpus, size, mixed_precision, reduce_dtype) -> int:
+    """FSDP2's buffers for one expert bank, its own unit over the W / M replicas (the largest layer's): its E / M
+    experts all-gathered (padded shards, param_dtype), their unsharded grads (param_dtype) and their reduce-scatter
+    input (padded, reduce_dtype), as for the blocks' units."""
+    from ..layers import moe_layers
+    replicas = num_gpus // size
     pb = _nbytes(_PARAM_DTYPES[mixed_precision])
-    unit = [p for n, p in model.named_parameters() if n.startswith(rest.largest_unit + '.')]
-    ids = {id(p) for p in expert_params}
-    return 2 * sum(num_gpus * fsdp_shard_numel(p.shape, num_gpus) for p in unit if id(p) in ids) * pb
+    rb = _nbytes(reduce_dtype if mixed_precision not in ('no', 'fp32') else torch.float32)
+
+    def bank(layer) -> int:
+        params = list(layer.experts.parameters())
+        gathered = sum(replicas * expert_shard_numel(p.shape, num_gpus, size, True) for p in params)
+        grads = sum(expert_shard_numel(p.shape, num_gpus, size, False) for p in params if p.requires_grad)
+        scatter = sum(replicas * expert_shard_numel(p.shape, num_gpus, size, True) for p in params if p.requires_grad)
+        return gathered * pb + grads * pb + scatter * rb
+    return max((bank(layer) for layer in moe_layers(model).values()), default=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

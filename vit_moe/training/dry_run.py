@@ -8,9 +8,11 @@ mixed precision from the accelerate config unless the training config sets it; g
 `lr_base_size` scaling) and estimates the memory of the fullest process with the memory model
 (`vit_moe.planning.memory`: parameters, gradients, AdamW state, transient buffers, the EMA, and the activations
 with and without gradient checkpointing). With `expert_parallel_size` N a process holds E / N routed experts of each
-MoE layer (their parameters, gradients, AdamW state and EMA); N must divide the processes and every MoE layer's
-experts, as in the real launch. With `gpu_memory_gb` it says whether the run fits; the estimate leaves out the CUDA
-context, the allocator's caching and the gradients of the activations, so `MARGIN` of the card is kept free.
+MoE layer (their parameters, gradients, AdamW state and EMA), or under FSDP2 its shards of them over the W / N
+data-parallel replicas, E / W, where W / N divides E / N (each bank an FSDP unit over 'dp', as the trainer makes it);
+N must divide the processes and every MoE layer's experts, as in the real launch. With `gpu_memory_gb` it says
+whether the run fits; the estimate leaves out the CUDA context, the allocator's caching and the gradients of the
+activations, so `MARGIN` of the card is kept free.
 Without an accelerate config or `num_processes` it plans one process (and says so).
 """
 import math
@@ -23,7 +25,8 @@ import torch
 from .config import ConfigError, TrainConfig, read_yaml, scaled_lr
 from ..layers import moe_layers
 from ..planning.memory import (
-    GB, ParameterMemory, activation_memory, fsdp_shard_numel, parameter_memory, routed_expert_parameters)
+    GB, ParameterMemory, activation_memory, expert_shard_numel, experts_sharded_over_dp, fsdp_shard_numel,
+    parameter_memory, routed_expert_parameters)
 
 __all__ = ['Launch', 'MemoryPlan', 'resolve_launch', 'plan_memory', 'dry_run', 'expert_parallel_sizes', 'MARGIN']
 
@@ -123,6 +126,7 @@ class MemoryPlan:
     activations_other: int  # with the other setting (for the advice)
     num_params: int
     expert_params: int = 0  # the routed experts' (whole model); a process holds 1 / expert_parallel_size of them
+    # (FSDP2, where the replicas divide its experts: 1 / the processes)
 
     @property
     def total(self) -> int:
@@ -147,13 +151,15 @@ def _model_state(model: torch.nn.Module, cfg: TrainConfig, launch: Launch) -> Tu
 
 def _ema_bytes(model: torch.nn.Module, launch: Launch) -> int:
     """fp32 copies of the state a process holds: whole (DDP, one process) or its shards (FSDP2); of the routed
-    experts, its E / N under expert parallelism (outside FSDP2's units)."""
+    experts under expert parallelism N, what the process holds of them: E / N whole (DDP; FSDP2 where the W / N
+    replicas do not divide E / N), or its FSDP2 shards of them over the replicas, E / W (the sharded EMA)."""
     ep = launch.expert_parallel_size
     experts = {id(p) for p in routed_expert_parameters(model)} if ep > 1 else set()
+    over_dp = bool(experts) and launch.strategy == 'fsdp2' and experts_sharded_over_dp(model, launch.num_processes, ep)
 
     def held(t: torch.Tensor) -> int:
         if id(t) in experts:
-            return t.numel() // ep
+            return expert_shard_numel(t.shape, launch.num_processes, ep, over_dp)
         return fsdp_shard_numel(t.shape, launch.num_processes) if launch.strategy == 'fsdp2' else t.numel()
     return 4 * sum(held(t) for t in [*model.parameters(), *model.buffers()])
 
@@ -192,7 +198,7 @@ def dry_run(cfg: TrainConfig, accelerate_config: Optional[str] = None, num_proce
     ckpt = 'with' if cfg.grad_checkpointing else 'without'
     other = 'with' if not cfg.grad_checkpointing else 'without'
     lines = [
-        f'model {cfg.model}: {plan.num_params / 1e6:.1f} M parameters' + _experts_note(plan, launch),
+        f'model {cfg.model}: {plan.num_params / 1e6:.1f} M parameters' + _experts_note(plan, launch, model),
         f'launch: {launch.strategy}, {launch.num_processes} process(es), mixed precision {launch.mixed_precision}, '
         f'global batch {launch.global_batch} ({cfg.batch_size} per process x {launch.num_processes} x '
         f'{cfg.grad_accum_steps} accumulation), lr {launch.lr:.3g}'
@@ -214,12 +220,22 @@ def dry_run(cfg: TrainConfig, accelerate_config: Optional[str] = None, num_proce
     return result
 
 
-def _experts_note(plan: MemoryPlan, launch: Launch) -> str:
+def _expert_share(model: torch.nn.Module, launch: Launch) -> Tuple[str, str]:
+    """The share of the routed experts a process holds at rest under expert parallelism N, and how: ('1/N', ''), or
+    under FSDP2 where each bank is sharded again over the W / N data-parallel replicas ('1/W', ', each bank ...')."""
+    ep, processes = launch.expert_parallel_size, launch.num_processes
+    if launch.strategy == 'fsdp2' and processes > ep and experts_sharded_over_dp(model, processes, ep):
+        return f'1/{processes}', f', each bank sharded again by FSDP2 over {processes // ep} data-parallel replicas'
+    return f'1/{ep}', ''
+
+
+def _experts_note(plan: MemoryPlan, launch: Launch, model: torch.nn.Module) -> str:
     """The routed experts' share of the parameters and of each process."""
     if not plan.expert_params:
         return ''
     ep = launch.expert_parallel_size
-    spread = f', 1/{ep} of them on each process: expert_parallel_size {ep}' if ep > 1 else ''
+    share, how = _expert_share(model, launch)
+    spread = f', {share} of them on each process: expert_parallel_size {ep}{how}' if ep > 1 else ''
     return f' ({plan.expert_params / 1e6:.1f} M in routed experts{spread})'
 
 
@@ -227,9 +243,11 @@ def _larger_expert_parallelism(model: torch.nn.Module, cfg: TrainConfig, launch:
                                budget: float) -> str:
     """The hint for the smallest larger expert-parallel size the launch accepts with which the run fits ('' if none)."""
     for ep in (n for n in _accepted_sizes(model, launch) if n > launch.expert_parallel_size):
-        state, ema = _model_state(model, cfg, replace(launch, expert_parallel_size=ep))
+        larger = replace(launch, expert_parallel_size=ep)
+        state, ema = _model_state(model, cfg, larger)
         if state.total + ema + plan.activations <= budget:
-            return (f'expert_parallel_size: {ep} (1/{ep} of the routed experts on each process: model state '
+            share, how = _expert_share(model, larger)
+            return (f'expert_parallel_size: {ep} ({share} of the routed experts on each process{how}: model state '
                     f'{state.total / GB:.1f} GB' + (f', EMA {ema / GB:.1f} GB)' if ema else ')'))
     return ''
 
