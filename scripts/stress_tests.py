@@ -38,6 +38,10 @@ STRESSED = [
     'tests/test_recipes.py',  # every recipe under a launch config (all 18 pairs with --all-recipes), EMA, signals
     'tests/test_expert_parallel.py',
     'tests/test_comm_volume.py',
+    'tests/test_resume_chains.py',  # a chain of resumes over one process, DDP, FSDP2 and EP
+    'tests/test_live_run.py',
+    'tests/test_run_lock.py',
+    'tests/test_parallelize.py',
 ]
 COMBINATION_CELLS = 'ddp or fsdp'  # tests/test_combinations.py: the multi-process cells
 TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1}'
