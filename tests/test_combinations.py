@@ -11,7 +11,7 @@ The cells cover every pair of option values (a pairwise covering array; Soft MoE
 slots for prefix tokens, so those pairs are absent; under FSDP2 the EMA is sharded like the parameters): torch_compile (inductor in one process; aot_eager under DDP /
 FSDP2, where two processes compiling with inductor cost a minute of this CI's two cores: dynamo, the wrappers and the
 saved keys are the same), grad_checkpointing, ema_decay, output_scale, router (expert choice / token choice / soft),
-expert_init (copy / drop), grad_accum_steps (2, with an epoch of 5 batches per process: not a multiple),
+expert_init (copy / drop), grad_accum_steps (2; the epoch is cut to whole global batches),
 mixed_precision (no / bf16), prefix_tokens (compete / always), num_shared_experts (0 / 1), expert_granularity (1 / 2).
 Soft MoE files are checked end to end by the export CLI (no slot routing to expose), the others layer by layer.
 """
@@ -73,8 +73,8 @@ MODEL_DEFAULTS = dict(output_scale=False, expert_init='copy', router='expert_cho
 
 @pytest.fixture(scope='module')
 def sources(tmp_path_factory):
-    """Image folders (3 classes; 21 training images: 5 batches of 4 per epoch in one process) and a dense model
-    folder to upcycle."""
+    """Image folders (3 classes; 21 training images: 5 batches of 4 per epoch in one process, 2 global batches of 8
+    with accumulation) and a dense model folder to upcycle."""
     root = tmp_path_factory.mktemp('combinations')
     data = make_image_folder(root / 'data', per_class=(7, 3), size=16)
     torch.manual_seed(0)

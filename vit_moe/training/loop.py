@@ -275,9 +275,8 @@ class Trainer:
             if cfg.torch_compile else None
         accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
-            # every optimizer step sums exactly grad_accum_steps micro-batches: accumulation runs on across the end of
-            # an epoch (Accelerate's default, sync_with_dataloader=True, would step early with fewer micro-batches
-            # while each loss is still divided by grad_accum_steps)
+            # every optimizer step sums exactly the accumulation's micro-batches (an epoch holds whole global
+            # batches: GlobalBatchSampler); the count is set per launch (_set_global_batch)
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.grad_accum_steps,
                                                                     sync_with_dataloader=False),
             log_with=_trackers(cfg),
