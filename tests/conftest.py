@@ -97,6 +97,12 @@ def launch_processes(num_processes: int = 2):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(num_processes)]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'stress: a slower tier (more launches of what CI checks once); scripts/stress_tests.sh runs it, '
+                   'CI does not (`bash scripts/run_tests.sh -m ""` runs everything)')
+
+
 @pytest.fixture
 def dense():
     return tiny_dense()

@@ -262,6 +262,7 @@ def test_a_process_of_a_distributed_launch_leaves_after_atexit_without_finalizat
     assert (tmp_path / 'finalized').exists() == (not launched)  # finalization only for a process of no launch
 
 
+@pytest.mark.stress  # passes ~30 % of the time with the fix reverted; the finalization test above checks the mechanism
 @pytest.mark.parametrize('attempt', range(3))
 def test_a_gloo_collective_finishing_at_exit_does_not_abort_the_process(attempt):
     """tests/gloo_exit_race.py: rank 0's Gloo worker releases a tensor while rank 0 exits. Through `run_and_exit`

@@ -120,6 +120,7 @@ def _stopped_by_sigterm_at_step_4(data, out):
     assert stderr.count('stopped by signal 15 at step 4') == 2, stderr[-3000:]
 
 
+@pytest.mark.stress  # tests/test_resume_chains.py resumes EP 2 -> DDP and EP 2 -> EP 2 in CI
 def test_a_checkpoint_written_with_ep_2_resumes_with_ep_2_and_with_ep_1(data, runs, tmp_path):
     """Stopped by SIGTERM at step 4 under 2-way expert parallelism, then resumed twice from that checkpoint: with 2
     (exactly the uninterrupted run) and with 1 (every expert whole on every process: the same run, up to the order of
@@ -151,11 +152,11 @@ def test_validate_with_expert_parallelism_scores_what_one_process_scores(data, r
 @pytest.mark.parametrize('processes, overrides, expected', [
     (2, dict(expert_parallel_size=3), 'expert_parallel_size=3 does not divide the 2 processes of the launch'),
     (1, dict(expert_parallel_size=2), 'expert_parallel_size=2 does not divide the 1 processes of the launch'),
-    (2, dict(expert_parallel_size=2, model_kwargs=TINY.replace('num_experts: 4', 'num_experts: 3')),
-     'num_experts=3 is not divisible by expert_parallel_size=2'),
-    (2, dict(expert_parallel_size=2, model='vit_tiny_patch16_224',
-             model_kwargs='{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}'),
-     'expert_parallel_size=2: the model has no MoE layer'),
+    pytest.param(2, dict(expert_parallel_size=2, model_kwargs=TINY.replace('num_experts: 4', 'num_experts: 3')),
+                 'num_experts=3 is not divisible by expert_parallel_size=2', marks=pytest.mark.stress),
+    pytest.param(2, dict(expert_parallel_size=2, model='vit_tiny_patch16_224',
+                         model_kwargs='{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}'),
+                 'expert_parallel_size=2: the model has no MoE layer', marks=pytest.mark.stress),
 ])
 def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, tmp_path, processes, overrides,
                                                                          expected):
@@ -166,6 +167,7 @@ def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, tm
     assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.stress  # the 2 x 2 test (FSDP2 + EP = DDP, resumed on one process) and the chain cover it in CI
 def test_fsdp2_with_expert_parallelism_is_the_ddp_run_and_resumes_with_ep_1(data, runs, tmp_path):
     """FSDP2 (through Accelerator.prepare, tests/fsdp_on_cpu.py) shards everything but the expert banks, which stay
     2-way expert-parallel; the run equals the DDP one (its EMA too) and its checkpoint resumes without expert

@@ -1,14 +1,17 @@
 """A cluster job is many launches: any chain of resumes over one process, DDP, FSDP2 and expert parallelism is the
 uninterrupted run.
 
-One chain of one-step legs, each a real launch (2 gloo processes; the one-process legs run in this process), holds
-the issue's five chains as consecutive legs, so every kind of resume is followed by a second one:
+Chains of one-step legs, each a real launch (2 gloo processes; the one-process legs run in this process). The full
+chain (the stress tier) holds the five chains of issue 32 as consecutive legs, so every kind of resume is followed by
+a second one:
 
     EP 2 -> DDP -> DDP -> FSDP2 -> DDP -> one -> DDP -> EP 2 -> EP 2 -> FSDP2 -> EP 2 -> one
 
 (EP 2 -> EP 1 -> EP 1; DDP -> FSDP2 -> DDP; 2 processes -> 1 -> 2; EP 1 -> EP 2 -> EP 2; FSDP2 -> EP 2 -> one.)
+CI runs a shorter one with every launch kind, each left for another kind: DDP -> EP 2 -> FSDP2 -> DDP -> one -> EP 2.
 The global batch is 8 images (4 per process on 2 processes, 2 accumulation steps on one), 36 images make 4 steps an
-epoch, so the chain crosses two epoch boundaries. The reference is one uninterrupted 12-step run on one process.
+epoch, so the full chain crosses two epoch boundaries, the short one one. The reference is one uninterrupted run of
+the chain's length on one process.
 """
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from conftest import ROOT, launch_processes, log_records, make_image_folder, run
 pytestmark = pytest.mark.xdist_group('resume_chains')
 
 CHAIN = ['ep2', 'ddp', 'ddp', 'fsdp2', 'ddp', 'one', 'ddp', 'ep2', 'ep2', 'fsdp2', 'ep2', 'one']
+SHORT_CHAIN = ['ddp', 'ep2', 'fsdp2', 'ddp', 'one', 'ep2']
 COMMON = dict(batch_size=4, checkpoint_every=1, keep_checkpoints=2, ema_decay=0.7, mixup=0.4,
               model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4,
                                 moe_blocks=1, drop_path_rate=0.1))
@@ -47,30 +51,35 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def uninterrupted(data, tmp_path_factory):
-    root = data.parent
-    summary = train(tiny_config(root, output_dir=str(tmp_path_factory.mktemp('full') / 'run'), steps=len(CHAIN),
-                                grad_accum_steps=2, **COMMON))
-    return summary['output_dir']
+    """Steps -> the output folder of one uninterrupted run of that many steps on one process (built on demand)."""
+    class Runs(dict):
+        def __missing__(self, steps):
+            summary = train(tiny_config(data.parent, output_dir=str(tmp_path_factory.mktemp('full') / 'run'),
+                                        steps=steps, grad_accum_steps=2, **COMMON))
+            self[steps] = summary['output_dir']
+            return self[steps]
+    return Runs()
 
 
 def _weights(output_dir, folder='model'):
     return load_file(str(ROOT / output_dir / folder / 'model.safetensors'))
 
 
-def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uninterrupted, tmp_path):
+@pytest.mark.parametrize('chain', [SHORT_CHAIN, pytest.param(CHAIN, marks=pytest.mark.stress)], ids=['short', 'full'])
+def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uninterrupted, tmp_path, chain):
     out = tmp_path / 'chain'
-    for step, kind in enumerate(CHAIN, start=1):
+    for step, kind in enumerate(chain, start=1):
         cfg = tiny_config(data.parent, output_dir=str(out), steps=step, resume='auto', **COMMON)
         _leg(kind, cfg, tmp_path / 'leg.yaml')
         losses = [r['loss'] for r in log_records(out)]
-        reference = [r['loss'] for r in log_records(uninterrupted)][:step]
+        reference = [r['loss'] for r in log_records(uninterrupted[len(chain)])][:step]
         np.testing.assert_allclose(losses, reference, rtol=1e-3, err_msg=f'after leg {step} ({kind})')
     starts = log_records(out, 'start')
-    assert [s['num_processes'] for s in starts] == [1 if k == 'one' else 2 for k in CHAIN]
-    assert [s['grad_accum_steps'] for s in starts] == [2 if k == 'one' else 1 for k in CHAIN]
+    assert [s['num_processes'] for s in starts] == [1 if k == 'one' else 2 for k in chain]
+    assert [s['grad_accum_steps'] for s in starts] == [2 if k == 'one' else 1 for k in chain]
     assert {s['global_batch'] for s in starts} == {8}
     for folder in ('model', 'model_ema'):
-        got, expected = _weights(out, folder), _weights(uninterrupted, folder)
+        got, expected = _weights(out, folder), _weights(uninterrupted[len(chain)], folder)
         assert got.keys() == expected.keys()
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-4, msg=f'{folder}: {key}')
