@@ -2,10 +2,10 @@
 
 `Parallelism(accelerator, expert_parallel_size)` reads the launch: one process, DDP or FSDP2 (Accelerate's, from
 `accelerate launch` and its config), each optionally with expert parallelism N on a ('dp', 'ep') DeviceMesh.
-`apply` does everything that depends on it, in order: each MoE layer's experts sharded E / N per process, the
-optimizer made (its parameter groups depend on the model and the config only), timm's `ModelEmaV3` copy (one
-process, DDP), FSDP2 units from the model's blocks with the expert banks left out, `accelerator.prepare`, and under
-FSDP2 the EMA of each process's shards. The trainer then asks it for `reduce_gradients` (expert shards: the mean
+`apply` does everything that depends on it, in order: each MoE layer's experts sharded E / N per process (under
+FSDP2 each expert bank also its own FSDP unit over 'dp'), the optimizer made (its parameter groups depend on the
+model and the config only), timm's `ModelEmaV3` copy (one process, DDP), FSDP2 units from the model's blocks,
+`accelerator.prepare`, and under FSDP2 the EMA of each process's shards. The trainer then asks it for `reduce_gradients` (expert shards: the mean
 over every process), `clip_grad_norm_` (the whole model's norm, of the gradients that will be applied: unscaled
 first under fp16), `as_global` (expert shards as DTensors for the checkpoint) and `full_state_dict` (the whole
 model, gathered, for `model/`). Accelerate keeps launching, preparing, autocasting and accumulating.
