@@ -8,7 +8,8 @@ a second one:
     EP 2 -> DDP -> DDP -> FSDP2 -> DDP -> one -> DDP -> EP 2 -> EP 2 -> FSDP2 -> EP 2 -> one
 
 (EP 2 -> EP 1 -> EP 1; DDP -> FSDP2 -> DDP; 2 processes -> 1 -> 2; EP 1 -> EP 2 -> EP 2; FSDP2 -> EP 2 -> one.)
-CI runs a shorter one with every launch kind, each left for another kind: DDP -> EP 2 -> FSDP2 -> DDP -> one -> EP 2.
+CI runs a shorter one in which each launch kind resumes another's checkpoint and the chains' key changes appear:
+DDP -> EP 2 -> DDP -> FSDP2 -> EP 2 -> one -> DDP.
 The global batch is 8 images (4 per process on 2 processes, 2 accumulation steps on one), 36 images make 4 steps an
 epoch, so the full chain crosses two epoch boundaries, the short one one. The reference is one uninterrupted run of
 the chain's length on one process.
@@ -25,7 +26,7 @@ from conftest import ROOT, launch_processes, log_records, make_image_folder, run
 pytestmark = pytest.mark.xdist_group('resume_chains')
 
 CHAIN = ['ep2', 'ddp', 'ddp', 'fsdp2', 'ddp', 'one', 'ddp', 'ep2', 'ep2', 'fsdp2', 'ep2', 'one']
-SHORT_CHAIN = ['ddp', 'ep2', 'fsdp2', 'ddp', 'one', 'ep2']
+SHORT_CHAIN = ['ddp', 'ep2', 'ddp', 'fsdp2', 'ep2', 'one', 'ddp']
 COMMON = dict(batch_size=4, checkpoint_every=1, keep_checkpoints=2, ema_decay=0.7, mixup=0.4,
               model_kwargs=dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4,
                                 moe_blocks=1, drop_path_rate=0.1))
