@@ -20,7 +20,8 @@ and output column), the routers kept float32, the experts unrolled into per-expe
 ONNX Runtime's int8 kernel saturates on full-range ones), 'auto' (default: the CPU running the export); the choice
 is stored in the file. --optimize: ONNX Runtime's graph optimisations saved in the file.
 
-Parity (fresh random batches of 1, 3 and 8 images): for MoE models a debug export of the same graph exposes every MoE
+Parity (fresh random batches of 1, 3 and 8 images): for MoE models a debug export of the same trace (the deployed file
+is that graph with only its logits kept) exposes every MoE
 layer's input, slot decisions, combine weights, expert outputs and output (never the deployed file, which must give
 the same logits; --no-routing-check skips it), and each MoE layer is checked on ONNX Runtime's own tensors: every
 slot filled differently from PyTorch's router on the same input must be a routing tie (probabilities equal within
@@ -49,6 +50,7 @@ import copy
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import timm
 import yaml
@@ -139,13 +141,15 @@ def main(argv=None) -> int:
         set_capacity_factor(model, args.capacity_factor)
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
                          unroll_experts=args.unroll_experts, int8_target=args.int8_target)
-    path = export_onnx(model, args.output, optimize=args.optimize, **export_kwargs)
     kind = 'int8' if args.quantize else 'fp16' if args.fp16 else 'fp32'
-    done = ', '.join(['onnx.checker full check passed'] + (['int8 weights, routers float32'] if args.quantize else [])
-                     + (['optimised'] if args.optimize else []))
-    print(f'exported {describe_files(path)}; {done}{_int8_note(path) if args.quantize else ""}')
-    if not _parity_holds(model, path, args, kind, export_kwargs):
-        return 1
+    with tempfile.TemporaryDirectory(prefix='vit_moe_parity_') as tmp:
+        debug = Path(tmp) / 'debug.onnx' if _checks_routing(model, args) else None
+        path = export_onnx(model, args.output, optimize=args.optimize, debug_output=debug, **export_kwargs)
+        done = ', '.join(['onnx.checker full check passed'] + (['int8 weights, routers float32'] if args.quantize
+                                                                 else []) + (['optimised'] if args.optimize else []))
+        print(f'exported {describe_files(path)}; {done}{_int8_note(path) if args.quantize else ""}')
+        if not _parity_holds(model, path, debug, args, kind):
+            return 1
     if args.data_dir and _check_real_images(path, model, args, kind):
         return 1
     if args.triton_repo:
@@ -156,29 +160,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def _parity_holds(model, path: Path, args, kind: str, export_kwargs: dict) -> bool:
-    """Parity with PyTorch on random batches (MoE layers one by one on a debug export of the same graph); prints one
-    line per batch size, and on stderr what failed."""
+def _checks_routing(model, args) -> bool:
+    """Whether parity checks each MoE layer on a debug export (slot-routed MoE models, unless --no-routing-check)."""
     from vit_moe.layers import moe_layers, soft_moe_layers
-    from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, export_onnx, format_parity
+    return args.routing_check and bool(moe_layers(model)) and not soft_moe_layers(model)  # Soft MoE: end to end
+
+
+def _parity_holds(model, path: Path, debug: Optional[Path], args, kind: str) -> bool:
+    """Parity with PyTorch on random batches (MoE layers one by one on `debug`, the debug export of the same trace);
+    prints one line per batch size, and on stderr what failed."""
+    from vit_moe.layers import soft_moe_layers
+    from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, format_parity
     parity_model = copy.deepcopy(model).half() if args.fp16 else model
     atol = args.atol if args.atol is not None else 1e-3
     min_agreement = args.min_agreement if args.min_agreement is not None else 1.0
     checked = path
-    with tempfile.TemporaryDirectory(prefix='vit_moe_parity_') as tmp:
-        if args.routing_check and moe_layers(model) and not soft_moe_layers(model):  # Soft MoE: end to end only
-            checked = export_onnx(model, Path(tmp) / 'debug.onnx', check=False, expose_routing=True, **export_kwargs)
-            same = same_logits(path, checked)
-            if same > 1e-5:
-                print(f'the deployed file and its debug export differ by {same:.1e}: cannot vouch for it',
-                      file=sys.stderr)
-                return False
-        rtol = args.rtol
-        if rtol is None and kind != 'fp32' and soft_moe_layers(model):  # no layer-by-layer check to judge by
-            rtol = SOFT_END_TO_END_RTOL
-        results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=rtol,
-                                    tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol,
-                                    expert_rtol=args.expert_rtol)
+    if debug is not None:
+        checked = debug
+        same = same_logits(path, debug)
+        if same > 1e-5:
+            print(f'the deployed file and its debug export differ by {same:.1e}: cannot vouch for it',
+                  file=sys.stderr)
+            return False
+    rtol = args.rtol
+    if rtol is None and kind != 'fp32' and soft_moe_layers(model):  # no layer-by-layer check to judge by
+        rtol = SOFT_END_TO_END_RTOL
+    results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=rtol,
+                                tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol,
+                                expert_rtol=args.expert_rtol)
     ok = True
     for batch, r in results.items():
         good = r['ok'] and (kind != 'fp32' or r['top1_agreement'] >= min_agreement)

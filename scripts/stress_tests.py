@@ -43,7 +43,7 @@ STRESSED = [
     'tests/test_run_lock.py',
     'tests/test_parallelize.py',
 ]
-COMBINATION_CELLS = 'ddp or fsdp'  # tests/test_combinations.py: the multi-process cells
+COMBINATION_CELLS = 'ddp or fsdp or inductor'  # tests/test_combinations.py: the multi-process cells, inductor
 TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1}'
 
 

@@ -17,6 +17,8 @@ import vit_moe
 from vit_moe.onnx import (
     OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx,
 )
+from vit_moe.onnx.export import ROUTING_KINDS
+from vit_moe.onnx.metadata import ROUTING_OUTPUTS_KEY
 from vit_moe.training import validate
 
 from conftest import ROOT, TINY_MOE, TRAIN_MOE, make_image_folder, tiny_config
@@ -57,8 +59,8 @@ def test_external_data_is_written_beside_the_model_above_the_threshold(tmp_path)
 
 def test_fp16_export_is_checked_layer_by_layer_and_leaves_the_model_in_float32(tmp_path):
     model = timm.create_model('vit_ti16_moe_upcycled', **TINY_MOE).eval()
-    path = export_onnx(model, tmp_path / 'half.onnx', fp16=True)
-    debug = export_onnx(model, tmp_path / 'half_debug.onnx', fp16=True, expose_routing=True)
+    debug = tmp_path / 'half_debug.onnx'
+    path = export_onnx(model, tmp_path / 'half.onnx', fp16=True, debug_output=debug)
     assert next(model.parameters()).dtype == torch.float32
     classifier = OnnxClassifier(path)
     assert classifier.dtype == np.float16
@@ -73,6 +75,35 @@ def test_fp16_export_is_checked_layer_by_layer_and_leaves_the_model_in_float32(t
     assert result['max_expert_error'] < 2e-3  # each expert within float16 rounding on its own inputs
     torch.testing.assert_close(torch.from_numpy(OnnxClassifier(debug)(x).astype(np.float32)),
                                torch.from_numpy(got), rtol=0, atol=1e-6)  # the debug export is the same graph
+
+
+@pytest.mark.parametrize('quantize', [None, 'int8'])
+def test_the_deployed_file_is_its_debug_export_with_only_the_logits(tmp_path, quantize):
+    """One trace gives both files: the debug export, and the deployed graph that keeps only what feeds the logits,
+    with the weight names and logits of a plain export."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti16_moe_upcycled', router='token_choice', num_shared_experts=1, **TINY_MOE).eval()
+    path = export_onnx(model, tmp_path / 'moe.onnx', quantize=quantize, debug_output=tmp_path / 'debug.onnx')
+    plain = export_onnx(model, tmp_path / 'plain.onnx', quantize=quantize)
+    deployed, debug, reference = (onnx.load(str(p)) for p in (path, tmp_path / 'debug.onnx', plain))
+    assert [o.name for o in deployed.graph.output] == ['logits']
+    assert len(debug.graph.output) == 1 + len(ROUTING_KINDS) * 2  # two MoE layers (the last half of 4 blocks)
+    assert ROUTING_OUTPUTS_KEY in {p.key for p in debug.metadata_props}
+    assert ROUTING_OUTPUTS_KEY not in {p.key for p in deployed.metadata_props}
+    weights = set(model.state_dict())  # the model's own names (folded constants are named by the exporter)
+    named = [{i.name for i in m.graph.initializer} & weights for m in (deployed, reference)]
+    assert named[0] == named[1] and 'cls_token' in named[0]
+    needed = {'logits'}
+    for node in reversed(deployed.graph.node):  # topological order: walk back from the logits
+        if needed & set(node.output):
+            needed |= set(node.input)
+    assert all(needed & set(n.output) for n in deployed.graph.node), 'a node that feeds no logit is left'
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    logits = OnnxClassifier(path)(x)
+    np.testing.assert_array_equal(logits, OnnxClassifier(plain)(x))
+    np.testing.assert_array_equal(logits, OnnxClassifier(tmp_path / 'debug.onnx')(x))
+    with pytest.raises(OnnxExportError, match='expose_routing and debug_output exclude each other'):
+        export_onnx(model, tmp_path / 'x.onnx', expose_routing=True, debug_output=tmp_path / 'y.onnx')
 
 
 def test_unsupported_input_size_is_refused_naming_both_sizes(tmp_path):

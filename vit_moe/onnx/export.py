@@ -121,6 +121,7 @@ def export_onnx(
         unroll_experts: bool = True,
         expose_routing: bool = False,
         int8_target: str = 'auto',
+        debug_output: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
@@ -142,6 +143,9 @@ def export_onnx(
         expose_routing: a debug export for parity checks (`RoutingProbe`): extra outputs `<layer>/input`,
             `<layer>/token_index`, `<layer>/combine_weights`, `<layer>/expert_output`, `<layer>/output` per MoE layer,
             listed in the metadata. Not for deployment.
+        debug_output: also write that debug export of the same trace here (quantized / optimised as `output`):
+            the model is traced once with its routing exposed, saved as `debug_output`, and `output` is the same
+            graph with only its logits kept (the other outputs and the nodes that only fed them removed).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -151,28 +155,43 @@ def export_onnx(
     if quantize:
         from .int8_target import resolve_int8_target
         resolve_int8_target(int8_target)  # a bad target fails before the export
-    float_output = output.with_name(output.stem + '.float.onnx') if quantize or optimize else output
+    debug_output = Path(debug_output) if debug_output is not None else None
+    if debug_output is not None and expose_routing:
+        raise OnnxExportError('expose_routing and debug_output exclude each other: debug_output already writes the '
+                              'debug export beside the deployed file')
+    float_output, float_debug = (_float_path(path) if quantize or optimize else path
+                                 for path in (output, debug_output or output))
     with on_cpu_in_eval_mode(model):
         _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check,
-                expose_routing)
+                expose_routing, float_debug if debug_output is not None else None)
     if not (quantize or optimize):
         return output
     from .quantize import optimize_onnx, quantize_onnx
     try:
         if quantize:
             quantize_onnx(float_output, output, quantize, unroll_experts=unroll_experts, target=int8_target)
+            if debug_output is not None:
+                quantize_onnx(float_debug, debug_output, quantize, unroll_experts=unroll_experts, target=int8_target)
             if optimize:
                 optimize_onnx(output, output)
         else:
             optimize_onnx(float_output, output)
+            if debug_output is not None:
+                optimize_onnx(float_debug, debug_output)
     finally:
-        for stale in (float_output, float_output.with_name(float_output.name + '.data')):
-            stale.unlink(missing_ok=True)
+        for stale in (float_output, float_debug):
+            for path in (stale, stale.with_name(stale.name + '.data')):
+                path.unlink(missing_ok=True)
     return output
 
 
+def _float_path(path: Path) -> Path:
+    """Where the float graph goes before quantization / optimisation writes `path`."""
+    return path.with_name(path.stem + '.float.onnx')
+
+
 def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check,
-            expose_routing: bool = False):
+            expose_routing: bool = False, debug_output: Optional[Path] = None):
     height, width = size
     dtype = torch.float16 if fp16 else torch.float32
     if fp16:
@@ -182,7 +201,7 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
     example = torch.randn(2, 3, height, width, dtype=dtype)
     batch = torch.export.Dim('batch', min=1, max=4096)
     graph, output_names, layers = model, ['logits'], []
-    if expose_routing:
+    if expose_routing or debug_output is not None:
         graph = RoutingProbe(model).eval()
         layers = graph.layer_names(example)
         if not layers:
@@ -201,12 +220,33 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
         raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
                               f'{str(e).splitlines()[0] if str(e) else e}') from e
     program.model.metadata_props[METADATA_KEY] = json.dumps(model_metadata(model, (height, width)))
-    if expose_routing:
+    if layers:
         program.model.metadata_props[ROUTING_OUTPUTS_KEY] = json.dumps(layers)
-    for stale in (output, output.with_name(output.name + '.data')):
-        stale.unlink(missing_ok=True)
-    program.save(str(output), external_data=use_external)
+        for weight in list(program.model.graph.initializers.values()):  # the model's names, not RoutingProbe's
+            if weight.name.startswith('model.'):
+                weight.name = weight.name[len('model.'):]
+    if debug_output is not None:
+        _save(program, debug_output, use_external)
+        _keep_only_the_logits(program.model)
+    _save(program, output, use_external)
     if check:
         onnx.checker.check_model(str(output), full_check=True)
     _logger.debug(f'exported {output} ({weight_bytes / 1e6:.0f} MB of weights, external data: {use_external})')
     return output
+
+
+def _save(program, output: Path, external_data: bool) -> None:
+    for stale in (output, output.with_name(output.name + '.data')):
+        stale.unlink(missing_ok=True)
+    program.save(str(output), external_data=external_data)
+
+
+def _keep_only_the_logits(model) -> None:
+    """A debug export's graph (onnx_ir) made the deployed one: the logits its only output, the nodes and weights
+    that fed only the routing outputs removed, the routing metadata dropped."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    logits = model.graph.outputs[0]
+    model.graph.outputs.clear()
+    model.graph.outputs.append(logits)
+    model.metadata_props.pop(ROUTING_OUTPUTS_KEY, None)
+    RemoveUnusedNodesPass()(model)
