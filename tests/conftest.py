@@ -103,6 +103,21 @@ def pytest_configure(config):
                    'CI does not (`bash scripts/run_tests.sh -m ""` runs everything)')
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    # pytest >= 9.2 derives item.nodeid from item._id, while pytest-xdist <= 3.8 appends a test's xdist_group to
+    # item._nodeid for --dist loadgroup, which then has no effect (pytest-dev/pytest-xdist#1386): a module's shared
+    # runs were built once per worker. Put the group where pytest 9.2 reads it (a no-op where xdist already did).
+    if not getattr(config.option, 'loadgroup', False):
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get('name', 'default'))
+                         for m in item.iter_markers('xdist_group')})
+        if groups and item.nodeid.rfind('@') <= item.nodeid.rfind(']') and hasattr(item, '_id'):
+            from _pytest.nodeid import NodeId
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
 @pytest.fixture
 def dense():
     return tiny_dense()

@@ -1,12 +1,16 @@
-"""The bytes-moved formula (vit_moe.planning.comm_volume) against the collectives of a real 4-process run."""
+"""The bytes-moved formula (vit_moe.planning.comm_volume) against the collectives of a real 4-process run (in CI
+through tests/trainer_driver.py's launch server: 4 processes forked from one that imported torch once, with
+torch.distributed.run's environment)."""
 import importlib.util
 import json
 
+import pytest
 import timm
 import torch
 
 import vit_moe  # noqa: F401  registers the models
-from conftest import ROOT, launch_processes, run_script
+from conftest import ROOT, launch_processes, run_script, script_env
+from trainer_driver import Launcher
 from vit_moe.layers import moe_layers
 from vit_moe.planning.comm_volume import comm_volume
 
@@ -27,12 +31,23 @@ def _bank_numel(**kwargs):
     return sum(p.numel() for p in layer.experts.parameters()), layer.num_experts
 
 
-def test_the_formula_is_what_a_2_x_2_run_moves_for_every_strategy(tmp_path):
+@pytest.mark.parametrize('launch', ['server', pytest.param('torchrun', marks=pytest.mark.stress)])
+def test_the_formula_is_what_a_2_x_2_run_moves_for_every_strategy(tmp_path, launch):
     """DDP, FSDP2, expert parallelism with DDP and with FSDP2 (2 data-parallel replicas x 2 expert-parallel), bf16,
-    with and without gradient checkpointing: every component of every strategy, byte for byte."""
+    with and without gradient checkpointing: every component of every strategy, byte for byte. The 4 processes are
+    forked by the launch server in CI, started by torch.distributed.run (as the benchmark's docstring launches them) in
+    the stress tier."""
     out = tmp_path / 'volume.json'
-    run = run_script([*launch_processes(4), 'benchmarks/comm_volume.py', '--measure', '--expert-parallel-size', '2',
-                      '--mixed-precision', 'bf16', '--json', str(out)], timeout=600)
+    command = ['benchmarks/comm_volume.py', '--measure', '--expert-parallel-size', '2', '--mixed-precision', 'bf16',
+               '--json', str(out)]
+    if launch == 'torchrun':
+        run = run_script([*launch_processes(4), *command], timeout=600)
+    else:
+        launcher = Launcher(ROOT, script_env())
+        try:
+            run = launcher.run(*command, processes=4, timeout=600)
+        finally:
+            launcher.close()
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
     assert len(results) == 8

@@ -1,5 +1,9 @@
 """Expert parallelism on real processes (gloo): equal to data parallelism, gradient for gradient and loss for loss,
-resumable at another expert-parallel size, and refused in one line where it cannot run."""
+resumable at another expert-parallel size, and refused in one line where it cannot run.
+
+The runs are launched through tests/trainer_driver.py's launch server (real processes, forked from one that imported
+torch once, with torch.distributed.run's environment: no interpreter start-up per process); the refusal that checks
+what a launcher's processes print goes through torch.distributed.run itself, as do the stress tier's runs."""
 import json
 import shutil
 import signal
@@ -13,8 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch_processes, log_records, make_image_folder, run_script, script_env
+from trainer_driver import Launcher
 
-pytestmark = pytest.mark.xdist_group('expert_parallel')  # the module's runs are built once
+pytestmark = pytest.mark.xdist_group('expert_parallel')  # the module's runs (and launch server) are built once
 
 TINY = '{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_experts: 4, moe_blocks: 1, ' \
        'router: token_choice, capacity_factor: 1.0}'
@@ -29,9 +34,13 @@ def _args(data, out, **overrides):
     return [f'--{k.replace("_", "-")}={v}' for k, v in values.items() if v is not None]
 
 
-def _train(data, out, processes=2, front=None, **overrides):
-    launch = launch_processes(processes) + ([front] if front else []) if processes > 1 else [sys.executable]
-    run = run_script([*launch, 'train_scripts/train.py', *_args(data, out, **overrides)], timeout=600)
+def _train(data, out, processes=2, front=None, launcher=None, **overrides):
+    """train.py on `processes` processes (through `launcher`, else torch.distributed.run); its losses, weights, EMA."""
+    command = [*([front] if front else []), 'train_scripts/train.py', *_args(data, out, **overrides)]
+    if launcher is not None:
+        run = launcher.run(*command, processes=processes, timeout=600)
+    else:
+        run = run_script([*(launch_processes(processes) if processes > 1 else [sys.executable]), *command], timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     ema = out / 'model_ema' / 'model.safetensors'
     return dict(losses=[r['loss'] for r in log_records(out)], weights=load_file(str(out / 'model' / 'model.safetensors')),
@@ -50,15 +59,24 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def runs(data, tmp_path_factory):
-    """The same 2-process run (token choice, EMA, 2 accumulation steps) with DDP and with 2-way expert parallelism."""
+def launcher():
+    server = Launcher(ROOT, script_env())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope='module')
+def runs(data, launcher, tmp_path_factory):
+    """The same 2-process run (token choice, EMA, 2 accumulation steps: a global batch of 16) with DDP and with
+    2-way expert parallelism."""
     root = tmp_path_factory.mktemp('ep_runs')
-    return dict(ddp=_train(data, root / 'ddp'), ep=_train(data, root / 'ep', expert_parallel_size=2))
+    return dict(ddp=_train(data, root / 'ddp', launcher=launcher),
+                ep=_train(data, root / 'ep', launcher=launcher, expert_parallel_size=2))
 
 
-def test_expert_parallel_gradients_equal_data_parallel_ones_for_every_router_and_design(tmp_path):
+def test_expert_parallel_gradients_equal_data_parallel_ones_for_every_router_and_design(launcher, tmp_path):
     out = tmp_path / 'grads.json'
-    run = run_script([*launch_processes(2), 'tests/ep_worker.py', str(out)], timeout=600)
+    run = launcher.run('tests/ep_worker.py', str(out), processes=2, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(out.read_text())
     assert results.pop('compiled') is True  # the layer, all-to-alls included, compiles with fullgraph=True
@@ -81,37 +99,41 @@ def test_a_two_process_expert_parallel_run_is_the_ddp_run(runs):
     assert len(list(checkpoint.glob('*.distcp'))) == 2  # each process wrote its expert shards
 
 
-@pytest.fixture(scope='module')
-def ddp4(data, tmp_path_factory):
-    """The 4-process DDP run the 2 x 2 runs must equal."""
-    return _train(data, tmp_path_factory.mktemp('ep4') / 'ddp4', processes=4, steps=4)
+# 4 processes x 4 images without accumulation: the 2-process DDP run's global batch of 16 (the same images, augmented
+# alike: the trainer's batches and augmentations depend on the global batch only, not on how it is split)
+TWO_BY_TWO = dict(processes=4, grad_accum_steps=1, expert_parallel_size=2)
 
 
 @pytest.mark.stress  # the FSDP2 + EP 2 x 2 test below runs the same exchanges in CI
-def test_four_processes_as_2_x_2_match_the_four_process_ddp_run(data, ddp4, tmp_path):
-    ep = _train(data, tmp_path / 'ep4', processes=4, steps=4, expert_parallel_size=2)
-    np.testing.assert_allclose(ep['losses'], ddp4['losses'], rtol=1e-3)
-    _assert_close_weights(ep['weights'], ddp4['weights'], atol=1e-5)
-    _assert_close_weights(ep['ema'], ddp4['ema'], atol=1e-5)
+def test_four_processes_as_2_x_2_match_the_ddp_run(data, runs, tmp_path):
+    ep = _train(data, tmp_path / 'ep4', **TWO_BY_TWO)
+    start, = log_records(ep['output_dir'], 'start')
+    assert start['global_batch'] == 16 and start['experts_per_process'] == {'blocks.1.mlp': 2}
+    np.testing.assert_allclose(ep['losses'], runs['ddp']['losses'], rtol=1e-3)
+    _assert_close_weights(ep['weights'], runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(ep['ema'], runs['ddp']['ema'], atol=1e-5)
 
 
-def test_fsdp2_with_ep_on_2_x_2_shards_each_bank_over_dp_and_resumes_on_one_process(data, ddp4, tmp_path):
-    """FSDP2 + EP on a 2 x 2 mesh equals 4-process DDP; each expert bank is also sharded over its 2 data-parallel
-    replicas (every process holds 1 of the 4 experts at rest), and its checkpoint resumes on one process."""
-    fsdp = _train(data, tmp_path / 'fsdp_ep4', processes=4, steps=4, expert_parallel_size=2, front='tests/fsdp_on_cpu.py')
-    np.testing.assert_allclose(fsdp['losses'], ddp4['losses'], rtol=1e-3)
-    _assert_close_weights(fsdp['weights'], ddp4['weights'], atol=1e-5)
-    _assert_close_weights(fsdp['ema'], ddp4['ema'], atol=1e-5)
+def test_fsdp2_with_ep_on_2_x_2_shards_each_bank_over_dp_and_resumes_on_one_process(data, runs, launcher, tmp_path):
+    """FSDP2 + EP on a 2 x 2 mesh equals the DDP run on the same global batch; each expert bank is also sharded over
+    its 2 data-parallel replicas (every process holds 1 of the 4 experts at rest), and its checkpoint resumes on one
+    process."""
+    fsdp = _train(data, tmp_path / 'fsdp_ep4', launcher=launcher, front='tests/fsdp_on_cpu.py', **TWO_BY_TWO)
     start, = log_records(fsdp['output_dir'], 'start')
+    assert start['global_batch'] == 16 and start['grad_accum_steps'] == 1
     assert start['distributed_type'] == 'FSDP' and start['experts_per_process'] == {'blocks.1.mlp': 1}
+    np.testing.assert_allclose(fsdp['losses'], runs['ddp']['losses'], rtol=1e-3)
+    _assert_close_weights(fsdp['weights'], runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(fsdp['ema'], runs['ddp']['ema'], atol=1e-5)
     resumed = tmp_path / 'resumed'  # FSDP2 + EP 2 x 2 -> one process, from the checkpoint of step 2
     shutil.copytree(tmp_path / 'fsdp_ep4', resumed)
-    for leftover in ('model', 'model_ema', 'checkpoints/checkpoint_step_4'):
+    for leftover in ('model', 'model_ema', 'checkpoints/checkpoint_step_4', 'checkpoints/checkpoint_step_6'):
         shutil.rmtree(resumed / leftover, ignore_errors=True)
-    one = _train(data, resumed, processes=1, steps=4, resume='latest')
-    np.testing.assert_allclose(one['losses'], ddp4['losses'], rtol=1e-3)
-    _assert_close_weights(one['weights'], ddp4['weights'], atol=1e-5)
-    _assert_close_weights(one['ema'], ddp4['ema'], atol=1e-5)
+    one = _train(data, resumed, processes=1, launcher=launcher, grad_accum_steps=1, resume='latest')
+    assert [r['step'] for r in log_records(resumed, 'resume')] == [2]
+    np.testing.assert_allclose(one['losses'], runs['ddp']['losses'], rtol=1e-3)
+    _assert_close_weights(one['weights'], runs['ddp']['weights'], atol=1e-5)
+    _assert_close_weights(one['ema'], runs['ddp']['ema'], atol=1e-5)
 
 
 def _stopped_by_sigterm_at_step_4(data, out):
@@ -147,31 +169,39 @@ def test_a_checkpoint_written_with_ep_2_resumes_with_ep_2_and_with_ep_1(data, ru
         _assert_close_weights(resumed['ema'], runs['ep']['ema'], atol=atol)
 
 
-def test_validate_with_expert_parallelism_scores_what_one_process_scores(data, runs, tmp_path):
+def test_validate_with_expert_parallelism_scores_what_one_process_scores(data, runs, launcher, tmp_path):
     folder = str(runs['ep']['output_dir'] / 'model')
     common = ['train_scripts/validate.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint', folder, '--data-dir',
               str(data), '--num-workers', '0', '--batch-size', '4']
-    one = run_script([sys.executable, *common, '--json', str(tmp_path / 'one.json')])
-    two = run_script([*launch_processes(2), *common, '--expert-parallel-size', '2', '--json', str(tmp_path / 'two.json')])
+    one = launcher.run(*common, '--json', str(tmp_path / 'one.json'))
+    two = launcher.run(*common, '--expert-parallel-size', '2', '--json', str(tmp_path / 'two.json'), processes=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = (json.loads((tmp_path / f'{n}.json').read_text()) for n in ('one', 'two'))
     assert a['num_samples'] == b['num_samples'] == 15 and a['top1'] == b['top1']
     assert b['loss'] == pytest.approx(a['loss'], rel=1e-5)
 
 
-@pytest.mark.parametrize('processes, overrides, expected', [
+REFUSALS = [
     (2, dict(expert_parallel_size=3), 'expert_parallel_size=3 does not divide the 2 processes of the launch'),
     (1, dict(expert_parallel_size=2), 'expert_parallel_size=2 does not divide the 1 processes of the launch'),
-    pytest.param(2, dict(expert_parallel_size=2, model_kwargs=TINY.replace('num_experts: 4', 'num_experts: 3')),
-                 'num_experts=3 is not divisible by expert_parallel_size=2', marks=pytest.mark.stress),
-    pytest.param(2, dict(expert_parallel_size=2, model='vit_tiny_patch16_224',
-                         model_kwargs='{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}'),
-                 'expert_parallel_size=2: the model has no MoE layer', marks=pytest.mark.stress),
-])
-def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, tmp_path, processes, overrides,
+    (2, dict(expert_parallel_size=2, model_kwargs=TINY.replace('num_experts: 4', 'num_experts: 3')),
+     'num_experts=3 is not divisible by expert_parallel_size=2'),
+    (2, dict(expert_parallel_size=2, model='vit_tiny_patch16_224',
+             model_kwargs='{img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}'),
+     'expert_parallel_size=2: the model has no MoE layer'),
+]
+
+
+@pytest.mark.parametrize('processes, overrides, expected', REFUSALS)
+def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, launcher, tmp_path, processes, overrides,
                                                                          expected):
-    launch = [sys.executable] if processes == 1 else launch_processes(processes)
-    run = run_script([*launch, 'train_scripts/train.py', *_args(data, tmp_path / 'run', **overrides)])
+    """One line, printed once, exit code not 0, nothing written. The first through torch.distributed.run (what a
+    launcher's processes print), the others through the launch server (the same processes, forked)."""
+    command = ['train_scripts/train.py', *_args(data, tmp_path / 'run', **overrides)]
+    if expected == REFUSALS[0][2]:
+        run = run_script([*launch_processes(processes), *command])
+    else:
+        run = launcher.run(*command, processes=processes)
     lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
     assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr[-3000:]
     assert not (tmp_path / 'run').exists()

@@ -10,7 +10,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch_processes, run_script
+from conftest import ROOT, script_env
+from trainer_driver import Launcher
 
 pytestmark = pytest.mark.xdist_group('fsdp')  # one pytest-xdist worker: the module fixtures are built once
 
@@ -21,11 +22,18 @@ SETTINGS = dict(model_kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
+    """tests/fsdp2_worker.py on one process (in this one: no sharding, no process group) and on 2 (FSDP2 over gloo:
+    real processes, forked by tests/trainer_driver.py's launch server with torch.distributed.run's environment)."""
     out = tmp_path_factory.mktemp('fsdp')
-    settings = json.dumps(dict(SETTINGS, out=str(out)))
-    one = run_script([sys.executable, 'tests/fsdp2_worker.py', settings])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_script([*launch_processes(2), 'tests/fsdp2_worker.py', settings], timeout=300)
+    settings = dict(SETTINGS, out=str(out))
+    launcher = Launcher(ROOT, script_env())  # starts importing while the one-process run trains
+    try:
+        import fsdp2_worker
+        with torch.random.fork_rng(devices=[]):  # the worker seeds torch: this process's random state is kept
+            fsdp2_worker.main(settings)
+        two = launcher.run('tests/fsdp2_worker.py', json.dumps(settings), processes=2, timeout=300)
+    finally:
+        launcher.close()
     written = sorted(p.name for p in out.iterdir())  # tells a crash during the run from one at exit
     assert two.returncode == 0, f'outputs written: {written}\n{two.stderr[-3000:]}'
     return out

@@ -1,12 +1,14 @@
 """One live run per output folder, the way users meet it: a requeued job launched into the folder of a run that has
-not died yet is refused in one line naming that run; once the run is killed (SIGKILL), its stale lock is taken over."""
+not died yet is refused in one line naming that run; once the run is killed (SIGKILL), its stale lock is taken over.
+The live run and the refused launch are `python train_scripts/train.py` processes; the launch that takes over runs
+train.py's main in this process (a process other than the killed one, which is what the lock tells apart)."""
 import os
 import signal
 import socket
 import subprocess
 import sys
 
-from conftest import ROOT, TRAIN_MOE, log_records, run_script, script_env
+from conftest import ROOT, TRAIN_MOE, log_records, run_front_end, run_script, script_env
 
 RUN = dict(model='vit_ti16_moe_upcycled', batch_size=6, num_workers=0, steps=4, lr=3e-3, warmup_steps=1, log_every=1,
            checkpoint_every=2, trackers='none', progress='false', resume='auto')
@@ -35,6 +37,6 @@ def test_a_second_launch_into_a_live_runs_folder_is_refused_and_a_killed_runs_lo
         first.kill()  # SIGKILL: the kernel drops its lock, the file still names it
         first.communicate()
     assert first.returncode == -signal.SIGKILL
-    third = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out)])
-    assert third.returncode == 0, third.stderr[-3000:]
+    rc, _, err = run_front_end('train_scripts/train.py', *_args(data, out))
+    assert rc == 0, err[-3000:]
     assert [r['step'] for r in log_records(out)] == [1, 2, 3, 4]

@@ -18,6 +18,7 @@ from vit_moe.training import ConfigError, complete_checkpoints, latest_checkpoin
 from conftest import (
     ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config, train_state_of,
 )
+from trainer_driver import Launcher
 
 pytestmark = pytest.mark.xdist_group('preemption')  # one pytest-xdist worker: the module fixtures are built once
 
@@ -57,10 +58,19 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(data, tmp_path_factory):
-    """The reference: the same run, never stopped (a subprocess, like the interrupted ones)."""
-    out = tmp_path_factory.mktemp('uninterrupted') / 'run'
-    result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out)])
+def launcher():
+    """Launches without an interpreter start-up each (tests/trainer_driver.py's launch server): a fresh process per
+    launch, killed or ending as a `python train_scripts/train.py` one would."""
+    server = Launcher(ROOT, script_env())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data, launcher):
+    """The reference: the same run, never stopped (a process of its own, like the interrupted ones)."""
+    out = data.parent / 'uninterrupted' / 'run'
+    result = launcher.run('train_scripts/train.py', *_args(data, out))
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(weights=_weights(out), losses=[r['loss'] for r in log_records(out)], output_dir=out)
 
@@ -92,9 +102,10 @@ def _stopped(proc: subprocess.Popen) -> None:
     assert os.WIFSTOPPED(status), f'the run ended (status {status}) before it reached the point to signal it at'
 
 
-def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp_path, data, uninterrupted):
+def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp_path, data, uninterrupted, launcher):
     """SIGTERM lands after step 3 (the trainer stops itself there, the test signals it and lets it go on): the run
-    saves at the next step boundary, step 4, and the resume reaches the uninterrupted run's losses and weights."""
+    saves at the next step boundary, step 4, and the resume reaches the uninterrupted run's losses and weights.
+    (The stopped run is a `python train_scripts/train.py` launch; the resume comes from the launch server.)"""
     out = tmp_path / 'run'
     proc = subprocess.Popen([sys.executable, DRIVER, 'stop', 'after_step', '3', 'train_scripts/train.py',
                              *_args(data, out)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
@@ -108,13 +119,16 @@ def test_sigterm_then_resume_in_the_same_folder_matches_an_uninterrupted_run(tmp
     assert stopped_at == 4 and 'checkpoint_step_4' in stderr
     stop, = log_records(out, 'stop')  # what a script reads where a launcher hides the exit status
     assert (stop['signal'], stop['step']) == (signal.SIGTERM, 4)
-    result = run_script([sys.executable, 'train_scripts/train.py', *_args(data, out, resume='latest')])
+    result = launcher.run('train_scripts/train.py', *_args(data, out, resume='latest'))
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'at step 4' in result.stderr  # the resume line names the step
     np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
     _assert_same_weights(_weights(out), uninterrupted['weights'])
 
 
+# CI: test_sigkill_at_each_kind_of_point_in_turn_loses_nothing (each kill point once, on the launch server); the
+# stress tier: each kill of a `python train_scripts/train.py` launch, resumed alone, and the random kills
+@pytest.mark.stress
 @pytest.mark.parametrize('target, n', [('step', 6), ('save', 2), ('prune', 1)])
 def test_sigkill_during_a_step_a_save_or_a_deletion_loses_nothing(tmp_path, data, uninterrupted, target, n):
     """Killed inside a step, after a checkpoint's files are written but before it is renamed into place, and while an
@@ -135,6 +149,39 @@ def test_sigkill_during_a_step_a_save_or_a_deletion_loses_nothing(tmp_path, data
     np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
 
 
+# (where, n, the leftover it leaves) on 10 steps with a checkpoint every 2, the newest 2 kept: the save of step 4 (step 2
+# complete), the deletion of checkpoint 2 once step 6 is saved, inside step 8, the boundary after step 8, a log write
+KILLS = [('save', 2, '.partial_step_*'), ('prune', 1, '.deleting_*'), ('step', 2, None), ('after_step', 2, None),
+         ('log', 3, None)]
+
+
+def test_sigkill_at_each_kind_of_point_in_turn_loses_nothing(tmp_path, data, uninterrupted, launcher):
+    """Launches with `--resume auto` into one folder, each SIGKILLed at another kind of point: a checkpoint's files
+    written but not renamed into place, an old checkpoint being deleted, inside a step, a step boundary, a log write;
+    then a launch that finishes. After each kill every checkpoint folder is whole and what the kill left is not taken
+    for a checkpoint; the next launch clears it; the run ends with the uninterrupted run's losses and weights."""
+    out = tmp_path / 'run'
+    args = ['train_scripts/train.py', *_args(data, out, resume='auto')]
+    left = None
+    for where, n, leftover in KILLS:
+        killed = launcher.run('kill', where, str(n), *args)
+        assert killed.returncode == -signal.SIGKILL, (where, n, killed.stderr[-2000:])
+        _assert_checkpoints_whole(out)
+        assert latest_checkpoint(out) is not None
+        if left:  # the previous kill's leftover: cleared by this launch's resume
+            assert not list((out / 'checkpoints').glob(left)), (where, left)
+        if leftover:
+            assert list((out / 'checkpoints').glob(leftover)), (where, leftover)
+        left = leftover
+    final = launcher.run(*args)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert not list((out / 'checkpoints').glob('.*'))  # leftovers cleared
+    starts = [r['step'] for r in log_records(out, 'start')]
+    assert len(starts) == len(KILLS) + 1 and [r['step'] for r in log_records(out, 'resume')] == starts[1:]
+    _assert_same_weights(_weights(out), uninterrupted['weights'])
+    np.testing.assert_allclose([r['loss'] for r in log_records(out)], uninterrupted['losses'], rtol=1e-5, atol=1e-6)
+
+
 def _random_kill_points(rng: random.Random, launches: int):
     """(where, n) per launch: a point every launch reaches (each has at least 6 steps and 2 checkpoints to go)."""
     points = []
@@ -144,6 +191,7 @@ def _random_kill_points(rng: random.Random, launches: int):
     return points
 
 
+@pytest.mark.stress
 def test_sigkill_at_random_points_again_and_again_ends_like_an_uninterrupted_run(tmp_path, data):
     """Five launches with `--resume auto`, each SIGKILLed at a point drawn at random (seeded: the same points every
     time) among: inside a step, a step boundary, a log write, a checkpoint's save before its rename, the deletion of
@@ -189,49 +237,68 @@ def test_latest_skips_an_incomplete_checkpoint_and_names_it(tmp_path, data, capl
     assert (torn / 'model.safetensors').read_bytes() == b'half a file'  # left for the user to inspect
 
 
-def test_two_processes_draw_different_masks_and_still_resume_exactly(tmp_path, data):
-    """Every micro-batch draws its own random numbers (dropout, drop-path, mixup) from (seed, epoch, micro-batch number):
-    the two processes draw different ones, and one process accumulating two micro-batches draws, for each, what the
-    process that ran it drew."""
-    launch = launch_processes(2)
-    masks = '''
+MASKS = '''
 import json, sys, torch
 import vit_moe
 from vit_moe.training import Trainer, load_config
 trainer = Trainer(load_config(None, json.loads(sys.argv[1])))
 draws, step = [], trainer.train_step
 def train_step(images, targets):
+    state = torch.get_rng_state()
     draws.append(torch.rand(4).tolist())  # what dropout / drop-path would draw for this micro-batch
+    torch.set_rng_state(state)  # ... and does draw: the run trains as train.py's would
     step(images, targets)
 trainer.train_step = train_step
 trainer.fit()
 open(f'{trainer.out}/draws_{trainer.accelerator.process_index}.json', 'w').write(json.dumps(draws))
 vit_moe.exit_process(0)  # under a launcher: leave without the interpreter's finalization (README, exit codes)
 '''
+
+
+@pytest.mark.parametrize('launches', ['server', pytest.param('torchrun', marks=pytest.mark.stress)])
+def test_two_processes_draw_different_masks_and_still_resume_exactly(tmp_path, data, launches, request):
+    """Every micro-batch draws its own random numbers (dropout, drop-path, mixup) from (seed, epoch, micro-batch number):
+    the two processes draw different ones, and one process accumulating two micro-batches draws, for each, what the
+    process that ran it drew. A 2-process run stopped at step 4 and resumed on 2 processes ends as the uninterrupted
+    one; resumed again on ONE process, it keeps the global batch.
+
+    The uninterrupted 2-process run, which records the draws, is a torch.distributed.run launch; the other launches
+    come from the launch server (`server`, CI) or are launches of their own (`torchrun` / python, the stress tier)."""
+    launcher = request.getfixturevalue('launcher') if launches == 'server' else None
+
+    def run(*command, processes=1):
+        if launcher is not None:
+            return launcher.run(*command, processes=processes)
+        return run_script([*(launch_processes(2) if processes == 2 else [sys.executable]), *command], timeout=300)
+
     script = tmp_path / 'draws.py'
-    script.write_text(masks)
-    for name, processes, accumulation in (('two', 2, 1), ('one', 1, 2)):
+    script.write_text(MASKS)
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    for out, processes, accumulation, steps in ((full, 2, 1, 8), (tmp_path / 'one', 1, 2, 2)):
         cfg = json.dumps(dict(RUN, model_kwargs=json.loads(RUN['model_kwargs']), progress=False, data_dir=str(data),
-                              output_dir=str(tmp_path / name), steps=2, grad_accum_steps=accumulation))
-        result = run_script([*(launch if processes == 2 else [sys.executable]), str(script), cfg])
+                              output_dir=str(out), steps=steps, grad_accum_steps=accumulation))
+        if processes == 2:
+            result = run_script([*launch_processes(2), str(script), cfg], timeout=300)
+        else:
+            result = run(str(script), cfg)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert log_records(tmp_path / name, 'start')[0]['num_processes'] == processes
-    two = [json.loads((tmp_path / 'two' / f'draws_{rank}.json').read_text()) for rank in (0, 1)]
+        assert log_records(out, 'start')[0]['num_processes'] == processes
+    two = [json.loads((full / f'draws_{rank}.json').read_text()) for rank in (0, 1)]
     one = json.loads((tmp_path / 'one' / 'draws_0.json').read_text())
-    assert len(one) == 4 and len(two[0]) == len(two[1]) == 2
+    assert len(one) == 4 and len(two[0]) == len(two[1]) == 8
     assert two[0][0] != two[1][0]
     assert one == [two[number % 2][number // 2] for number in range(4)]  # micro-batch i of rank r: number 2 i + r
 
-    full, part = tmp_path / 'full', tmp_path / 'part'
-    for out, extra in ((full, {}), (part, dict(steps=4)), (part, dict(resume='latest'))):
-        result = run_script([*launch, 'train_scripts/train.py', *_args(data, out, **dict(dict(steps=8), **extra))], timeout=300)
+    for extra in (dict(steps=4), dict(steps=8, resume='latest')):
+        result = run('train_scripts/train.py', *_args(data, part, **extra), processes=2)
         assert result.returncode == 0, result.stderr[-3000:]
+    assert [r['num_processes'] for r in log_records(part, 'start')] == [2, 2]
     np.testing.assert_allclose([r['loss'] for r in log_records(part)], [r['loss'] for r in log_records(full)],
                                rtol=1e-5, atol=1e-6)
     _assert_same_weights(_weights(part), _weights(full))
 
     # the same checkpoint resumed by ONE process: it keeps the global batch with 2 accumulation steps, and says so once
-    one = run_script([sys.executable, 'train_scripts/train.py', *_args(data, part, steps=10, resume='latest')])
+    one = run('train_scripts/train.py', *_args(data, part, steps=10, resume='latest'))
     assert one.returncode == 0, one.stderr[-3000:]
     assert one.stderr.count('saved by 2 process(es) x 1 accumulation step(s), resumed by 1 x 2: the global batch '
                             'stays 12 images') == 1

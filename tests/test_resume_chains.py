@@ -1,15 +1,17 @@
 """A cluster job is many launches: any chain of resumes over one process, DDP, FSDP2 and expert parallelism is the
 uninterrupted run.
 
-Chains of one-step legs, each a real launch (2 gloo processes; the one-process legs run in this process). The full
-chain (the stress tier) holds the five chains of issue 32 as consecutive legs, so every kind of resume is followed by
+Chains of one-step legs, each a launch of its own (2 gloo processes; the one-process legs run in this process): in CI
+from tests/trainer_driver.py's launch server (fresh processes forked from one that imported torch once, with
+torch.distributed.run's environment), in the stress tier through torch.distributed.run. The full chain (the stress
+tier) holds the five chains of issue 32 as consecutive legs, so every kind of resume is followed by
 a second one:
 
     EP 2 -> DDP -> DDP -> FSDP2 -> DDP -> one -> DDP -> EP 2 -> EP 2 -> FSDP2 -> EP 2 -> one
 
 (EP 2 -> EP 1 -> EP 1; DDP -> FSDP2 -> DDP; 2 processes -> 1 -> 2; EP 1 -> EP 2 -> EP 2; FSDP2 -> EP 2 -> one.)
 CI runs a shorter one in which each launch kind resumes another's checkpoint and the chains' key changes appear:
-DDP -> EP 2 -> DDP -> FSDP2 -> EP 2 -> one -> DDP.
+DDP -> EP 2 -> DDP -> FSDP2 -> EP 2 -> one -> DDP (the stress tier runs it through torch.distributed.run too).
 The global batch is 8 images (4 per process on 2 processes, 2 accumulation steps on one), 36 images make 4 steps an
 epoch, so the full chain crosses two epoch boundaries, the short one one. The reference is one uninterrupted run of
 the chain's length on one process.
@@ -21,7 +23,8 @@ from safetensors.torch import load_file
 
 from vit_moe.training import train
 
-from conftest import ROOT, launch_processes, log_records, make_image_folder, run_script, tiny_config
+from conftest import ROOT, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config
+from trainer_driver import Launcher
 
 pytestmark = pytest.mark.xdist_group('resume_chains')
 
@@ -32,22 +35,32 @@ COMMON = dict(batch_size=4, checkpoint_every=1, keep_checkpoints=2, ema_decay=0.
                                 moe_blocks=1, drop_path_rate=0.1))
 
 
-def _leg(kind: str, cfg, config_file) -> None:
-    """One leg of the chain on the launch `kind`."""
+def _leg(kind: str, cfg, config_file, launcher=None) -> None:
+    """One leg of the chain on the launch `kind`: through `launcher` (a Launcher), or torch.distributed.run."""
     if kind == 'one':
         train(cfg)
         return
     config_file.write_text(cfg.to_yaml())
     front = ['tests/fsdp_on_cpu.py'] if kind == 'fsdp2' else []
     ep = ['--expert-parallel-size=2'] if kind == 'ep2' else []
-    run = run_script([*launch_processes(2), *front, 'train_scripts/train.py', '--config', str(config_file), *ep],
-                     timeout=300)
+    command = [*front, 'train_scripts/train.py', '--config', str(config_file), *ep]
+    if launcher is None:
+        run = run_script([*launch_processes(2), *command], timeout=300)
+    else:
+        run = launcher.run(*command, processes=2)
     assert run.returncode == 0, f'{kind} leg: ' + run.stderr[-3000:]
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('chains') / 'data')
+
+
+@pytest.fixture(scope='module')
+def launcher():
+    server = Launcher(ROOT, script_env())
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope='module')
@@ -66,12 +79,16 @@ def _weights(output_dir, folder='model'):
     return load_file(str(ROOT / output_dir / folder / 'model.safetensors'))
 
 
-@pytest.mark.parametrize('chain', [SHORT_CHAIN, pytest.param(CHAIN, marks=pytest.mark.stress)], ids=['short', 'full'])
-def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uninterrupted, tmp_path, chain):
+@pytest.mark.parametrize('chain, launches', [
+    (SHORT_CHAIN, 'server'), pytest.param(SHORT_CHAIN, 'torchrun', marks=pytest.mark.stress),
+    pytest.param(CHAIN, 'torchrun', marks=pytest.mark.stress)], ids=['short', 'short-torchrun', 'full'])
+def test_a_chain_of_resumes_over_every_launch_is_the_uninterrupted_run(data, uninterrupted, tmp_path, chain, launches,
+                                                                       request):
     out = tmp_path / 'chain'
+    launcher = request.getfixturevalue('launcher') if launches == 'server' else None
     for step, kind in enumerate(chain, start=1):
         cfg = tiny_config(data.parent, output_dir=str(out), steps=step, resume='auto', **COMMON)
-        _leg(kind, cfg, tmp_path / 'leg.yaml')
+        _leg(kind, cfg, tmp_path / 'leg.yaml', launcher)
         losses = [r['loss'] for r in log_records(out)]
         reference = [r['loss'] for r in log_records(uninterrupted[len(chain)])][:step]
         np.testing.assert_allclose(losses, reference, rtol=1e-3, err_msg=f'after leg {step} ({kind})')

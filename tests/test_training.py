@@ -22,7 +22,8 @@ from vit_moe.layers import RoutingCapture
 from vit_moe.training import NonFiniteLossError, Trainer, latest_checkpoint, train, validate
 
 from conftest import (
-    ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_script, script_env, tiny_config, train_state_of,
+    ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_front_end, run_script, script_env, tiny_config,
+    train_state_of,
 )
 
 
@@ -109,7 +110,8 @@ def _cli_args(tmp_path, **overrides):
     return [f'--{k}={v}' for k, v in values.items()]
 
 
-@pytest.mark.parametrize('processes', [1, 2])
+# CI: 2 processes (and tests/test_preemption.py's SIGTERM test: one process, exit 128 + 15); the stress tier: both
+@pytest.mark.parametrize('processes', [pytest.param(1, marks=pytest.mark.stress), 2])
 def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp_path, data, processes):
     """As a preempted job meets it (SLURM's scancel, `kill -TERM -<pgid>`): SIGTERM reaches every process at once,
     the launcher and the DataLoader workers included. Each trainer stops itself after step 3 (tests/trainer_driver.py),
@@ -318,24 +320,49 @@ def test_per_sample_augmentations_are_seeded_without_touching_the_cuda_generator
     assert torch.equal(torch.get_rng_state(), cpu_state) and reseeded == []
 
 
-@pytest.mark.parametrize('launcher', ['torch.distributed.run', 'accelerate launch --cpu'])
+LONE_REFUSALS = {
+    'torch.distributed.run': 'WORLD_SIZE=2: the launcher started 2 processes but Accelerate sees 1',
+    'accelerate launch --cpu': 'accelerate launch --cpu with --num_processes > 1 starts a single process',
+}
+
+
+# CI: the torch.distributed.run launch, and the simple launcher's environment in this process (below); the stress
+# tier: both launches
+@pytest.mark.parametrize('launcher', ['torch.distributed.run',
+                                      pytest.param('accelerate launch --cpu', marks=pytest.mark.stress)])
 def test_a_launch_that_would_start_lone_processes_is_refused_before_anything_is_written(tmp_path, data, launcher):
     """torch.distributed.run without ACCELERATE_USE_CPU on a machine without GPUs, or `accelerate launch --cpu
     --num_processes 2` (Accelerate's simple launcher: one process), would have trained alone into one output folder."""
     env = script_env()
     if launcher == 'torch.distributed.run':
         env.pop('ACCELERATE_USE_CPU')
-        command, expected = launch_processes(2), 'WORLD_SIZE=2: the launcher started 2 processes but Accelerate sees 1'
+        command = launch_processes(2)
     else:
         command = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--cpu', '--num_processes', '2',
                    '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
-        expected = 'accelerate launch --cpu with --num_processes > 1 starts a single process'
+    expected = LONE_REFUSALS[launcher]
     run = subprocess.run([*command, 'train_scripts/train.py', *_cli_args(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
     assert lines and expected in lines[0] and 'ACCELERATE_USE_CPU=1 python -m torch.distributed.run' in lines[0], \
         run.stderr[-3000:]
+    assert not (tmp_path / 'run').exists()
+
+
+def test_the_simple_launchers_lone_process_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):
+    """What `accelerate launch --cpu --num_processes 2` starts (the launch itself: the stress tier, above): one process
+    with ACCELERATE_USE_CPU and MASTER_PORT set and no WORLD_SIZE. train.py's main, run in this process, refuses it."""
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('ACCELERATE_USE_CPU', 'True')  # as accelerate/utils/launch.py sets them
+    monkeypatch.setenv('MASTER_PORT', '29500')
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    rc, _, err = run_front_end('train_scripts/train.py', *_cli_args(tmp_path))
+    assert rc == 2
+    lines = [line for line in err.splitlines() if 'train.py: error:' in line]
+    assert lines and LONE_REFUSALS['accelerate launch --cpu'] in lines[0], err[-3000:]
+    assert 'ACCELERATE_USE_CPU=1 python -m torch.distributed.run' in lines[0]
     assert not (tmp_path / 'run').exists()
 
 

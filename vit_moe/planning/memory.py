@@ -10,7 +10,8 @@ queried from a process group.
   the trainer has Accelerate's FSDP2 plugin wrap them: `vit_moe.training.fsdp_wrap`), with the transient all-gathered
   parameters and unsharded gradients of FSDP2 and the gradient buckets of DDP.
 * `activation_memory()`: bytes saved for the backward pass by one forward at a batch size, with or without timm's
-  gradient checkpointing, in float32 or under bf16 autocast, counted with `torch.autograd.graph.saved_tensors_hooks`.
+  gradient checkpointing, in float32 or under bf16 autocast, counted with `torch.autograd.graph.saved_tensors_hooks`;
+  `activation_memories()` both settings from the same passes.
 
 Bytes, not GB: the callers divide (`GB = 1e9`).
 """
@@ -27,6 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 __all__ = [
     'GB', 'STRATEGIES', 'ParameterMemory', 'ActivationMemory', 'fsdp_units', 'fsdp_shard_numel', 'parameter_memory',
     'routed_expert_parameters', 'experts_sharded_over_dp', 'expert_shard_numel', 'activation_memory',
+    'activation_memories',
 ]
 
 GB = 1e9  # decimal gigabyte, as in the tables
@@ -441,8 +443,21 @@ def activation_memory(
     the outer hook then sees only what is saved outside the blocks; the total adds every block's input [B, T, D]
     (kept by the checkpoint) and the largest block's own saved tensors, measured in a pass without checkpointing
     (the backward recomputes one block at a time). Gradients of the activations during the backward are not counted.
-    The model is left as it was (training mode, checkpointing flag).
+    The model is left as it was (training mode, checkpointing flag). `activation_memories` gives both settings from
+    the same passes.
     """
+    return activation_memories(model, batch_size, dtype, (grad_checkpointing,))[grad_checkpointing]
+
+
+def activation_memories(
+        model: nn.Module,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        grad_checkpointing: Iterable[bool] = (False, True),
+) -> Dict[bool, ActivationMemory]:
+    """`activation_memory` for each setting of `grad_checkpointing` (default: without and with), as a dict keyed by
+    it: the passes without checkpointing, which both settings use (with checkpointing: for the largest block's
+    recomputation and the weight copies), run once, so the two settings cost 4 forwards, not 6."""
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size!r}')
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -458,25 +473,28 @@ def activation_memory(
 
     regions = set(plain[sizes[0]]) | set(plain[sizes[1]])
     blocks = sorted(r for r in regions if isinstance(r, int))
-    if not grad_checkpointing:
-        saved = plain[batch_size]
-        total = sum(saved.values())
-        return ActivationMemory(
-            batch_size, False, dtype, outside=saved.get('outside', 0), block_inputs=0,
-            blocks=total - saved.get('outside', 0), weight_copies=sum(fixed(r) for r in regions),
-            per_image=sum(plain[sizes[1]].values()) - total, total=total)
-
-    copies = sum(fixed(i) for i in blocks)  # autocast's cache of the blocks' weight copies, until the forward returns
-    peaks = {}
-    for b in sizes:
-        saved = _forward_saved(model, b, dtype, grad_checkpointing=True)
-        if any(isinstance(r, int) for r in saved):
-            raise RuntimeError(f'tensors saved inside checkpointed blocks reached the outer hook: {list(saved)}')
-        inputs = sum(v for r, v in saved.items() if isinstance(r, tuple))
-        largest = max((plain[b].get(i, 0) for i in blocks), default=0)  # its recomputation, input excluded
-        peaks[b] = (saved.get('outside', 0), inputs, largest)
-    outside, inputs, largest = peaks[batch_size]
-    return ActivationMemory(
-        batch_size, True, dtype, outside=outside, block_inputs=inputs, blocks=largest,
-        weight_copies=copies + fixed('outside'), per_image=sum(peaks[sizes[1]]) - sum(peaks[batch_size]),
-        total=outside + inputs + max(largest, copies))
+    results: Dict[bool, ActivationMemory] = {}
+    for checkpointing in dict.fromkeys(bool(c) for c in grad_checkpointing):
+        if not checkpointing:
+            saved = plain[batch_size]
+            total = sum(saved.values())
+            results[False] = ActivationMemory(
+                batch_size, False, dtype, outside=saved.get('outside', 0), block_inputs=0,
+                blocks=total - saved.get('outside', 0), weight_copies=sum(fixed(r) for r in regions),
+                per_image=sum(plain[sizes[1]].values()) - total, total=total)
+            continue
+        copies = sum(fixed(i) for i in blocks)  # autocast's cache of the blocks' weight copies, until the forward ends
+        peaks = {}
+        for b in sizes:
+            saved = _forward_saved(model, b, dtype, grad_checkpointing=True)
+            if any(isinstance(r, int) for r in saved):
+                raise RuntimeError(f'tensors saved inside checkpointed blocks reached the outer hook: {list(saved)}')
+            inputs = sum(v for r, v in saved.items() if isinstance(r, tuple))
+            largest = max((plain[b].get(i, 0) for i in blocks), default=0)  # its recomputation, input excluded
+            peaks[b] = (saved.get('outside', 0), inputs, largest)
+        outside, inputs, largest = peaks[batch_size]
+        results[True] = ActivationMemory(
+            batch_size, True, dtype, outside=outside, block_inputs=inputs, blocks=largest,
+            weight_copies=copies + fixed('outside'), per_image=sum(peaks[sizes[1]]) - sum(peaks[batch_size]),
+            total=outside + inputs + max(largest, copies))
+    return results

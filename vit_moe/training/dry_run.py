@@ -25,7 +25,7 @@ import torch
 from .config import ConfigError, TrainConfig, read_yaml, scaled_lr
 from ..layers import moe_layers
 from ..planning.memory import (
-    GB, ParameterMemory, activation_memory, expert_shard_numel, experts_sharded_over_dp, fsdp_shard_numel,
+    GB, ParameterMemory, activation_memories, expert_shard_numel, experts_sharded_over_dp, fsdp_shard_numel,
     parameter_memory, routed_expert_parameters)
 
 __all__ = ['Launch', 'MemoryPlan', 'resolve_launch', 'plan_memory', 'dry_run', 'expert_parallel_sizes', 'MARGIN']
@@ -172,10 +172,11 @@ def plan_memory(cfg: TrainConfig, launch: Launch, num_classes: int = 1000,
     _check_experts(model, launch)
     state, ema = _model_state(model, cfg, launch)
     dtype = _PRECISION[launch.mixed_precision]
-    acts = {ckpt: activation_memory(model, cfg.batch_size, ckpt, dtype).total
-            for ckpt in (cfg.grad_checkpointing, not cfg.grad_checkpointing)}
-    return MemoryPlan(state.params, state.grads, state.optimizer, state.transient, ema, acts[cfg.grad_checkpointing],
-                      acts[not cfg.grad_checkpointing], state.num_params,
+    # both settings (the other one for the advice) from the same passes without checkpointing
+    acts = {ckpt: memory.total for ckpt, memory in activation_memories(model, cfg.batch_size, dtype).items()}
+    ckpt = bool(cfg.grad_checkpointing)
+    return MemoryPlan(state.params, state.grads, state.optimizer, state.transient, ema, acts[ckpt], acts[not ckpt],
+                      state.num_params,
                       sum(p.numel() for p in routed_expert_parameters(model)))
 
 
