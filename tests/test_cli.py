@@ -1,7 +1,12 @@
 """Command-line front ends as users run them: one stderr line and exit 2 for a user mistake, the traceback with
 --debug / VIT_MOE_DEBUG=1, a quiet successful export (more with --verbose); and vit_moe._cli in-process."""
 import argparse
+import contextlib
+import json
+import logging
 import os
+import re
+import runpy
 import subprocess
 import sys
 
@@ -9,9 +14,10 @@ import pytest
 
 from vit_moe import _cli
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_front_end, run_script
 
-TINY_KWARGS = '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}'
+# depth 2, one MoE block: what the export prints is checked here, not the model (a third faster than depth 4)
+TINY_KWARGS = '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 2, num_heads: 2, num_experts: 4}'
 
 
 @pytest.fixture(autouse=True)
@@ -41,45 +47,76 @@ def _user_mistakes(tmp_path):
     }
 
 
+# one case per front end runs as a real process (its exit status, and nothing its imports print or warn on stderr);
+# the others run its `main` in this process through the same `_cli.run` wrapper
+REAL_PROCESS = ('train missing data_dir', 'validate non-ONNX file', 'export missing checkpoint')
+
+
 @pytest.mark.parametrize('case', ['train missing data_dir', 'train unknown key', 'validate missing data_dir',
                                   'export missing checkpoint', 'validate non-ONNX file',
                                   'export impossible tie tolerance'])
 def test_a_user_mistake_is_one_stderr_line_naming_it_and_exit_2(tmp_path, case):
     args, expected = _user_mistakes(tmp_path)[case]
-    result = run_script([sys.executable, *args], timeout=120)
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr[-3000:]
+    if case in REAL_PROCESS:
+        result = run_script([sys.executable, *args], timeout=120)
+        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+    else:
+        returncode, stdout, stderr = run_front_end(*args)
+    assert returncode == 2, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr[-3000:]
     script = args[0].split('/')[-1]
     assert lines[0].startswith(f'{script}: error: ') and expected in lines[0]
-    assert 'Traceback' not in result.stdout + result.stderr
+    assert 'Traceback' not in stdout + stderr
 
 
 @pytest.mark.parametrize('case, how', [('train missing data_dir', '--debug'),
                                        ('export missing checkpoint', 'env')])
 def test_debug_flag_or_environment_variable_shows_the_traceback(tmp_path, monkeypatch, case, how):
     args, expected = _user_mistakes(tmp_path)[case]
-    if how == 'env':
+    if how == 'env':  # a real process: run_and_exit prints the traceback, exit 1
         monkeypatch.setenv(_cli.DEBUG_ENV, '1')
-    result = run_script([sys.executable, *args, *(['--debug'] if how == '--debug' else [])], timeout=120)
-    assert result.returncode == 1
-    assert 'Traceback (most recent call last)' in result.stderr
-    assert 'FileNotFoundError: ' in result.stderr and expected in result.stderr
+        result = run_script([sys.executable, *args], timeout=120)
+        assert result.returncode == 1
+        assert 'Traceback (most recent call last)' in result.stderr
+        assert 'FileNotFoundError: ' in result.stderr and expected in result.stderr
+    else:  # in this process: `_cli.run` lets the error through instead of the one line (the env case shows the rest)
+        with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+            run_front_end(*args, '--debug')
+
+
+@contextlib.contextmanager
+def _logging_to_stderr():
+    """Logging configured as in a fresh process: pytest's handlers off, so a front end's `setup_logging` puts its
+    own handler on (the redirected) stderr; every level it sets is undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    names = ('vit_moe', *_cli.SELF_QUIETING_LOGGERS, *_cli.QUIET_UNLESS_VERBOSE)
+    levels = {name: logging.getLogger(name).level for name in names}
+    root.handlers = []
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        root.setLevel(level)
+        for name in names:
+            logging.getLogger(name).setLevel(levels[name])
 
 
 def test_a_successful_export_is_quiet_and_verbose_shows_the_exporter_logs(tmp_path):
-    args = [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
-            str(tmp_path / 'x.onnx'), '--model-kwargs', TINY_KWARGS, '--num-classes', '10']
-    quiet = run_script(args)
+    args = ['export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output', str(tmp_path / 'x.onnx'),
+            '--model-kwargs', TINY_KWARGS, '--num-classes', '10']
+    quiet = run_script([sys.executable, *args])  # a real process: whatever any library prints or warns shows
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     lines = (quiet.stdout + quiet.stderr).splitlines()
     assert len(lines) <= 8, lines
     assert lines[0].startswith(f'exported {tmp_path / "x.onnx"} (') and ' MB)' in lines[0]
     assert quiet.stdout.count(' ok') == 3 and quiet.stderr == ''
-    verbose = run_script(args + ['--verbose', '--no-routing-check', '--batch-sizes', '1'])
-    assert verbose.returncode == 0, verbose.stderr[-3000:]
-    assert len((verbose.stdout + verbose.stderr).splitlines()) > 20
-    assert 'INFO onnx' in verbose.stderr
+    with _logging_to_stderr():  # --verbose: the exporter's loggers, in this process
+        returncode, stdout, stderr = run_front_end(*args, '--verbose', '--no-routing-check', '--batch-sizes', '1')
+    assert returncode == 0, stderr[-3000:]
+    assert len((stdout + stderr).splitlines()) > 20
+    assert 'INFO onnx' in stderr
 
 
 def test_a_non_onnx_file_is_a_value_error_naming_it(tmp_path):
@@ -201,33 +238,67 @@ def test_export_is_quiet_for_library_users_unless_a_level_is_set(tmp_path, caplo
     (['--expert-rtol', '0'], '--expert-rtol must be > 0, got 0.0'),
 ])
 def test_export_options_are_checked_before_anything_is_written(tmp_path, flags, expected):
-    from conftest import run_front_end
     rc, out, err = run_front_end('export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output',
                                  str(tmp_path / 'x.onnx'), *flags)
     assert rc == 2 and out == '' and len(err.splitlines()) == 1 and expected in err, err
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize('verbose', [False, True])
-def test_the_no_cuda_runtime_warning_of_compiled_runs_shows_only_with_verbose(verbose):
-    """torch.compile imports torch.utils.cpp_extension, which warns 'No CUDA runtime is found, using CUDA_HOME=...'
-    wherever a CUDA toolkit is found without a GPU: quiet by default, like every other library's chatter."""
-    code = (f'from vit_moe import _cli; _cli.setup_logging(verbose={verbose}); '
-            'import torch.utils.cpp_extension')
-    run = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, PYTHONPATH=str(ROOT), CUDA_HOME=str(ROOT)),
+_CUDA_WARNING = '''
+import json, os, sys
+from vit_moe import _cli  # imports torch
+assert 'torch.utils.cpp_extension' not in sys.modules
+stderr = {}
+for verbose in (False, True):  # each in a forked copy of this interpreter: the import warns once per process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.dup2(write, 2)
+        _cli.setup_logging(verbose=verbose)
+        import torch.utils.cpp_extension
+        sys.stderr.flush()
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        stderr[verbose] = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0, stderr[verbose]
+print(json.dumps([stderr[False], stderr[True]]))
+'''
+
+
+@pytest.fixture(scope='module')
+def cuda_warning_stderr():
+    """verbose -> stderr of `_cli.setup_logging(verbose)` then `import torch.utils.cpp_extension` in a fresh process
+    (one interpreter start-up, forked for each)."""
+    run = subprocess.run([sys.executable, '-c', _CUDA_WARNING], env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                                                         CUDA_HOME=str(ROOT)),
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+    return dict(zip((False, True), json.loads(run.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.skipif(not hasattr(os, 'fork'), reason='forks a fresh interpreter for each case')
+@pytest.mark.xdist_group('cuda_warning')
+@pytest.mark.parametrize('verbose', [False, True])
+def test_the_no_cuda_runtime_warning_of_compiled_runs_shows_only_with_verbose(cuda_warning_stderr, verbose):
+    """torch.compile imports torch.utils.cpp_extension, which warns 'No CUDA runtime is found, using CUDA_HOME=...'
+    wherever a CUDA toolkit is found without a GPU: quiet by default, like every other library's chatter."""
+    stderr = cuda_warning_stderr[verbose]
     import torch
     warns = verbose and not torch.cuda.is_available()  # torch warns only where it finds no GPU
-    assert ('No CUDA runtime is found' in run.stderr) == warns, run.stderr
+    assert ('No CUDA runtime is found' in stderr) == warns, stderr
 
 
-def test_the_external_data_threshold_in_help_and_readme_is_the_code_s():
+def test_the_external_data_threshold_in_help_and_readme_is_the_code_s(capsys):
     from vit_moe.onnx.export import DEFAULT_EXTERNAL_DATA_THRESHOLD
     said = f'Weights over {DEFAULT_EXTERNAL_DATA_THRESHOLD / 1e9:g} GB'
-    run = subprocess.run([sys.executable, 'export/onnx_export.py', '--help'], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
-    assert said in ' '.join(run.stdout.split()) and said in ' '.join((ROOT / 'README.md').read_text().split())
+    main = runpy.run_path(str(ROOT / 'export/onnx_export.py'), run_name='front_end')['main']
+    with pytest.raises(SystemExit) as leaving:  # argparse prints the help and exits 0
+        main(['--help'])
+    assert leaving.value.code == 0
+    help_text = capsys.readouterr().out
+    assert said in ' '.join(help_text.split()) and said in ' '.join((ROOT / 'README.md').read_text().split())
 
 
 # leaving a process of a distributed launch (vit_moe._cli.leave)

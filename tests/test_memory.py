@@ -87,29 +87,45 @@ def test_checkpointing_keeps_block_inputs_and_what_is_saved_outside(small):
     assert result.total == plain['outside'] + sum(inputs.values()) + plain[3]
 
 
-def test_checkpointing_reduces_activation_memory(b16):
+@pytest.fixture(scope='module')
+def b16_activations(b16):
+    """memory.activation_memory(b16, batch, grad_checkpointing, dtype), each counted once for the tests below."""
+    results = {}
+
+    def activations(batch, grad_checkpointing=False, dtype=torch.float32):
+        key = batch, grad_checkpointing, dtype
+        if key not in results:
+            results[key] = memory.activation_memory(b16, batch, grad_checkpointing, dtype)
+        return results[key]
+    return activations
+
+
+@pytest.mark.xdist_group('b16_activations')
+def test_checkpointing_reduces_activation_memory(b16_activations):
     for dtype in (torch.float32, torch.bfloat16):
-        full = memory.activation_memory(b16, 32, False, dtype)
-        ckpt = memory.activation_memory(b16, 32, True, dtype)
+        full = b16_activations(32, False, dtype)
+        ckpt = b16_activations(32, True, dtype)
         assert ckpt.total < full.total / 2
         assert ckpt.per_image < full.per_image / 5
 
 
-def test_activations_are_affine_in_the_batch(b16):
-    saved = {b: sum(memory._forward_saved(b16, b, torch.float32, False).values()) for b in (1, 2, 5)}
+@pytest.mark.xdist_group('b16_activations')
+def test_activations_are_affine_in_the_batch(b16, b16_activations):
+    saved = {b: sum(memory._forward_saved(b16, b, torch.float32, False).values()) for b in (1, 2, 32)}
     per_image = saved[2] - saved[1]
-    assert saved[5] == saved[1] + 4 * per_image
-    result = memory.activation_memory(b16, 5)
-    assert result.total == saved[5] and result.per_image == per_image
+    assert saved[32] == saved[1] + 31 * per_image
+    result = b16_activations(32)
+    assert result.total == saved[32] and result.per_image == per_image
     assert result.weight_copies < 64  # fp32: no copies (the loss saves a scalar)
 
 
-def test_bf16_autocast_saves_bf16_weight_copies(b16):
-    fp32 = memory.activation_memory(b16, 8, dtype=torch.float32)
-    bf16 = memory.activation_memory(b16, 8, dtype=torch.bfloat16)
+@pytest.mark.xdist_group('b16_activations')
+def test_bf16_autocast_saves_bf16_weight_copies(b16, b16_activations):
+    fp32 = b16_activations(32, dtype=torch.float32)
+    bf16 = b16_activations(32, dtype=torch.bfloat16)
     assert 0.45 * fp32.per_image < bf16.per_image < 0.75 * fp32.per_image  # LayerNorm, router, residual stay fp32
     assert 0.95 < bf16.weight_copies / (2 * _num_params(b16)) <= 1.0  # bf16 copy of (almost) every weight
-    ckpt = memory.activation_memory(b16, 8, True, dtype=torch.bfloat16)
+    ckpt = b16_activations(32, True, dtype=torch.bfloat16)
     assert ckpt.total >= ckpt.weight_copies  # autocast's cache, held until the forward returns
 
 

@@ -1,5 +1,6 @@
 """Package layout: a light `import vit_moe`, extras that name themselves, layers that only import downwards."""
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -20,37 +21,79 @@ ALLOWED = {
     'analysis': {'layers', 'models', 'data'},
 }
 
-
-def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
-def test_import_vit_moe_pulls_in_only_torch_timm_and_safetensors():
-    code = '''
-import sys
+# What a clean interpreter imports. One interpreter does what `import vit_moe` alone does (the light import), then
+# forks once per case below: each case starts from that state (torch, timm and vit_moe imported, nothing else of
+# the package), as a fresh interpreter running `import vit_moe.<subpackage>` would be once it has imported vit_moe
+# itself, and no case sees what another imported. One torch import for all of them instead of one per case.
+_CLEAN_INTERPRETER = r'''
+import json, os, sys, traceback
 import torch, timm, safetensors, safetensors.torch
 before = {m.split('.')[0] for m in sys.modules}
 import vit_moe
 import timm
 assert 'vit_ti16_moe_upcycled' in timm.list_models('*moe*')
-print(sorted({m.split('.')[0] for m in sys.modules} - before))
-print(sorted(m for m in sys.modules if m.startswith('vit_moe.')))
+results = {'import vit_moe': [sorted({m.split('.')[0] for m in sys.modules} - before),
+                              sorted(m for m in sys.modules if m.startswith('vit_moe.'))]}
+for name, (blocked, code) in json.loads(sys.argv[1]).items():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the case, in a copy of this interpreter: its last line of output, as an uncaught error ends it
+        os.close(read)
+        try:
+            if blocked:
+                assert blocked not in sys.modules, f'{blocked} was imported before the case: the case proves nothing'
+                sys.modules[blocked] = None  # as if not installed
+            exec(code, {})
+            result = 'ok'
+        except BaseException:
+            result = traceback.format_exc().strip().splitlines()[-1]
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, 'rb') as pipe:
+        results[name] = pipe.read().decode()
+    os.waitpid(pid, 0)
+print(json.dumps(results))
 '''
-    result = _python(code)
-    assert result.returncode == 0, result.stderr
-    new_top_level, submodules = result.stdout.strip().splitlines()
-    assert new_top_level == "['vit_moe']"
+# case -> (module made unimportable, code): 'ok', or the last line of the error it ends with
+_CASES = {
+    **{f'{subpackage} without {module}': (module, f'import vit_moe.{subpackage}')
+       for subpackage, module in (('training', 'accelerate'), ('training', 'torchmetrics'), ('onnx', 'onnxruntime'),
+                                  ('onnx', 'onnx'))},
+    'saving and loading': (None, 'import sys, vit_moe.models.saving, vit_moe.models.loading\n'
+                                 'assert "accelerate" not in sys.modules, "accelerate imported"'),
+}
+
+
+@pytest.fixture(scope='module')
+def clean_interpreter() -> dict:
+    """case -> what a clean interpreter did: 'import vit_moe' -> (new top-level modules, vit_moe submodules)."""
+    run = subprocess.run([sys.executable, '-c', _CLEAN_INTERPRETER, json.dumps(_CASES)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.xdist_group('clean_interpreter')
+def test_import_vit_moe_pulls_in_only_torch_timm_and_safetensors(clean_interpreter):
+    new_top_level, submodules = clean_interpreter['import vit_moe']
+    assert new_top_level == ['vit_moe']
     assert 'vit_moe.training' not in submodules and 'vit_moe.onnx' not in submodules
 
 
+@pytest.mark.xdist_group('clean_interpreter')
 @pytest.mark.parametrize('subpackage, module, extra', [
     ('training', 'accelerate', 'train'), ('training', 'torchmetrics', 'train'),
     ('onnx', 'onnxruntime', 'onnx'), ('onnx', 'onnx', 'onnx')])
-def test_a_missing_extra_is_named_in_the_import_error(subpackage, module, extra):
-    result = _python(f'import sys; sys.modules[{module!r}] = None; import vit_moe.{subpackage}')
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
+def test_a_missing_extra_is_named_in_the_import_error(clean_interpreter, subpackage, module, extra):
+    last = clean_interpreter[f'{subpackage} without {module}']
     assert last.startswith('ImportError') and f'vit-moe[{extra}]' in last and module in last, last
+
+
+@pytest.mark.xdist_group('clean_interpreter')
+def test_saving_and_loading_do_not_import_accelerate(clean_interpreter):
+    """A saved model folder is written and read without the training stack (moved from test_model_metadata.py)."""
+    assert clean_interpreter['saving and loading'] == 'ok'
 
 
 def _internal_imports(path: Path):

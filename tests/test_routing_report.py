@@ -23,7 +23,7 @@ from vit_moe.data import ImageFolderDataset, build_transforms, data_config_for
 from vit_moe.layers import ExpertChoiceRouter, MoeConfig, TokenChoiceRouter, capture_routing
 from vit_moe.models import save_trained_model
 
-from conftest import ROOT, make_image_folder, run_script
+from conftest import ROOT, make_image_folder, run_front_end
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_experts=4, moe_blocks=1, num_classes=3)
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -289,11 +289,12 @@ def test_command_line_report_with_a_start_checkpoint(tmp_path):
     moe, _ = load_report_models('vit_ti16_moe_upcycled', str(tmp_path / 'dense'), model_kwargs=moe_args)
     save_trained_model(moe, tmp_path / 'moe', label_names=labels, data_config=data_config_for(moe))
     out = tmp_path / 'report'
-    result = run_script([sys.executable, 'train_scripts/routing_report.py', '--model', 'vit_ti16_moe_upcycled',
-                         '--checkpoint', str(tmp_path / 'moe'), '--start-checkpoint', str(tmp_path / 'dense'),
-                         '--data-dir', str(data), '--output', str(out), '--examples', '2', '--no-progress'])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'blocks.1.mlp: ' in result.stdout and f'report: {out}/report.md' in result.stdout
+    returncode, stdout, stderr = run_front_end(  # the command line's main, in this process
+        'train_scripts/routing_report.py', '--model', 'vit_ti16_moe_upcycled', '--checkpoint', str(tmp_path / 'moe'),
+        '--start-checkpoint', str(tmp_path / 'dense'), '--data-dir', str(data), '--output', str(out), '--examples', '2',
+        '--no-progress')
+    assert returncode == 0, stderr[-3000:]
+    assert 'blocks.1.mlp: ' in stdout and f'report: {out}/report.md' in stdout
     report = json.loads((out / 'report.json').read_text())
     # the start is the dense folder upcycled with the model's arguments: every expert a copy, the trainer's seed
     assert report['start_checkpoint'] == str(tmp_path / 'dense') and report['start_layers'] is not None

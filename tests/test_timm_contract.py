@@ -1,10 +1,12 @@
 """timm's model contract for the registered models, after the checks of timm's own tests/test_models.py
 (forward, backward, default cfgs, forward_intermediates, features_only, FX, TorchScript), at small sizes."""
+import copy
 import math
 
 import pytest
 import timm
 import torch
+from timm.layers import is_exportable, is_scriptable
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
@@ -25,9 +27,28 @@ FX_TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notr
                  param_shapes_constant=True)
 
 
+# name -> {(router, kwargs): (a model as created, the RNG state right after)}: every test gets its own copy of the
+# model (and the RNG state) that creating it afresh gives; the tests run grouped by name (module-scoped `name`)
+_CREATED = {}
+
+
 def _create(name, router, **kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(name, router=router, **dict(SMALL, **WIDTHS.get(name, {}), **kwargs))
+    """timm.create_model(name, ...) right after torch.manual_seed(0), as a deep copy of the first one made (creating
+    the models, not the checks, is what costs here)."""
+    if is_scriptable() or is_exportable():  # other layers at creation: made afresh
+        torch.manual_seed(0)
+        return timm.create_model(name, router=router, **dict(SMALL, **WIDTHS.get(name, {}), **kwargs))
+    if name not in _CREATED:
+        _CREATED.clear()  # one backbone at a time
+        _CREATED[name] = {}
+    key = (router, tuple(sorted(kwargs.items())))
+    if key not in _CREATED[name]:
+        torch.manual_seed(0)
+        model = timm.create_model(name, router=router, **dict(SMALL, **WIDTHS.get(name, {}), **kwargs))
+        _CREATED[name][key] = model, torch.get_rng_state()
+    model, rng_state = _CREATED[name][key]
+    torch.set_rng_state(rng_state)
+    return copy.deepcopy(model)
 
 
 def _inputs(batch, model):
@@ -36,7 +57,7 @@ def _inputs(batch, model):
 
 
 @pytest.mark.parametrize('router', ROUTERS)
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name, router):
     model = _create(name, router).eval()
     x = _inputs(2, model)
@@ -47,7 +68,7 @@ def test_forward_is_finite_and_unchanged_by_grad_checkpointing(name, router):
 
 
 @pytest.mark.parametrize('router', ROUTERS)
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_backward_gives_every_parameter_a_gradient(name, router):
     model = _create(name, router, num_classes=42).train()
     out = model(_inputs(2, model))
@@ -57,7 +78,7 @@ def test_backward_gives_every_parameter_a_gradient(name, router):
     assert sum(p.grad.numel() for p in model.parameters()) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_default_cfg_heads_and_classifier_reset(name):
     model = _create(name, 'expert_choice').eval()
     cfg, state_dict = model.default_cfg, model.state_dict()
@@ -78,7 +99,7 @@ def test_default_cfg_heads_and_classifier_reset(name):
     assert headless(x).shape == (1, tokens, model.num_features)
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_forward_intermediates_match_forward_features_and_features_only(name):
     model = _create(name, 'expert_choice').eval()
     x = _inputs(1, model)
@@ -114,7 +135,7 @@ def _fx_model(model, train=False):
 
 
 @pytest.mark.parametrize('router', ROUTERS)
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_fx_traced_forward_equals_eager(name, router):
     assert MoeMlp in get_notrace_modules()  # a leaf for FX: its capacity is computed from the input shape
     model = _create(name, router).eval()
@@ -126,7 +147,7 @@ def test_fx_traced_forward_equals_eager(name, router):
 
 
 @pytest.mark.parametrize('router', ROUTERS)
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_fx_traced_backward_gives_every_parameter_a_gradient(name, router):
     model = _fx_model(_create(name, router, num_classes=42).train(), train=True)
     out = torch.cat(tuple(model(torch.randn(2, 3, 64, 64)).values()))
@@ -137,7 +158,7 @@ def test_fx_traced_backward_gives_every_parameter_a_gradient(name, router):
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated')
 @pytest.mark.parametrize('router', ROUTERS)
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', NAMES, scope='module')
 def test_torchscript_forward_equals_eager(name, router):
     with timm.set_scriptable(True):
         model = _create(name, router).eval()
