@@ -14,7 +14,8 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 
 from vit_moe import MoeMlp, capture_routing, moe_layer_like, upcycle
 from vit_moe.analysis import routing_report
-from vit_moe.layers import SoftMoeMlp, SoftRouter, expert_choice_capacity
+from vit_moe.layers import SoftMoeMlp, SoftRouter
+from vit_moe.layers.moe_config import expert_choice_slots
 from vit_moe.layers.soft_moe import SoftRouting, slot_similarity
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.onnx import OnnxExportError, check_onnx_parity, export_onnx
@@ -68,7 +69,7 @@ def test_fine_grained_capacity_keeps_the_flops_per_token_of_whole_experts(tokens
     E, H = whole * G, 64
     layer = moe_layer_like(Mlp(16, H), num_experts=E, capacity_factor=factor, expert_granularity=G)
     fine = E * layer.router.capacity(tokens) * (H // G)
-    coarse = whole * expert_choice_capacity(tokens, whole, factor) * H
+    coarse = whole * expert_choice_slots(tokens, 0, whole, factor) * H
     assert layer.experts.hidden_features == H // G
     assert abs(fine - coarse) <= E * (H // G) or coarse == whole * tokens * H  # capacity clamps at T tokens
 

@@ -10,6 +10,7 @@ only options that change what the model computes.
 |---|---|---|
 | num_experts, moe_blocks, router, output_scale, num_shared_experts, expert_init | all | 32, last half, expert_choice, False, 0, copy |
 | capacity_factor, router_norm, capacity_multiple_of, prefix_tokens, expert_granularity | expert / token choice | 2.0, False, None, compete, 1 |
+| layer_capacity_factors (layer name -> C, for the layers it names) | expert / token choice | None |
 | top_k, batch_priority, aux_loss_weight, z_loss_weight | token choice | 2, True, 0.01, 0.0 |
 | slots_per_expert, soft_scale | soft | 1, 100.0 |
 | drop_ratio | expert_init='drop' | 0.5 |
@@ -20,6 +21,7 @@ token of a whole-expert MoE: expert choice gives every expert ceil(C * G * T / E
 per image), token choice lets each token pick its top k in every group (k * G slices, k whole MLPs) within
 ceil(C * k * G * T / E) slots per expert.
 """
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ _APPLIES: Dict[str, Tuple[Tuple[str, ...], Any]] = {
     'capacity_factor': (SLOT_ROUTERS, 2.0),
     'router_norm': (SLOT_ROUTERS, False),
     'capacity_multiple_of': (SLOT_ROUTERS, None),
+    'layer_capacity_factors': (SLOT_ROUTERS, None),
     'prefix_tokens': (SLOT_ROUTERS, 'compete'),
     'expert_granularity': (SLOT_ROUTERS, 1),
     'top_k': (('token_choice',), 2),
@@ -60,10 +63,17 @@ _APPLIES: Dict[str, Tuple[Tuple[str, ...], Any]] = {
     'soft_scale': (('soft',), SOFT_UPCYCLING_SCALE),
 }
 MOE_OPTIONS = ('router',) + tuple(_APPLIES)  # every keyword argument an upcycled model takes besides the backbone's
+# options that only set how many slots a router fills: changed on a built model by `set_capacity_factor`, the weights
+# stay (every other option shapes the weights or what they were trained to compute)
+CAPACITY_OPTIONS = ('capacity_factor', 'layer_capacity_factors', 'capacity_multiple_of')
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True, repr=False)
@@ -78,6 +88,7 @@ class MoeConfig:
     top_k: Optional[int] = None
     router_norm: Optional[bool] = None
     capacity_multiple_of: Optional[int] = None
+    layer_capacity_factors: Optional[Dict[str, float]] = None  # {'blocks.11.mlp': C}: these layers' own C
     batch_priority: Optional[bool] = None
     aux_loss_weight: Optional[float] = None
     z_loss_weight: Optional[float] = None
@@ -136,6 +147,11 @@ class MoeConfig:
         if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) or \
                 not self.capacity_factor > 0:
             raise ValueError(f'capacity_factor={self.capacity_factor!r} is not valid; expected a number > 0')
+        per_layer = self.layer_capacity_factors
+        if per_layer is not None and not (isinstance(per_layer, dict) and all(
+                isinstance(k, str) and _is_positive_number(v) for k, v in per_layer.items())):
+            raise ValueError(f'layer_capacity_factors={per_layer!r} is not valid; expected None or a mapping of MoE '
+                             f'layer names to numbers > 0, e.g. {{"blocks.11.mlp": 1.0}}')
         multiple = self.capacity_multiple_of
         if multiple is not None and (not _is_int(multiple) or multiple < 1):
             raise ValueError(f'capacity_multiple_of={multiple!r} is not valid; expected None or an integer >= 1')
@@ -191,7 +207,8 @@ class MoeConfig:
         for name in _APPLIES:
             value = getattr(self, name)
             if value is not None or name in ('moe_blocks', 'capacity_multiple_of') and self._applies(name):
-                out[name] = list(value) if isinstance(value, tuple) else value
+                out[name] = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) \
+                    else value
         return out
 
     def __repr__(self) -> str:
@@ -210,6 +227,14 @@ class MoeConfig:
     def get(self, name: str, default: Any = None) -> Any:
         value = getattr(self, name, None) if name in MOE_OPTIONS else None
         return default if value is None else value
+
+    def for_layer(self, name: str) -> 'MoeConfig':
+        """What the layer at module path `name` runs: its own capacity factor from `layer_capacity_factors`, if
+        named there."""
+        if not self.layer_capacity_factors or name not in self.layer_capacity_factors:
+            return self
+        return dataclasses.replace(self, capacity_factor=float(self.layer_capacity_factors[name]),
+                                   layer_capacity_factors=None)
 
     # --------------------------------------------------------------------------------------------- derived
     @property
@@ -271,12 +296,13 @@ def round_capacity(capacity: float, num_tokens: int, multiple_of: Optional[int] 
 def expert_choice_slots(num_tokens: int, priority_tokens: int, num_experts: int, capacity_factor: float,
                         groups: int = 1, multiple_of: Optional[int] = None) -> int:
     """P + ceil(C * G * (T - P) / E) slots per expert: the P priority tokens, and C * T whole-MLP evaluations per
-    image over the other tokens."""
+    image over the other tokens; the whole count rounded up to `multiple_of`, at most T."""
     prefix = min(priority_tokens, num_tokens)
     if prefix == num_tokens:
         return num_tokens
     rest = num_tokens - prefix
-    return prefix + round_capacity(capacity_factor * groups * rest / num_experts, rest, multiple_of)
+    return round_capacity(prefix + max(1, math.ceil(capacity_factor * groups * rest / num_experts)), num_tokens,
+                          multiple_of)
 
 
 def token_choice_slots(num_tokens: int, num_experts: int, capacity_factor: float, top_k: int, groups: int = 1,

@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import MOE_OPTIONS, MoeConfig, MoeMlp, moe_layer_like
+from ..layers import MOE_OPTIONS, MoeConfig, MoeMlp, moe_layer_like, set_moe_config
 from .conversion import convert_dense_to_moe, resolve_moe_blocks
 
 __all__ = ['upcycle', 'replace_mlps_with_moe', 'moe_config_of']
@@ -61,8 +61,7 @@ def replace_mlps_with_moe(model: Backbone, config: Optional[MoeConfig] = None, *
         moe = moe.to(device=ref.device, dtype=ref.dtype)
         moe.layer_name = f'blocks.{i}.mlp'
         model.blocks[i].mlp = moe
-    model.moe_config = dataclasses.replace(config, moe_blocks=indices)
-    return model.moe_config
+    return set_moe_config(model, dataclasses.replace(config, moe_blocks=indices))
 
 
 def upcycle(dense_model: Backbone, **options) -> Backbone:
