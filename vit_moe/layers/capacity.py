@@ -40,6 +40,9 @@ def set_capacity_factor(model: nn.Module, factor: Union[float, Mapping[str, floa
     """Give every MoE layer (or each layer a mapping names) capacity factor C: one change of `model.moe_config`
     (`capacity_factor`, or `layer_capacity_factors` for a mapping). Returns layer -> C as the layers now run."""
     layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f'capacity factor {factor!r}: {type(model).__name__} has no MoE layer (a dense model); a '
+                         f'capacity applies to expert_choice / token_choice MoE layers')
     wanted = dict(factor) if isinstance(factor, Mapping) else {name: factor for name in layers}
     for name, value in wanted.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

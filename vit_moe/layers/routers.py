@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .moe_config import MoeConfig
+from .moe_config import MoeConfig, is_int
 
 __all__ = ['Routing', 'ExpertChoiceRouter', 'TokenChoiceRouter', 'ROUTERS', 'create_router']
 
@@ -52,9 +52,9 @@ class _LinearRouter(nn.Module):
 
     def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
         super().__init__()
-        if not _is_int(dim) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f'dim must be an integer >= 1, got {dim!r}')
-        if not _is_int(priority_tokens) or priority_tokens < 0:
+        if not is_int(priority_tokens) or priority_tokens < 0:
             raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
         self.config = config
         self.priority_tokens = priority_tokens  # a property of the backbone (its prefix tokens), not an option
@@ -121,10 +121,6 @@ class _LinearRouter(nn.Module):
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, router_norm={self.config.router_norm}, ' \
                f'priority_tokens={self.priority_tokens}, groups={self.groups}'
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _group_of_slots(token_index: torch.Tensor, groups: int) -> torch.Tensor:

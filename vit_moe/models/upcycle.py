@@ -81,5 +81,5 @@ def upcycle(dense_model: Backbone, **options) -> Backbone:
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(moe_model, config)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=config.expert_init,
-                                                   drop_ratio=config.get('drop_ratio', 0.5)))
+                                                   drop_ratio=config.drop_ratio or 0.5))
     return moe_model
