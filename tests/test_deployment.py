@@ -39,8 +39,16 @@ def test_set_capacity_factor_changes_the_slots_and_refuses_what_has_none():
         assert model.blocks[3].mlp.router.capacity(17) == 3 and model.blocks[2].mlp.router.capacity(17) == 9
         assert not torch.allclose(model(x), before)
         set_capacity_factor(model, 4.0)  # C = E: every expert takes every token
-        dense_like = model(x)
-    assert model.blocks[2].mlp.router.capacity(17) == 17 and dense_like.shape == before.shape
+    assert model.blocks[2].mlp.router.capacity(17) == 17
+    # full capacity reproduces the dense model: an upcycled copy at C = E computes what its dense source computes
+    from vit_moe import upcycle
+    dense = timm.create_model('vit_tiny_patch16_224', **{k: v for k, v in TINY_MOE.items() if k != 'num_experts'})
+    upcycled = upcycle(dense.eval(), num_experts=4, moe_blocks=2).eval()
+    set_capacity_factor(upcycled, 4.0)
+    with torch.no_grad():
+        torch.testing.assert_close(upcycled(x), dense(x), rtol=1e-5, atol=1e-5)
+        set_capacity_factor(upcycled, 1.0)
+        assert not torch.allclose(upcycled(x), dense(x), atol=1e-5)  # with fewer slots, tokens are left out
     with pytest.raises(ValueError, match=r"capacity factor for blocks\.9\.mlp: not an MoE layer .* accepted: blocks\.2"):
         set_capacity_factor(model, {'blocks.9.mlp': 1.0})
     soft = timm.create_model(NAME, **dict(TINY_MOE, router='soft'))
@@ -197,7 +205,8 @@ def test_a_triton_repository_parses_with_tritons_model_config(folder, tmp_path):
     gpu = triton_model_config(triton_config_text(out, 'gpu', gpu=True, threads=2))
     assert gpu.instance_group[0].kind == gpu.instance_group[0].KIND_GPU
     assert gpu.optimization.execution_accelerators.gpu_execution_accelerator[0].name == 'tensorrt'
-    with pytest.raises(Exception):  # Triton's parser catches a malformed config
+    from google.protobuf.text_format import ParseError
+    with pytest.raises(ParseError, match='max_batch_size'):  # Triton's parser catches a malformed config
         triton_model_config('platform: "onnxruntime_onnx" max_batch_size: "many"')
 
 
