@@ -55,8 +55,7 @@ def accuracy_rows(args) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         for c in args.capacities:
             pytorch = validate(args.checkpoint_model, args.checkpoint, args.data_dir, num_workers=0, capacity_factor=c)
-            model = create_model_from_checkpoint(args.checkpoint_model, args.checkpoint).eval()
-            set_capacity_factor(model, c)
+            model = create_model_from_checkpoint(args.checkpoint_model, args.checkpoint, capacity_factor=c).eval()
             path = export_onnx(model, Path(tmp) / f'c{c:g}.onnx', check=False,
                                quantize=None if args.variant == 'fp32' else args.variant)
             ort = evaluate_onnx(path, args.data_dir, num_workers=0)

@@ -15,7 +15,7 @@ import time
 import torch
 from timm.layers import Mlp
 
-from vit_moe.layers import expert_choice_capacity, moe_layer_like
+from vit_moe.layers import MoeConfig, moe_layer_like
 
 
 def _time(fn, x, repeats: int) -> float:
@@ -71,7 +71,7 @@ def main(argv=None):
 def _designs(dense: Mlp, args) -> dict:
     """Design name -> (layer, expert FLOPs per token relative to the dense MLP), at equal FLOPs per token."""
     E, C, T = args.experts, args.capacity_factor, args.tokens
-    slots = expert_choice_capacity(T, E, C)
+    slots = MoeConfig(num_experts=E, capacity_factor=C).capacity(T)
     designs = {
         f'expert choice C={C:g}': dict(num_experts=E, capacity_factor=C),
         'token choice top-2, C=1': dict(num_experts=E, router='token_choice', top_k=2, capacity_factor=1.0),

@@ -10,8 +10,8 @@ against PyTorch in ONNX Runtime, layer by layer.
 
 --capacity-factor: the capacity at inference (V-MoE's knob: fewer slots per expert, less compute, a graceful loss),
 for every MoE layer or per layer; recorded in the file's metadata. --triton-repo DIR: a Triton Inference Server model
-repository (DIR/<name>/config.pbtxt + DIR/<name>/1/model.onnx, dynamic batching: exact, since an image's logits
-never depend on its batch-mates).
+repository (DIR/<name>/config.pbtxt + DIR/<name>/1/model.onnx; dynamic batching is exact for float files, since an
+image's logits never depend on its batch-mates, not for int8 ones, whose activation scale is taken per batch).
 
 --quantize int8: ONNX Runtime dynamic int8 weights for every MatMul with constant weights (every expert, per expert
 and output column), the routers kept float32, the experts unrolled into per-expert 2-D matmuls in the graph
@@ -135,10 +135,8 @@ def main(argv=None) -> int:
         from vit_moe.data import check_image_folder
         check_image_folder(args.data_dir, args.split)  # a bad folder fails before the export
     model_kwargs, num_classes = _cli.take_num_classes(args.model_kwargs, args.num_classes)
-    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes, **model_kwargs).eval()
-    if args.capacity_factor is not None:
-        from vit_moe.layers import set_capacity_factor
-        set_capacity_factor(model, args.capacity_factor)
+    model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes,
+                                         capacity_factor=args.capacity_factor, **model_kwargs).eval()
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
                          unroll_experts=args.unroll_experts, int8_target=args.int8_target)
     kind = 'int8' if args.quantize else 'fp16' if args.fp16 else 'fp32'

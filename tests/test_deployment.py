@@ -39,8 +39,16 @@ def test_set_capacity_factor_changes_the_slots_and_refuses_what_has_none():
         assert model.blocks[3].mlp.router.capacity(17) == 3 and model.blocks[2].mlp.router.capacity(17) == 9
         assert not torch.allclose(model(x), before)
         set_capacity_factor(model, 4.0)  # C = E: every expert takes every token
-        dense_like = model(x)
-    assert model.blocks[2].mlp.router.capacity(17) == 17 and dense_like.shape == before.shape
+    assert model.blocks[2].mlp.router.capacity(17) == 17
+    # full capacity reproduces the dense model: an upcycled copy at C = E computes what its dense source computes
+    from vit_moe import upcycle
+    dense = timm.create_model('vit_tiny_patch16_224', **{k: v for k, v in TINY_MOE.items() if k != 'num_experts'})
+    upcycled = upcycle(dense.eval(), num_experts=4, moe_blocks=2).eval()
+    set_capacity_factor(upcycled, 4.0)
+    with torch.no_grad():
+        torch.testing.assert_close(upcycled(x), dense(x), rtol=1e-5, atol=1e-5)
+        set_capacity_factor(upcycled, 1.0)
+        assert not torch.allclose(upcycled(x), dense(x), atol=1e-5)  # with fewer slots, tokens are left out
     with pytest.raises(ValueError, match=r"capacity factor for blocks\.9\.mlp: not an MoE layer .* accepted: blocks\.2"):
         set_capacity_factor(model, {'blocks.9.mlp': 1.0})
     soft = timm.create_model(NAME, **dict(TINY_MOE, router='soft'))
@@ -92,6 +100,73 @@ def test_validate_and_the_routing_report_take_and_record_the_capacity_factor(fol
     assert 'capacity factor 1' in text and 'input 32x32' in text and '{r[' not in text
 
 
+@pytest.fixture(scope='module')
+def file_at_c1(folder, tmp_path_factory):
+    """The saved model exported at capacity factor 1 (the library call, no parity run)."""
+    from vit_moe.models import create_model_from_checkpoint
+    from vit_moe.onnx import export_onnx
+    model = create_model_from_checkpoint(NAME, str(folder / 'model'), capacity_factor=1.0).eval()
+    return export_onnx(model, tmp_path_factory.mktemp('c1') / 'model_c1.onnx', check=False)
+
+
+def test_validate_reads_an_onnx_files_capacity_and_refuses_another_naming_the_export_that_makes_it(
+        folder, file_at_c1, tmp_path):
+    common = ['--onnx', str(file_at_c1), '--data-dir', str(folder / 'data'), '--num-workers', '0',
+              '--batch-size', '4']
+    rc, _, err = run_front_end('train_scripts/validate.py', *common, '--capacity-factor', '0.5')
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f'{file_at_c1} was exported at capacity factor 1' in err and 'for 0.5 export one: python ' \
+        'export/onnx_export.py --model vit_ti16_moe_upcycled' in err and '--capacity-factor "0.5"' in err
+    for flag, value in (('--mixed-precision', 'bf16'), ('--expert-parallel-size', '2')):
+        rc, _, err = run_front_end('train_scripts/validate.py', *common, flag, value)
+        assert rc == 2 and f'{flag} {value} does not apply to --onnx' in err, err
+    rc, _, err = run_front_end('train_scripts/validate.py', *common, '--model', 'vit_tiny_patch16_224')
+    assert rc == 2 and 'was exported from a vit_ti16_moe_upcycled; --model vit_tiny_patch16_224 names another' in err
+    # no --model: the folder's config.json names it; the PyTorch reference runs at the file's capacity
+    for extra in ([], ['--capacity-factor', '1']):
+        rc, out, err = run_front_end('train_scripts/validate.py', *common, '--checkpoint', str(folder / 'model'),
+                                     *extra, '--json', str(tmp_path / 'onnx.json'))
+        assert rc == 0, err
+        assert 'capacity factor 1 (the file\'s)' in out
+        result = json.loads((tmp_path / 'onnx.json').read_text())
+        assert result['capacity_factor'] == {'blocks.2.mlp': 1.0, 'blocks.3.mlp': 1.0}
+        assert result['top1_agreement'] == 1.0
+    from vit_moe.training import validate
+    at_c1 = validate(NAME, str(folder / 'model'), str(folder / 'data'), num_workers=0, batch_size=4,
+                     capacity_factor=1.0)
+    assert result['reference_top1'] == pytest.approx(at_c1['top1'], abs=1e-4)  # PyTorch at the file's capacity
+
+
+def test_a_model_folder_names_its_architecture_to_validate_and_to_a_mismatched_loader(folder, tmp_path):
+    from vit_moe.models import CheckpointMismatchError, create_model_from_checkpoint
+    rc, out, err = run_front_end('train_scripts/validate.py', '--checkpoint', str(folder / 'model'), '--data-dir',
+                                 str(folder / 'data'), '--num-workers', '0', '--batch-size', '4')
+    assert rc == 0 and out.startswith(f'{NAME} on '), err
+    arch = {k: v for k, v in TINY_MOE.items() if k != 'num_classes'}
+    with pytest.raises(CheckpointMismatchError, match=f"says it holds a {NAME}, not a eva02_s14_moe_upcycled"):
+        create_model_from_checkpoint('eva02_s14_moe_upcycled', str(folder / 'model'), **arch)
+
+
+def test_a_capacity_set_on_a_model_is_the_one_it_saves_and_reloads_with(folder, tmp_path):
+    from vit_moe.models import create_model_from_checkpoint
+    model = create_model_from_checkpoint(NAME, str(folder / 'model')).eval()
+    assert set_capacity_factor(model, 0.5) == {'blocks.2.mlp': 0.5, 'blocks.3.mlp': 0.5}
+    assert model.moe_config.capacity_factor == 0.5
+    set_capacity_factor(model, {'blocks.3.mlp': 1.0})
+    assert model.moe_config.layer_capacity_factors == {'blocks.3.mlp': 1.0}
+    save_trained_model(model, tmp_path / 'saved')
+    saved = json.loads((tmp_path / 'saved' / 'config.json').read_text())['model_args']
+    assert saved['capacity_factor'] == 0.5 and saved['layer_capacity_factors'] == {'blocks.3.mlp': 1.0}
+    reloaded = create_model_from_checkpoint(NAME, str(tmp_path / 'saved')).eval()
+    assert capacity_factors(reloaded) == {'blocks.2.mlp': 0.5, 'blocks.3.mlp': 1.0}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='has no MoE layer'):
+        create_model_from_checkpoint('vit_tiny_patch16_224', None, capacity_factor=1.0, **{
+            k: v for k, v in TINY_MOE.items() if k != 'num_experts'})
+
+
 def test_the_benchmark_times_the_capacity_it_is_given_and_never_reuses_a_file_made_at_another(tmp_path):
     def file_capacity():
         props = {p.key: p.value for p in onnx.load(str(tmp_path / 'moe.fp32.onnx')).metadata_props}
@@ -130,7 +205,8 @@ def test_a_triton_repository_parses_with_tritons_model_config(folder, tmp_path):
     gpu = triton_model_config(triton_config_text(out, 'gpu', gpu=True, threads=2))
     assert gpu.instance_group[0].kind == gpu.instance_group[0].KIND_GPU
     assert gpu.optimization.execution_accelerators.gpu_execution_accelerator[0].name == 'tensorrt'
-    with pytest.raises(Exception):  # Triton's parser catches a malformed config
+    from google.protobuf.text_format import ParseError
+    with pytest.raises(ParseError, match='max_batch_size'):  # Triton's parser catches a malformed config
         triton_model_config('platform: "onnxruntime_onnx" max_batch_size: "many"')
 
 

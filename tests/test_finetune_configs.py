@@ -32,7 +32,7 @@ def test_finetune_config_upcycles_its_dense_source_with_its_conventions(path):
         dense = timm.create_model(source.split('.')[0])  # the source at its own size (DINOv2: 518 px)
     moe = [isinstance(b.mlp, MoeMlp) for b in model.blocks]
     assert moe == [False] * (len(moe) - len(moe) // 2) + [True] * (len(moe) // 2)
-    assert model.blocks[-1].mlp.num_experts == 32 and model.blocks[-1].mlp.router.capacity_factor == 2.0
+    assert model.blocks[-1].mlp.num_experts == 32 and model.blocks[-1].mlp.config.capacity_factor == 2.0
 
     data_config = data_config_for(model, cfg.input_size)
     source_cfg = timm.models.get_pretrained_cfg(source)

@@ -58,7 +58,7 @@ def test_model_folder_round_trip_restores_args_data_config_and_labels(tmp_path, 
                   'folder/model.safetensors': str(folder / 'model.safetensors')}[form]
     reloaded = create_model_from_checkpoint(NAME, checkpoint).eval()  # no model arguments given: all from the folder
     assert reloaded.moe_config == trained.moe_config
-    assert reloaded.moe_config['moe_blocks'] == [1, 3] and reloaded.moe_config['router'] == 'token_choice'
+    assert reloaded.moe_config.moe_blocks == [1, 3] and reloaded.moe_config.router == 'token_choice'
     assert (reloaded.embed_dim, len(reloaded.blocks), reloaded.patch_embed.img_size) == (64, 4, (32, 32))
     assert reloaded.num_classes == 3 != timm.models.get_pretrained_cfg(NAME).num_classes
     assert torch.equal(reloaded(images), trained(images))

@@ -14,7 +14,8 @@ from timm.layers import GluMlp, Mlp, SwiGLU
 
 from vit_moe import MoeMlp, capture_routing, moe_layer_like, upcycle
 from vit_moe.analysis import routing_report
-from vit_moe.layers import SoftMoeMlp, SoftRouter, expert_choice_capacity
+from vit_moe.layers import SoftMoeMlp, SoftRouter
+from vit_moe.layers.moe_config import expert_choice_slots
 from vit_moe.layers.soft_moe import SoftRouting, slot_similarity
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.onnx import OnnxExportError, check_onnx_parity, export_onnx
@@ -68,7 +69,7 @@ def test_fine_grained_capacity_keeps_the_flops_per_token_of_whole_experts(tokens
     E, H = whole * G, 64
     layer = moe_layer_like(Mlp(16, H), num_experts=E, capacity_factor=factor, expert_granularity=G)
     fine = E * layer.router.capacity(tokens) * (H // G)
-    coarse = whole * expert_choice_capacity(tokens, whole, factor) * H
+    coarse = whole * expert_choice_slots(tokens, 0, whole, factor) * H
     assert layer.experts.hidden_features == H // G
     assert abs(fine - coarse) <= E * (H // G) or coarse == whole * tokens * H  # capacity clamps at T tokens
 
@@ -81,7 +82,7 @@ def test_fine_grained_virtual_groups_sum_their_probabilities_to_one_each():
 
 @pytest.mark.parametrize('options, error, message', [
     (dict(expert_granularity=3), ValueError,
-     'expert_granularity=3 is not valid for num_experts=8; expected an integer >= 1 that divides num_experts'),
+     'expert_granularity=3 is not valid; expected an integer >= 1 that divides num_experts=8'),
     (dict(expert_granularity=8, num_experts=8, mlp=Mlp(16, 60)), ValueError,
      'expert_granularity=8 does not divide the 60 hidden units of Mlp'),
     (dict(expert_granularity=2, mlp=SwiGLU(16, 64, norm_layer=torch.nn.LayerNorm)), TypeError,
@@ -162,7 +163,7 @@ def test_upcycled_soft_moe_starts_from_the_measured_scale_and_registered_kwargs_
                               num_experts=8, num_shared_experts=2, expert_granularity=4)
     layer = model.blocks[-1].mlp
     assert layer.shared_experts.fc1.weight.shape == (2, 64, 256) and layer.experts.fc1.weight.shape == (8, 64, 64)
-    assert model.moe_config['num_shared_experts'] == 2 and model.moe_config['expert_granularity'] == 4
+    assert model.moe_config.num_shared_experts == 2 and model.moe_config.expert_granularity == 4
 
 
 def test_the_debug_export_refuses_a_soft_moe_model_by_layer(tmp_path):
@@ -245,7 +246,7 @@ def test_design_trains_saves_reloads_and_exports(design, sources, tmp_path):
     folder = tmp_path / 'run' / 'model'
     model = create_model_from_checkpoint('vit_ti16_moe_upcycled', str(folder)).eval()
     for key, value in DESIGNS[design].items():
-        assert model.moe_config[key] == value
+        assert getattr(model.moe_config, key) == value
     reloaded = validate('vit_ti16_moe_upcycled', str(folder), str(data), num_workers=0, batch_size=6)
     assert reloaded['top1'] == logged['top1'] and reloaded['loss'] == pytest.approx(logged['loss'], rel=1e-5)
     soft = design == 'soft'

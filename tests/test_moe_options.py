@@ -219,6 +219,7 @@ OPTION_VALUES = {
     'num_experts': (4, 2, {}),
     'moe_blocks': (1, 2, {}),
     'capacity_factor': (0.25, 2.0, {}),
+    'layer_capacity_factors': (None, {'blocks.1.mlp': 0.25}, {}),  # the last block's layer: its own C
     'top_k': (1, 2, {}),
     'router_norm': (False, True, {}),
     'capacity_multiple_of': (None, 4, dict(capacity_factor=0.25)),  # token choice: a difference only with drops

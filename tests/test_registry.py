@@ -43,7 +43,7 @@ def test_full_size_structure_of_every_registered_model_on_meta_device(name):
     expected = count(dense)
     for block, dense_block in zip(model.blocks[depth - depth // 2:], dense.blocks[depth - depth // 2:]):
         moe = block.mlp
-        assert moe.num_experts == 32 and moe.router.capacity_factor == 2.0
+        assert moe.num_experts == 32 and moe.config.capacity_factor == 2.0
         assert type(moe.router).__name__ == 'ExpertChoiceRouter'
         assert count(moe.experts) == 32 * count(dense_block.mlp)
         expected += 31 * count(dense_block.mlp) + count(moe.router)
@@ -70,8 +70,8 @@ def test_model_kwargs_override_the_defaults():
                                   num_classes=10, router='token_choice', top_k=1, router_norm=True)
     assert [isinstance(b.mlp, MoeMlp) for b in model.blocks].count(True) == 5
     assert model.blocks[-1].mlp.num_experts == 8 and model.blocks[-1].mlp.router.top_k == 1
-    assert model.blocks[-1].mlp.router.router_norm and model.head.out_features == 10
-    assert model.moe_config['capacity_factor'] == 1.0
+    assert model.blocks[-1].mlp.config.router_norm and model.head.out_features == 10
+    assert model.moe_config.capacity_factor == 1.0
 
 
 @pytest.mark.parametrize('kwargs, error, message', [

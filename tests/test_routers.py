@@ -5,8 +5,16 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vit_moe import ExpertChoiceRouter, MoeConfig, TokenChoiceRouter, create_router, expert_choice_capacity, \
-    token_choice_capacity
+from vit_moe import ExpertChoiceRouter, MoeConfig, TokenChoiceRouter, create_router
+from vit_moe.layers.moe_config import expert_choice_slots, token_choice_slots
+
+
+def expert_choice_capacity(tokens, experts, factor, multiple_of=None):
+    return expert_choice_slots(tokens, 0, experts, factor, 1, multiple_of)
+
+
+def token_choice_capacity(tokens, experts, factor, top_k, multiple_of=None):
+    return token_choice_slots(tokens, experts, factor, top_k, 1, multiple_of)
 
 
 def expert_choice(dim, experts, capacity_factor, priority_tokens=0, **options):
@@ -235,3 +243,48 @@ def test_negative_priority_tokens_are_refused():
 def test_soft_moe_has_no_slot_router():
     with pytest.raises(ValueError, match="router='soft' has no slot router"):
         create_router(8, MoeConfig(router='soft', num_experts=4))
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=st.integers(0, 2 ** 16), router=st.sampled_from(['expert_choice', 'token_choice']),
+       groups=st.sampled_from([1, 2]), k=st.sampled_from([1, 2]), factor=st.sampled_from([0.25, 0.5, 1.0, 2.0]),
+       batch_priority=st.booleans(), router_norm=st.booleans())
+def test_with_prefix_tokens_always_the_class_token_is_routed_as_at_full_capacity(seed, router, groups, k, factor,
+                                                                                 batch_priority, router_norm):
+    """README: prefix tokens claim their experts before any patch. So the class token's output does not depend on the
+    capacity: at any C it is what it is when every slot is filled (every router, granularity, k and order)."""
+    from timm.layers import Mlp
+    from vit_moe.layers import moe_layer_like
+    E, T = 8, 17
+    options = dict(router=router, num_experts=E, expert_granularity=groups, prefix_tokens='always',
+                   router_norm=router_norm)
+    if router == 'token_choice':
+        options.update(top_k=k, batch_priority=batch_priority)
+    full_factor = E / groups / (k if router == 'token_choice' else 1)  # every slot of every expert filled
+    torch.manual_seed(seed)
+    dense = Mlp(16, 32)
+    layers = [moe_layer_like(dense, num_prefix_tokens=1, capacity_factor=c, **options) for c in (factor, full_factor)]
+    layers[0].router.gate.weight.data.normal_(std=1.0)  # a router that prefers some experts strongly
+    layers[1].load_state_dict(layers[0].state_dict())
+    assert layers[1].router.capacity(T) == T
+    x = torch.randn(3, T, 16)
+    with torch.no_grad():
+        at_capacity, at_full = (layer(x) for layer in layers)
+    torch.testing.assert_close(at_capacity[:, 0], at_full[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@given(tokens=st.integers(2, 300), prefix=st.integers(0, 5), experts=st.sampled_from([2, 8, 32]),
+       factor=st.sampled_from([0.25, 0.5, 1.0, 2.0]), multiple=st.sampled_from([2, 4, 8]))
+def test_capacity_multiple_of_rounds_every_slot_count_prefix_slots_included(tokens, prefix, experts, factor, multiple):
+    config = MoeConfig(num_experts=experts, capacity_factor=factor, capacity_multiple_of=multiple,
+                       prefix_tokens='always')
+    unrounded = MoeConfig(num_experts=experts, capacity_factor=factor, prefix_tokens='always')
+    slots, wanted = config.capacity(tokens, prefix), unrounded.capacity(tokens, prefix)
+    assert slots == tokens or slots % multiple == 0
+    assert wanted <= slots < wanted + multiple or slots == tokens
+
+
+def test_the_reviews_case_65_tokens_with_a_class_token_gets_a_multiple_of_4_slots():
+    config = MoeConfig(num_experts=8, capacity_factor=2.0, capacity_multiple_of=4, prefix_tokens='always')
+    router = create_router(16, config, priority_tokens=1)
+    assert router.capacity(65) == 20 and router(torch.randn(1, 65, 16)).token_index.shape == (1, 8, 20)

@@ -98,7 +98,7 @@ def test_impossible_moe_blocks_raise_clear_errors(moe_blocks, message):
 def test_only_the_chosen_blocks_become_moe(dense):
     moe = upcycle(dense, num_experts=2, moe_blocks='every_other')
     assert [isinstance(b.mlp, MoeMlp) for b in moe.blocks] == [False, True, False, True]
-    assert moe.moe_config['moe_blocks'] == [1, 3]
+    assert moe.moe_config.moe_blocks == [1, 3]
 
 
 def test_non_vit_model_is_refused():
@@ -207,7 +207,7 @@ def test_prefix_tokens_always_get_exactly_the_dense_mlp_after_upcycling(variant,
     P = dense.num_prefix_tokens
     for prefix_tokens, exact in (('always', True), ('compete', False)):
         moe = upcycle(dense, num_experts=4, capacity_factor=0.25, moe_blocks=1, prefix_tokens=prefix_tokens).eval()
-        assert moe.moe_config['prefix_tokens'] == prefix_tokens
+        assert moe.moe_config.prefix_tokens == prefix_tokens
         layer = moe.blocks[-1].mlp
         assert layer.router.capacity(x.shape[1]) == (P + 1 if exact else 2)
         with torch.no_grad():

@@ -70,12 +70,7 @@ def main(argv=None) -> int:
 
     check_image_folder(args.data_dir, args.split)  # before loading any model
     model, start = load_report_models(args.model, args.checkpoint, args.start_checkpoint, args.model_kwargs,
-                                      seed=args.seed)
-    if args.capacity_factor is not None:  # both at the same inference-time capacity
-        from vit_moe.layers import set_capacity_factor
-        for m in (model, start):
-            if m is not None:
-                set_capacity_factor(m, args.capacity_factor)
+                                      seed=args.seed, capacity_factor=args.capacity_factor)
     result = routing_report(
         model, args.data_dir, args.output, split=args.split, start_model=start, max_images=args.max_images,
         num_example_images=args.examples, experts_shown=args.experts_shown, batch_size=args.batch_size,

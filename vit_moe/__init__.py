@@ -11,8 +11,7 @@ safetensors. Subpackages:
 """
 from .layers import (
     ExpertChoiceRouter, ExpertMlps, MoeConfig, MoeMlp, Routing, RoutingCapture, SoftMoeMlp, StackedLinear,
-    TokenChoiceRouter, capture_routing, create_router, expert_choice_capacity, moe_layer_like, moe_layers,
-    token_choice_capacity,
+    TokenChoiceRouter, capture_routing, create_router, moe_layer_like, moe_layers,
 )
 from .models import (
     DENSE_SOURCES, CheckpointMismatchError, EvaMoE, VisionTransformerMoE, convert_dense_to_moe,

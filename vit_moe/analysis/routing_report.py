@@ -16,7 +16,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -54,15 +54,18 @@ def moe_layer_info(model: torch.nn.Module, model_name: Optional[str] = None) -> 
 
 
 def load_report_models(model_name: str, checkpoint: Optional[str], start_checkpoint: Optional[str] = None,
-                       model_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0
+                       model_kwargs: Optional[Dict[str, Any]] = None, seed: int = 0,
+                       capacity_factor: Optional[Union[float, Dict[str, float]]] = None,
                        ) -> Tuple[torch.nn.Module, Optional[torch.nn.Module]]:
     """(model, start model or None), in eval mode, through `create_model_from_checkpoint`.
 
     The start model is built with the model's own arguments (a dense folder given as `start_checkpoint` restores
     only weights, data config and labels) and after `torch.manual_seed(seed)`, like the trainer (whose default seed
-    is 0), so an upcycled start gets the router initialisation the training run started from.
+    is 0), so an upcycled start gets the router initialisation the training run started from. Both run at
+    `capacity_factor` when it is given.
     """
-    model = create_model_from_checkpoint(model_name, checkpoint, **(model_kwargs or {})).eval()
+    model = create_model_from_checkpoint(model_name, checkpoint, capacity_factor=capacity_factor,
+                                         **(model_kwargs or {})).eval()
     moe_layer_info(model, model_name)
     start = None
     if start_checkpoint:
@@ -72,7 +75,7 @@ def load_report_models(model_name: str, checkpoint: Optional[str], start_checkpo
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             start = create_model_from_checkpoint(model_name, start_checkpoint, num_classes=model.num_classes,
-                                                 **args).eval()
+                                                 capacity_factor=capacity_factor, **args).eval()
         if set(moe_layer_info(start, model_name)) != set(moe_layer_info(model, model_name)):
             raise ValueError(f'start checkpoint {start_checkpoint!r} gives MoE layers {sorted(moe_layer_info(start))}, '
                              f'the checkpoint {sorted(moe_layer_info(model))}; give a start model of the same layout')

@@ -4,15 +4,8 @@ Public entry points take flat keyword arguments (`timm.create_model(name, num_ex
 `vit_moe.upcycle(model, ...)`); they build one `MoeConfig`, which the model, its MoE layers and their routers read.
 An option that has no meaning for the chosen router (or expert init) is refused, naming it, when it is given; an
 option that is not given (or given as None) takes its router's default. So a config holds, and `to_dict()` writes,
-only options that change what the model computes.
-
-| option | routers | default |
-|---|---|---|
-| num_experts, moe_blocks, router, output_scale, num_shared_experts, expert_init | all | 32, last half, expert_choice, False, 0, copy |
-| capacity_factor, router_norm, capacity_multiple_of, prefix_tokens, expert_granularity | expert / token choice | 2.0, False, None, compete, 1 |
-| top_k, batch_priority, aux_loss_weight, z_loss_weight | token choice | 2, True, 0.01, 0.0 |
-| slots_per_expert, soft_scale | soft | 1, 100.0 |
-| drop_ratio | expert_init='drop' | 0.5 |
+only options that change what the model computes. Each option's facts (the routers it applies to, its default, what
+it accepts) are stated once, in `OPTIONS`; `options_table()` prints them.
 
 With expert granularity G the E experts are 1/G hidden slices of the dense MLP in G groups of E / G (one group per
 slice; the router's softmax, top-k and normalisation act within each group), and C and k keep the expert FLOPs per
@@ -20,13 +13,15 @@ token of a whole-expert MoE: expert choice gives every expert ceil(C * G * T / E
 per image), token choice lets each token pick its top k in every group (k * G slices, k whole MLPs) within
 ceil(C * k * G * T / E) slots per expert.
 """
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-__all__ = ['MoeConfig', 'MOE_OPTIONS', 'ROUTER_NAMES', 'PREFIX_TOKENS', 'EXPERT_INITS', 'SOFT_UPCYCLING_SCALE',
-           'MoeBlocks', 'round_capacity', 'expert_choice_slots', 'token_choice_slots']
+__all__ = ['MoeConfig', 'MOE_OPTIONS', 'OPTIONS', 'ROUTER_NAMES', 'PREFIX_TOKENS', 'EXPERT_INITS',
+           'SOFT_UPCYCLING_SCALE', 'MoeBlocks', 'round_capacity', 'expert_choice_slots', 'token_choice_slots',
+           'is_int', 'options_table']
 
 ROUTER_NAMES = ('expert_choice', 'token_choice', 'soft')
 SLOT_ROUTERS = ('expert_choice', 'token_choice')
@@ -38,127 +33,127 @@ MoeBlocks = Union[int, str, Sequence[int]]
 # (benchmarks/results/digits_upcycled_start.md: the validation loss right after upcycling per scale)
 SOFT_UPCYCLING_SCALE = 100.0
 
-# option -> (routers it applies to, its default there); drop_ratio applies to expert_init='drop' instead
-_ALL = ROUTER_NAMES
-_APPLIES: Dict[str, Tuple[Tuple[str, ...], Any]] = {
-    'num_experts': (_ALL, 32),
-    'moe_blocks': (_ALL, None),
-    'output_scale': (_ALL, False),
-    'num_shared_experts': (_ALL, 0),
-    'expert_init': (_ALL, 'copy'),
-    'drop_ratio': (_ALL, 0.5),
-    'capacity_factor': (SLOT_ROUTERS, 2.0),
-    'router_norm': (SLOT_ROUTERS, False),
-    'capacity_multiple_of': (SLOT_ROUTERS, None),
-    'prefix_tokens': (SLOT_ROUTERS, 'compete'),
-    'expert_granularity': (SLOT_ROUTERS, 1),
-    'top_k': (('token_choice',), 2),
-    'batch_priority': (('token_choice',), True),
-    'aux_loss_weight': (('token_choice',), 0.01),
-    'z_loss_weight': (('token_choice',), 0.0),
-    'slots_per_expert': (('soft',), 1),
-    'soft_scale': (('soft',), SOFT_UPCYCLING_SCALE),
-}
-MOE_OPTIONS = ('router',) + tuple(_APPLIES)  # every keyword argument an upcycled model takes besides the backbone's
 
-
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _moe_blocks(value: Any) -> bool:
+    return is_int(value) and value >= 0 or isinstance(value, str) and (
+        value in ('all', 'every_other') or re.fullmatch(r'every_[1-9]\d*', value) is not None) or \
+        isinstance(value, (list, tuple)) and all(is_int(i) for i in value)
+
+
+class Option(NamedTuple):
+    """One option's facts: the routers it applies to ('drop_ratio' also needs expert_init='drop'), its default there,
+    and what it accepts: `valid(value, config)` and the words that say so ('expected ...' / 'accepted: ...')."""
+    routers: Tuple[str, ...]
+    default: Any
+    valid: Callable[[Any, 'MoeConfig'], bool]
+    accepted: Union[str, Callable[['MoeConfig'], str]]
+
+
+OPTIONS: Dict[str, Option] = {
+    'num_experts': Option(ROUTER_NAMES, 32, lambda v, c: is_int(v) and v >= 1, 'expected an integer >= 1'),
+    'moe_blocks': Option(ROUTER_NAMES, None, lambda v, c: v is None or _moe_blocks(v),
+                         "expected None (the last half), an int N (the last N blocks), 'every_other', 'every_N', "
+                         "'all', or a list of block indices"),
+    'output_scale': Option(ROUTER_NAMES, False, lambda v, c: isinstance(v, bool), 'expected true or false'),
+    'num_shared_experts': Option(ROUTER_NAMES, 0, lambda v, c: is_int(v) and v >= 0, 'expected an integer >= 0'),
+    'expert_init': Option(ROUTER_NAMES, 'copy', lambda v, c: v in EXPERT_INITS,
+                          f'accepted: {", ".join(EXPERT_INITS)}'),
+    'drop_ratio': Option(ROUTER_NAMES, 0.5, lambda v, c: _number(v) and 0.0 <= v <= 1.0,
+                         'expected a fraction in [0, 1]'),
+    'expert_granularity': Option(SLOT_ROUTERS, 1, lambda v, c: is_int(v) and v >= 1 and c.num_experts % v == 0,
+                                 lambda c: f'expected an integer >= 1 that divides num_experts={c.num_experts}'),
+    'capacity_factor': Option(SLOT_ROUTERS, 2.0, lambda v, c: _number(v) and v > 0, 'expected a number > 0'),
+    'layer_capacity_factors': Option(
+        SLOT_ROUTERS, None, lambda v, c: v is None or isinstance(v, dict) and all(
+            isinstance(k, str) and _number(x) and x > 0 for k, x in v.items()),
+        'expected None or a mapping of MoE layer names to numbers > 0, e.g. {"blocks.11.mlp": 1.0} (these '
+        'layers\' own C)'),
+    'router_norm': Option(SLOT_ROUTERS, False, lambda v, c: isinstance(v, bool), 'expected true or false'),
+    'capacity_multiple_of': Option(SLOT_ROUTERS, None, lambda v, c: v is None or is_int(v) and v >= 1,
+                                   'None or an integer >= 1'),
+    'prefix_tokens': Option(SLOT_ROUTERS, 'compete', lambda v, c: v in PREFIX_TOKENS,
+                            f'accepted: {", ".join(PREFIX_TOKENS)}'),
+    'top_k': Option(('token_choice',), 2, lambda v, c: is_int(v) and 1 <= v <= c.num_experts // c.groups,
+                    lambda c: f'expected an integer in [1, {c.num_experts // c.groups}] (the experts of '
+                              f'{"a group: num_experts / expert_granularity" if c.groups > 1 else "the layer"})'),
+    'batch_priority': Option(('token_choice',), True, lambda v, c: isinstance(v, bool), 'expected true or false'),
+    'aux_loss_weight': Option(('token_choice',), 0.01, lambda v, c: _number(v) and v >= 0, 'expected a number >= 0'),
+    'z_loss_weight': Option(('token_choice',), 0.0, lambda v, c: _number(v) and v >= 0, 'expected a number >= 0'),
+    'slots_per_expert': Option(('soft',), 1, lambda v, c: is_int(v) and v >= 1, 'expected an integer >= 1'),
+    'soft_scale': Option(('soft',), SOFT_UPCYCLING_SCALE, lambda v, c: _number(v) and v > 0, 'expected a number > 0'),
+}
+MOE_OPTIONS = ('router',) + tuple(OPTIONS)  # every keyword argument an upcycled model takes besides the backbone's
+# options that only set how many slots a router fills: changed on a built model by `set_capacity_factor`, the weights
+# stay (every other option shapes the weights or what they were trained to compute)
+CAPACITY_OPTIONS = ('capacity_factor', 'layer_capacity_factors', 'capacity_multiple_of')
+
+
+def _applies(name: str, router: str, expert_init: Optional[str]) -> bool:
+    return router in OPTIONS[name].routers and (name != 'drop_ratio' or (expert_init or 'copy') == 'drop')
+
+
+def options_table() -> str:
+    """A markdown table of every option: the routers it applies to, its default there, what it accepts."""
+    rows = ['| option | routers | default | accepts |', '|---|---|---|---|']
+    for name, option in OPTIONS.items():
+        routers = 'all' if option.routers == ROUTER_NAMES else ' / '.join(option.routers)
+        routers += ", with expert_init='drop'" if name == 'drop_ratio' else ''
+        accepted = option.accepted if isinstance(option.accepted, str) else 'see its message'
+        rows.append(f'| {name} | {routers} | {option.default!r} | {accepted} |')
+    return '\n'.join(rows)
 
 
 @dataclass(frozen=True, repr=False)
 class MoeConfig:
-    """The MoE options of a model or layer (see the module doc). Build it with `MoeConfig(**options)`: options not
-    given take their router's default, options that do not apply stay None, and a bad or meaningless one raises a
-    ValueError naming it and what is accepted."""
+    """The MoE options of a model or layer (`OPTIONS` says what each one does where). Build it with
+    `MoeConfig(**options)`: options not given take their router's default, options that do not apply stay None, and a
+    bad or meaningless one raises a ValueError naming it and what is accepted."""
     router: str = 'expert_choice'
     num_experts: Optional[int] = None
-    moe_blocks: Optional[Any] = None  # None (last half), int N (last N), 'every_other', 'every_N', 'all', or indices
+    moe_blocks: Optional[Any] = None
+    output_scale: Optional[bool] = None
+    num_shared_experts: Optional[int] = None
+    expert_init: Optional[str] = None
+    drop_ratio: Optional[float] = None
+    expert_granularity: Optional[int] = None
     capacity_factor: Optional[float] = None
-    top_k: Optional[int] = None
+    layer_capacity_factors: Optional[Dict[str, float]] = None
     router_norm: Optional[bool] = None
     capacity_multiple_of: Optional[int] = None
+    prefix_tokens: Optional[str] = None
+    top_k: Optional[int] = None
     batch_priority: Optional[bool] = None
     aux_loss_weight: Optional[float] = None
     z_loss_weight: Optional[float] = None
-    output_scale: Optional[bool] = None
-    prefix_tokens: Optional[str] = None
-    num_shared_experts: Optional[int] = None
-    expert_granularity: Optional[int] = None
     slots_per_expert: Optional[int] = None
     soft_scale: Optional[float] = None
-    expert_init: Optional[str] = None
-    drop_ratio: Optional[float] = None
 
     def __post_init__(self):
         if self.router not in ROUTER_NAMES:
             raise ValueError(f'router={self.router!r} is not valid; accepted: {", ".join(ROUTER_NAMES)}')
-        init = self.expert_init if self.expert_init is not None else 'copy'
-        for name, (routers, default) in _APPLIES.items():
+        for name, option in OPTIONS.items():  # in table order: an option's check may read those before it
             value = getattr(self, name)
-            applies = self.router in routers and (name != 'drop_ratio' or init == 'drop')
+            applies = _applies(name, self.router, self.expert_init)
             if value is not None and not applies:
-                if name == 'drop_ratio' and self.router in routers:
-                    raise ValueError(f"drop_ratio={value!r} has no meaning with expert_init={init!r} (it applies to "
-                                     f"expert_init='drop'); remove it")
+                if name == 'drop_ratio' and self.router in option.routers:
+                    raise ValueError(f"drop_ratio={value!r} has no meaning with expert_init={self.expert_init!r} (it "
+                                     f"applies to expert_init='drop'); remove it")
                 raise ValueError(f'{name}={value!r} has no meaning with router={self.router!r} (it applies to router '
-                                 f'{" / ".join(routers)}); remove it')
-            object.__setattr__(self, name, (default if value is None else value) if applies else None)
-        self._validate()
-
-    def _validate(self) -> None:
-        E = self.num_experts
-        if not _is_int(E) or E < 1:
-            raise ValueError(f'num_experts={E!r} is not valid; expected an integer >= 1')
-        if self.expert_init not in EXPERT_INITS:
-            raise ValueError(f'expert_init={self.expert_init!r} is not valid; accepted: {", ".join(EXPERT_INITS)}')
-        if self.drop_ratio is not None and not 0.0 <= self.drop_ratio <= 1.0:
-            raise ValueError(f'drop_ratio={self.drop_ratio!r} is not valid; expected a fraction in [0, 1]')
-        if not _is_int(self.num_shared_experts) or self.num_shared_experts < 0:
-            raise ValueError(f'num_shared_experts={self.num_shared_experts!r} is not valid; expected an integer >= 0')
-        for flag in ('output_scale', 'router_norm', 'batch_priority'):
-            value = getattr(self, flag)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f'{flag}={value!r} is not valid; expected true or false')
-        self._validate_moe_blocks()
-        if self.router == 'soft':
-            S = self.slots_per_expert
-            if not _is_int(S) or S < 1:
-                raise ValueError(f'slots_per_expert={S!r} is not valid; expected an integer >= 1')
-            if isinstance(self.soft_scale, bool) or not isinstance(self.soft_scale, (int, float)) or \
-                    not self.soft_scale > 0:
-                raise ValueError(f'soft_scale={self.soft_scale!r} is not valid; expected a number > 0')
-            return
-        G = self.expert_granularity
-        if not _is_int(G) or G < 1 or E % G:
-            raise ValueError(f'expert_granularity={G!r} is not valid for num_experts={E}; expected an integer >= 1 '
-                             f'that divides num_experts')
-        if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) or \
-                not self.capacity_factor > 0:
-            raise ValueError(f'capacity_factor={self.capacity_factor!r} is not valid; expected a number > 0')
-        multiple = self.capacity_multiple_of
-        if multiple is not None and (not _is_int(multiple) or multiple < 1):
-            raise ValueError(f'capacity_multiple_of={multiple!r} is not valid; expected None or an integer >= 1')
-        if self.prefix_tokens not in PREFIX_TOKENS:
-            raise ValueError(f'prefix_tokens={self.prefix_tokens!r} is not valid; accepted: {", ".join(PREFIX_TOKENS)}')
-        if self.router == 'token_choice':
-            k = self.top_k
-            if not _is_int(k) or not 1 <= k <= E // G:
-                raise ValueError(f'top_k={k!r} is not valid; expected an integer in [1, {E // G}] (the experts of '
-                                 f'{"a group: num_experts / expert_granularity" if G > 1 else "the layer"})')
-            for name in ('aux_loss_weight', 'z_loss_weight'):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                    raise ValueError(f'{name}={value!r} is not valid; expected a number >= 0')
-
-    def _validate_moe_blocks(self) -> None:
-        blocks = self.moe_blocks
-        ok = blocks is None or _is_int(blocks) and blocks >= 0 or isinstance(blocks, str) and (
-            blocks in ('all', 'every_other') or re.fullmatch(r'every_[1-9]\d*', blocks)) or \
-            isinstance(blocks, (list, tuple)) and all(_is_int(i) for i in blocks)
-        if not ok:
-            raise ValueError(f"moe_blocks={blocks!r} is not valid; expected None (the last half), an int N (the last "
-                             f"N blocks), 'every_other', 'every_N', 'all', or a list of block indices")
+                                 f'{" / ".join(option.routers)}); remove it')
+            if applies:
+                value = option.default if value is None else value
+                if not option.valid(value, self):
+                    accepted = option.accepted if isinstance(option.accepted, str) else option.accepted(self)
+                    raise ValueError(f'{name}={value!r} is not valid; {accepted}')
+            object.__setattr__(self, name, value if applies else None)
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -174,42 +169,36 @@ class MoeConfig:
         vit-moe <= 0.2 accepted and ignored, and saved in config.json."""
         router = options.get('router') or 'expert_choice'
         init = options.get('expert_init') or 'copy'
-        return tuple(k for k, v in options.items() if k in _APPLIES and v is not None and not (
-            router in _APPLIES[k][0] and (k != 'drop_ratio' or init == 'drop')))
+        return tuple(k for k, v in options.items() if k in OPTIONS and v is not None and not _applies(k, router, init))
 
     def replace(self, **changes) -> 'MoeConfig':
         """A copy with `changes` (options of another router become None when `router` changes)."""
         given = {k: v for k, v in self.to_dict().items()}
         if 'router' in changes and changes['router'] != self.router:
-            given = {k: v for k, v in given.items() if k in ('num_experts', 'moe_blocks', 'output_scale',
-                                                             'num_shared_experts', 'expert_init', 'drop_ratio')}
+            given = {k: v for k, v in given.items() if k in OPTIONS and OPTIONS[k].routers == ROUTER_NAMES}
         return MoeConfig(**dict(given, **changes))
 
     def to_dict(self) -> Dict[str, Any]:
         """The options that apply, with their values (what config.json records)."""
         out = {'router': self.router}
-        for name in _APPLIES:
+        for name in OPTIONS:
             value = getattr(self, name)
-            if value is not None or name in ('moe_blocks', 'capacity_multiple_of') and self._applies(name):
-                out[name] = list(value) if isinstance(value, tuple) else value
+            if value is not None or name in ('moe_blocks', 'capacity_multiple_of', 'layer_capacity_factors') and \
+                    _applies(name, self.router, self.expert_init):
+                out[name] = list(value) if isinstance(value, tuple) else dict(value) if isinstance(value, dict) \
+                    else value
         return out
 
     def __repr__(self) -> str:
         return f'MoeConfig({", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())})'
 
-    def _applies(self, name: str) -> bool:
-        routers, _ = _APPLIES[name]
-        return self.router in routers and (name != 'drop_ratio' or self.expert_init == 'drop')
-
-    def __getitem__(self, name: str) -> Any:
-        """`config['capacity_factor']`, as the dict `moe_config` of earlier versions read."""
-        if name not in MOE_OPTIONS:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self, name, None) if name in MOE_OPTIONS else None
-        return default if value is None else value
+    def for_layer(self, name: str) -> 'MoeConfig':
+        """What the layer at module path `name` runs: its own capacity factor from `layer_capacity_factors`, if
+        named there."""
+        if not self.layer_capacity_factors or name not in self.layer_capacity_factors:
+            return self
+        return dataclasses.replace(self, capacity_factor=float(self.layer_capacity_factors[name]),
+                                   layer_capacity_factors=None)
 
     # --------------------------------------------------------------------------------------------- derived
     @property
@@ -271,12 +260,13 @@ def round_capacity(capacity: float, num_tokens: int, multiple_of: Optional[int] 
 def expert_choice_slots(num_tokens: int, priority_tokens: int, num_experts: int, capacity_factor: float,
                         groups: int = 1, multiple_of: Optional[int] = None) -> int:
     """P + ceil(C * G * (T - P) / E) slots per expert: the P priority tokens, and C * T whole-MLP evaluations per
-    image over the other tokens."""
+    image over the other tokens; the whole count rounded up to `multiple_of`, at most T."""
     prefix = min(priority_tokens, num_tokens)
     if prefix == num_tokens:
         return num_tokens
     rest = num_tokens - prefix
-    return prefix + round_capacity(capacity_factor * groups * rest / num_experts, rest, multiple_of)
+    return round_capacity(prefix + max(1, math.ceil(capacity_factor * groups * rest / num_experts)), num_tokens,
+                          multiple_of)
 
 
 def token_choice_slots(num_tokens: int, num_experts: int, capacity_factor: float, top_k: int, groups: int = 1,

@@ -61,9 +61,6 @@ class MoeMlp(nn.Module):
             raise TypeError(f'give the MoE options either as config or as keyword arguments, not both: {sorted(options)}')
         config = config if config is not None else MoeConfig(**options)
         self.check_router(config)
-        self.config = config
-        self.num_experts = config.num_experts
-        self.expert_granularity = config.groups
         self.router = self.build_router(dim, config, config.priority_tokens(num_prefix_tokens))
         self.experts = experts if experts is not None else ExpertMlps(
             config.num_experts, dim, hidden_features, act_layer=act_layer, bias=bias, drop=drop)
@@ -73,6 +70,20 @@ class MoeMlp(nn.Module):
         self.unscaled_prefix = config.unscaled_prefix(num_prefix_tokens) if config.output_scale else 0
         # shape [1], not a 0-dim scalar: FSDP2's fully_shard refuses scalar parameters
         self.output_scale = nn.Parameter(torch.full((1,), config.output_scale_init())) if config.output_scale else None
+
+    @property
+    def config(self) -> MoeConfig:
+        """The layer's MoE options: its router's config, read when the layer runs (`set_capacity_factor` replaces
+        it through the model's `moe_config`)."""
+        return self.router.config
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def expert_granularity(self) -> int:
+        return self.config.groups
 
     def check_router(self, config: MoeConfig) -> None:
         if config.router == 'soft':

@@ -19,25 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .moe_config import MoeConfig, expert_choice_slots, round_capacity, token_choice_slots
+from .moe_config import MoeConfig, is_int
 
-__all__ = [
-    'Routing', 'ExpertChoiceRouter', 'TokenChoiceRouter', 'ROUTERS', 'create_router',
-    'expert_choice_capacity', 'token_choice_capacity',
-]
-
-
-def expert_choice_capacity(
-        num_tokens: int, num_experts: int, capacity_factor: float, multiple_of: Optional[int] = None) -> int:
-    """Tokens each expert takes per image: ceil(C * tokens / E), optionally rounded up, at most tokens."""
-    return round_capacity(capacity_factor * num_tokens / num_experts, num_tokens, multiple_of)
-
-
-def token_choice_capacity(
-        num_tokens: int, num_experts: int, capacity_factor: float, top_k: int, multiple_of: Optional[int] = None,
-) -> int:
-    """Slots per expert per image for top-k routing: ceil(C * k * tokens / E), at most tokens."""
-    return round_capacity(capacity_factor * top_k * num_tokens / num_experts, num_tokens, multiple_of)
+__all__ = ['Routing', 'ExpertChoiceRouter', 'TokenChoiceRouter', 'ROUTERS', 'create_router']
 
 
 class Routing(NamedTuple):
@@ -61,24 +45,30 @@ class Routing(NamedTuple):
 
 
 class _LinearRouter(nn.Module):
-    """Shared parts: a bias-free linear gate with N(0, 0.02) init, logits and softmax in float32, all from a
-    `MoeConfig` (E, C, G, router_norm, capacity rounding) and the number of leading tokens routed first."""
+    """Shared parts: a bias-free linear gate with N(0, 0.02) init, logits and softmax in float32. Every option (E, C,
+    G, k, router_norm, capacity rounding) is read from `self.config` (a `MoeConfig`) when the router runs, so a
+    config replaced on the model (`vit_moe.layers.set_capacity_factor`) is what the next call uses; the first
+    `priority_tokens` tokens of an image (class token, registers; 0 unless prefix_tokens='always') are routed first."""
 
     def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
         super().__init__()
-        if not _is_int(dim) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f'dim must be an integer >= 1, got {dim!r}')
-        if not _is_int(priority_tokens) or priority_tokens < 0:
+        if not is_int(priority_tokens) or priority_tokens < 0:
             raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
         self.config = config
-        self.num_experts = config.num_experts
-        self.router_norm = config.router_norm
-        self.priority_tokens = priority_tokens  # the first P tokens of an image (class token, registers) go first
-        self.groups = config.groups  # softmax (and top-k, normalisation) within each of G blocks of E / G experts
-        self.capacity_factor = float(config.capacity_factor)
-        self.capacity_multiple_of = config.capacity_multiple_of
+        self.priority_tokens = priority_tokens  # a property of the backbone (its prefix tokens), not an option
         self.gate = nn.Linear(dim, config.num_experts, bias=False)
         self.init_weights()
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def groups(self) -> int:
+        """G: softmax (and top-k, normalisation) within each of G blocks of E / G experts."""
+        return self.config.groups
 
     def init_weights(self) -> None:
         nn.init.normal_(self.gate.weight, std=0.02)
@@ -92,7 +82,7 @@ class _LinearRouter(nn.Module):
         return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
 
     def capacity(self, num_tokens: int) -> int:
-        """Slots per expert per image (`MoeConfig.capacity`)."""
+        """Slots per expert per image (`MoeConfig.capacity`: the one formula, for every router)."""
         return self.config.capacity(num_tokens, self.priority_tokens)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -102,12 +92,15 @@ class _LinearRouter(nn.Module):
         B, T, E = logits.shape
         return logits.view(B, T, self.groups, E // self.groups).softmax(dim=-1).view(B, T, E)  # [B, T, E]
 
-    def priority_bonus(self, scores: torch.Tensor) -> torch.Tensor:
-        """`scores` [..., T] (probabilities, <= 1) plus 1 on the first `priority_tokens` tokens: they rank first."""
-        if not self.priority_tokens:
-            return scores
-        first = torch.arange(scores.shape[-1], device=scores.device) < self.priority_tokens  # [T]
-        return scores + first.to(scores.dtype)  # [..., T]
+    def priority_first(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """[..., k] indices of the k largest of `scores` [..., T] with the first `priority_tokens` tokens first
+        whatever their scores (exactly: no bonus that a score could reach), the rest by descending score."""
+        P = self.priority_tokens
+        if not P:
+            return scores.topk(k, dim=-1).indices
+        first = torch.arange(P, device=scores.device).expand(*scores.shape[:-1], P)  # [..., P]
+        rest = scores[..., P:].topk(k - P, dim=-1).indices + P  # [..., k - P]
+        return torch.cat([first, rest], dim=-1)  # [..., k]
 
     def forward(self, x: torch.Tensor) -> Routing:
         return self.route(self.logits(x))
@@ -121,17 +114,13 @@ class _LinearRouter(nn.Module):
     def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
         gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
-        if self.router_norm:
+        if self.config.router_norm:
             gates = _normalise_per_token(gates, token_index, self.norm_per_token(probs, token_index, gates))
         return gates * filled
 
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, router_norm={self.router_norm}, ' \
+        return f'num_experts={self.num_experts}, router_norm={self.config.router_norm}, ' \
                f'priority_tokens={self.priority_tokens}, groups={self.groups}'
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _group_of_slots(token_index: torch.Tensor, groups: int) -> torch.Tensor:
@@ -168,11 +157,6 @@ class ExpertChoiceRouter(_LinearRouter):
     to 1 within each group of experts that took it.
     """
 
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert: P + ceil(C * G * (T - P) / E), at most T (`MoeConfig.capacity`)."""
-        return expert_choice_slots(num_tokens, self.priority_tokens, self.num_experts, self.capacity_factor,
-                                   self.groups, self.capacity_multiple_of)
-
     def norm_per_token(self, probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """[B, T, G] what `router_norm` divides a token's weights by: their sum over the experts that took it."""
         return _weight_per_token(probs, token_index, gates, self.groups)
@@ -183,13 +167,13 @@ class ExpertChoiceRouter(_LinearRouter):
         capacity = self.capacity(T)
         probs = self.probabilities(logits)  # [B, T, E]
         if self.priority_tokens:
-            token_index = self.priority_bonus(probs.transpose(1, 2)).topk(capacity, dim=-1).indices  # [B, E, capacity]
+            token_index = self.priority_first(probs.transpose(1, 2), capacity)  # [B, E, capacity]
             gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
         else:
             gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
         weight_sum = _weight_per_token(probs, token_index, gates, self.groups)  # [B, T, G]
-        if self.router_norm:
+        if self.config.router_norm:
             gates = _normalise_per_token(gates, token_index, weight_sum)
 
         metrics = dict(
@@ -206,7 +190,8 @@ class TokenChoiceRouter(_LinearRouter):
     Each token picks its top-k experts (with G groups: its top k in every group, k * G in all). Slots
     are claimed choice by choice (every token's first choice before any second choice) in token
     order, or, with Batch Priority Routing, in order of the token's top-1 probability (summed over the
-    groups); the first `priority_tokens` tokens (class token, registers) claim theirs first either way.
+    groups); the first `priority_tokens` tokens (class token, registers) claim all their k * G picks before any
+    other token claims one, so the class token keeps every pick whatever the capacity.
     Assignments past an expert's capacity, ceil(C * k * G * T / E), are dropped.
 
     Config options: top_k, batch_priority (order by top-1 probability instead of token position),
@@ -215,17 +200,9 @@ class TokenChoiceRouter(_LinearRouter):
     router_norm (rescale a token's top-k weights in each group to sum to 1, before capacity drops).
     """
 
-    def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
-        super().__init__(dim, config, priority_tokens)
-        self.top_k = config.top_k
-        self.batch_priority = config.batch_priority
-        self.aux_loss_weight = float(config.aux_loss_weight)
-        self.z_loss_weight = float(config.z_loss_weight)
-
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert: ceil(C * k * G * T / E), at most T (`MoeConfig.capacity`)."""
-        return token_choice_slots(num_tokens, self.num_experts, self.capacity_factor, self.top_k, self.groups,
-                                  self.capacity_multiple_of)
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
 
     def _top_k(self, probs: torch.Tensor):
         """(gates, experts) [B, T, G, k]: each token's top k experts within every group (expert indices global)."""
@@ -243,26 +220,31 @@ class TokenChoiceRouter(_LinearRouter):
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""
         B, T, _ = logits.shape
-        E, k, G = self.num_experts, self.top_k, self.groups
+        config, E, k, G, P = self.config, self.num_experts, self.top_k, self.groups, self.priority_tokens
         capacity = self.capacity(T)
         probs = self.probabilities(logits)  # [B, T, E]
         gates, experts = self._top_k(probs)  # [B, T, G, k] each
-        if self.router_norm:
+        if config.router_norm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         picks = G * k  # per token, choice-major within the token: choice c of group g at c * G + g
         gates = gates.transpose(2, 3).reshape(B, T, picks)  # [B, T, k*G]
         experts = experts.transpose(2, 3).reshape(B, T, picks)  # [B, T, k*G]
+        first = F.one_hot(experts[..., :G], E).float().sum(dim=(1, 2)) / T  # [B, E] share of first choices
 
-        # order in which assignments claim slots: choice-major, then token priority
-        if self.batch_priority:
-            top1 = gates[..., :G].sum(dim=-1)  # [B, T] each token's first choices
-            order = self.priority_bonus(top1).topk(T, dim=1).indices  # [B, T] (topk: exportable, ONNX TopK)
+        # the order in which assignments claim slots: every pick of the P prefix tokens, then choice by choice
+        # (every token's first choice before any second one) in token order or by top-1 probability
+        if config.batch_priority:
+            order = self.priority_first(gates[..., :G].sum(dim=-1), T)  # [B, T] (topk: exportable, ONNX TopK)
         else:
             order = torch.arange(T, device=logits.device).expand(B, T)  # [B, T]
         order_k = order.unsqueeze(-1).expand(B, T, picks)  # [B, T, k*G]
-        experts = experts.gather(1, order_k).transpose(1, 2).reshape(B, picks * T)  # [B, k*G*T]
-        gates = gates.gather(1, order_k).transpose(1, 2).reshape(B, picks * T)  # [B, k*G*T]
-        tokens = order.repeat(1, picks)  # [B, k*G*T]
+        experts, gates = experts.gather(1, order_k), gates.gather(1, order_k)  # [B, T, k*G] each, claim order
+        experts = torch.cat([experts[:, :P].reshape(B, P * picks),
+                             experts[:, P:].transpose(1, 2).reshape(B, picks * (T - P))], dim=1)  # [B, k*G*T]
+        gates = torch.cat([gates[:, :P].reshape(B, P * picks),
+                           gates[:, P:].transpose(1, 2).reshape(B, picks * (T - P))], dim=1)  # [B, k*G*T]
+        tokens = torch.cat([order[:, :P].repeat_interleave(picks, dim=1), order[:, P:].repeat(1, picks)],
+                           dim=1)  # [B, k*G*T]
 
         one_hot = F.one_hot(experts, E)  # [B, k*G*T, E]
         position = ((one_hot.cumsum(dim=1) - 1) * one_hot).sum(dim=-1)  # [B, k*G*T] slot within its expert
@@ -273,10 +255,9 @@ class TokenChoiceRouter(_LinearRouter):
         token_index = tokens.new_zeros(B, dump + 1).scatter(1, slot, tokens)[:, :dump]  # [B, E*capacity]
         combine = gates.new_zeros(B, dump + 1).scatter(1, slot, gates * kept)[:, :dump]  # [B, E*capacity]
 
-        first = F.one_hot(experts[:, :G * T], E).float().sum(dim=1) / T  # [B, E] fraction of first choices per expert
-        aux_loss = self.aux_loss_weight * E / G * (first * probs.mean(dim=1)).sum(dim=-1).mean()
-        if self.z_loss_weight:
-            aux_loss = aux_loss + self.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
+        aux_loss = config.aux_loss_weight * E / G * (first * probs.mean(dim=1)).sum(dim=-1).mean()
+        if config.z_loss_weight:
+            aux_loss = aux_loss + config.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
 
         filled = (kept.unsqueeze(-1) * one_hot).sum(dim=1)  # [B, E] slots used per expert
         metrics = dict(

@@ -54,6 +54,7 @@ class SoftRouter(nn.Module):
         super().__init__()
         if config.router != 'soft':
             raise ValueError(f"SoftRouter needs router='soft', got router={config.router!r}")
+        self.config = config  # structural options only (the slots are parameters): nothing to change at run time
         self.num_experts, self.slots_per_expert = config.num_experts, config.slots_per_expert
         self.mu = nn.Parameter(torch.empty(config.num_experts * config.slots_per_expert, dim))
         self.scale = nn.Parameter(torch.full((1,), float(config.soft_scale)))  # [1]: FSDP2 refuses 0-dim parameters

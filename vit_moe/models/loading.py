@@ -10,7 +10,7 @@ import contextlib
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -18,7 +18,8 @@ import torch
 from .conversion import CheckpointMismatchError
 from .saving import CONFIG_NAME, DATA_CONFIG_KEYS, WEIGHTS_NAME, interrupted_save_leftovers
 
-__all__ = ['create_model_from_checkpoint', 'checkpoint_num_classes', 'checkpoint_label_names', 'trainer_config']
+__all__ = ['create_model_from_checkpoint', 'checkpoint_num_classes', 'checkpoint_label_names', 'trainer_config',
+           'saved_architecture']
 
 LOCAL_DIR = 'local-dir:'
 ACCEPTED = ('expected None, "default", "hf-hub:org/name", a model folder holding model.safetensors + config.json '
@@ -158,12 +159,26 @@ def _create_from_local(model_name: str, checkpoint: str, num_classes: Optional[i
     if saved_classes:
         overlay['num_classes'] = saved_classes  # lets timm keep the head when the class counts agree
     kwargs = dict(kwargs, num_classes=num_classes or saved_classes or 1000)
-    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except CheckpointMismatchError as e:
+        if not saved.get('architecture'):
+            raise
+        raise CheckpointMismatchError(f"{e} (config.json of {str(folder)!r} says it holds a "
+                                      f"{saved['architecture']}, not a {model_name})", e.details) from e
     return _record_args(model, kwargs)
 
 
+def saved_architecture(checkpoint: Optional[str]) -> Optional[str]:
+    """The architecture the config.json of a model folder (or beside a weights file) names; None without one."""
+    if not checkpoint or checkpoint in ('default', 'none') or checkpoint.startswith('hf-hub:'):
+        return None
+    return trainer_config(Path(checkpoint)).get('architecture')
+
+
 def create_model_from_checkpoint(
-        model_name: str, checkpoint: Optional[str] = None, num_classes: Optional[int] = None, **kwargs,
+        model_name: str, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
+        capacity_factor: Optional[Union[float, Mapping[str, float]]] = None, **kwargs,
 ) -> torch.nn.Module:
     """A timm model loaded through timm's pretrained machinery.
 
@@ -173,6 +188,9 @@ def create_model_from_checkpoint(
             `save_trained_model` (or 'local-dir:<folder>'), or a .safetensors / .pth file (dense or MoE).
         num_classes: classes of the model to build; default: the checkpoint's. The saved label names are kept
             (in `model.pretrained_cfg['label_names']`) only when the class count is the checkpoint's.
+        capacity_factor: the capacity to run at (a number for every MoE layer, or {layer: C}), set on the loaded
+            model's `moe_config` (`vit_moe.layers.set_capacity_factor`): what the model then saves is what it runs.
+            Default: the checkpoint's (config.json) or the model's default.
         **kwargs: model arguments; for a model folder they override the saved ones.
 
     Raises:
@@ -180,6 +198,15 @@ def create_model_from_checkpoint(
         CheckpointMismatchError: weights that do not fit the model, naming `checkpoint` and the file.
         ValueError: a model name that neither timm nor vit_moe registers.
     """
+    model = _create(model_name, checkpoint, num_classes, kwargs)
+    if capacity_factor is not None:
+        from ..layers import set_capacity_factor
+        set_capacity_factor(model, capacity_factor)
+    return model
+
+
+def _create(model_name: str, checkpoint: Optional[str], num_classes: Optional[int], kwargs: Dict[str, Any]
+            ) -> torch.nn.Module:
     if not timm.is_model(model_name):
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
         raise ValueError(f'model {model_name!r} is not a registered timm / vit_moe model (see timm.list_models())'

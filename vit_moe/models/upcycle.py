@@ -11,7 +11,7 @@ import torch.nn as nn
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
-from ..layers import MOE_OPTIONS, MoeConfig, MoeMlp, moe_layer_like
+from ..layers import MOE_OPTIONS, MoeConfig, MoeMlp, moe_layer_like, set_moe_config
 from .conversion import convert_dense_to_moe, resolve_moe_blocks
 
 __all__ = ['upcycle', 'replace_mlps_with_moe', 'moe_config_of']
@@ -61,8 +61,7 @@ def replace_mlps_with_moe(model: Backbone, config: Optional[MoeConfig] = None, *
         moe = moe.to(device=ref.device, dtype=ref.dtype)
         moe.layer_name = f'blocks.{i}.mlp'
         model.blocks[i].mlp = moe
-    model.moe_config = dataclasses.replace(config, moe_blocks=indices)
-    return model.moe_config
+    return set_moe_config(model, dataclasses.replace(config, moe_blocks=indices))
 
 
 def upcycle(dense_model: Backbone, **options) -> Backbone:
@@ -82,5 +81,5 @@ def upcycle(dense_model: Backbone, **options) -> Backbone:
     moe_model = copy.deepcopy(dense_model)
     replace_mlps_with_moe(moe_model, config)
     moe_model.load_state_dict(convert_dense_to_moe(dense_model.state_dict(), moe_model, expert_init=config.expert_init,
-                                                   drop_ratio=config.get('drop_ratio', 0.5)))
+                                                   drop_ratio=config.drop_ratio or 0.5))
     return moe_model

@@ -81,7 +81,7 @@ def _model_summary(model: nn.Module) -> str:
     moe = model.moe_config
     return (f'{model.pretrained_cfg.get("architecture", type(model).__name__)} with patch_size='
             f'{model.patch_embed.patch_size[0]}, embed_dim={model.embed_dim}, depth={len(model.blocks)}, '
-            f'num_experts={moe["num_experts"]}, moe_blocks={moe["moe_blocks"]}')
+            f'num_experts={moe.num_experts}, moe_blocks={moe.moe_blocks}')
 
 
 def upcycling_filter(dense_filter: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
@@ -97,8 +97,8 @@ def upcycling_filter(dense_filter: Callable[..., Dict[str, Any]]) -> Callable[..
         adapting_head = model.num_classes != cfg.get('num_classes', model.num_classes)
         try:
             return convert_dense_to_moe(
-                state_dict, model, expert_init=model.moe_config['expert_init'],
-                drop_ratio=model.moe_config.get('drop_ratio', 0.5),
+                state_dict, model, expert_init=model.moe_config.expert_init,
+                drop_ratio=model.moe_config.drop_ratio or 0.5,
                 ignore_shape_of=tuple(c + '.' for c in classifiers) if adapting_head else ())
         except CheckpointMismatchError as e:
             raise CheckpointMismatchError(

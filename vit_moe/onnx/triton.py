@@ -4,9 +4,11 @@
     DIR/<name>/1/model.onnx        instance group, and for GPU files the TensorRT accelerator (fp16 for fp16 files)
     DIR/<name>/1/model.onnx.data   (external weights, when the file has them)
 
-Dynamic batching is exact for these models: routing groups are images, so an image's logits never depend on which
-requests share its batch (the capacity is per image, and no token competes with another image's tokens); Triton may
-batch any requests together without changing any answer.
+Dynamic batching is exact for float32 / float16 files of these models: routing groups are images, so an image's
+logits never depend on which requests share its batch (the capacity is per image, and no token competes with another
+image's tokens); Triton may batch any requests together without changing any answer. int8 files are not: ONNX
+Runtime's dynamic quantization takes one activation scale per tensor over the whole batch, so an image's logits move
+with its batch-mates (within 5 % of the largest logit in tests/test_deployment.py; the dense int8 model alike).
 
 `triton_model_config(text)` parses a config.pbtxt with Triton's own protobuf (the `tritonclient` package, extra
 `[serve]`), without importing its gRPC client.

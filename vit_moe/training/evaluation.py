@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..data import (
     ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
 )
-from ..layers import capacity_factors, capture_routing, set_capacity_factor
+from ..layers import capacity_factors, capture_routing
 from ..models import checkpoint_label_names, create_model_from_checkpoint
 
 __all__ = ['evaluate', 'validate', 'fresh_accelerator_state']
@@ -94,7 +94,7 @@ def validate(
     Class indices follow the checkpoint's label names when its config.json has them (a trainer output), else the
     sorted class folder names, as in training. With `expert_parallel_size` N each process of the launch holds E / N
     experts of every MoE layer (`vit_moe.training.expert_parallel`). `capacity_factor`: the inference-time capacity
-    (`vit_moe.layers.set_capacity_factor`), recorded in the result.
+    (`create_model_from_checkpoint`'s), recorded in the result.
     """
     fresh_accelerator_state()
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -108,9 +108,8 @@ def validate(
         source = 'the label names saved with the checkpoint' if label_names else f'{data_dir}/{split}'
         raise ValueError(f'model_kwargs num_classes={given!r} disagrees with the {num_classes} classes of {source}; '
                          f'remove it')
-    model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes, **model_kwargs)
-    if capacity_factor is not None:
-        set_capacity_factor(model, capacity_factor)
+    model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes,
+                                         capacity_factor=capacity_factor, **model_kwargs)
     if expert_parallel_size > 1:
         from .expert_parallel import ExpertShards
         ExpertShards(expert_parallel_size, accelerator.num_processes, accelerator.device.type).shard(model)
