@@ -53,11 +53,11 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     kwargs = args.model_kwargs or {}
-    from vit_moe.models import create_model_from_checkpoint
-    moe_kwargs = dict(kwargs, **(args.moe_kwargs or {}))
+    from vit_moe.models import create_model_from_checkpoint, take_capacity_factor
+    capacity_factor, moe_kwargs = take_capacity_factor(dict(kwargs, **(args.moe_kwargs or {})), args.capacity_factor)
     models = {'dense': timm.create_model(args.dense, **kwargs),
               'moe': create_model_from_checkpoint(args.moe, None, num_classes=moe_kwargs.pop('num_classes', None),
-                                                  capacity_factor=args.capacity_factor, **moe_kwargs)}
+                                                  capacity_factor=capacity_factor, **moe_kwargs)}
     result = benchmark_inference(models, args.batch_sizes, args.rounds, args.warmup, args.onnx_dir, args.reuse,
                                  variants=args.variants, pytorch=args.pytorch, gap_s=args.gap_ms / 1e3)
     result.update(moe=args.moe, dense=args.dense, model_kwargs=kwargs, moe_kwargs=args.moe_kwargs,

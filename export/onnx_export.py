@@ -128,15 +128,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_ranges(parser, args)
     _cli.setup_logging(args.verbose)
-    from vit_moe.models import create_model_from_checkpoint
+    from vit_moe.models import create_model_from_checkpoint, take_capacity_factor
     from vit_moe.onnx import export_onnx  # the [onnx] extra
 
     if args.data_dir:
         from vit_moe.data import check_image_folder
         check_image_folder(args.data_dir, args.split)  # a bad folder fails before the export
     model_kwargs, num_classes = _cli.take_num_classes(args.model_kwargs, args.num_classes)
+    capacity_factor, model_kwargs = take_capacity_factor(model_kwargs, args.capacity_factor)
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes,
-                                         capacity_factor=args.capacity_factor, **model_kwargs).eval()
+                                         capacity_factor=capacity_factor, **model_kwargs).eval()
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
                          unroll_experts=args.unroll_experts, int8_target=args.int8_target)
     kind = 'int8' if args.quantize else 'fp16' if args.fp16 else 'fp32'

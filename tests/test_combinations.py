@@ -2,7 +2,8 @@
 documented loader and both exports.
 
 Each cell upcycles a tiny dense model folder, trains it a few steps (single process, 2-process DDP, or 2-process
-FSDP2 through `Accelerator.prepare` with the shipped fsdp2 config), then reloads the saved model through
+FSDP2 through `Accelerator.prepare` with the shipped fsdp2 config; real processes over gloo, forked by the launch
+server of tests/trainer_driver.py), then reloads the saved model through
 `create_model_from_checkpoint`, timm's `local-dir:`, `validate()`, `train_scripts/validate.py`, and exports it with
 `export/onnx_export.py` in float32 and int8 (layer-by-layer parity, then top-1 agreement on the validation images).
 `train_scripts/validate.py` runs in four cells (float32 and bf16, each launch kind): it is `validate()` behind a parser.
@@ -30,7 +31,8 @@ from safetensors.torch import load_file
 from vit_moe.models import create_model_from_checkpoint, save_trained_model
 from vit_moe.training import load_config, train, validate
 
-from conftest import ROOT, launch_processes, log_records, make_image_folder, run_front_end, run_script
+from conftest import ROOT, log_records, make_image_folder, run_front_end, script_env
+from trainer_driver import Launcher
 
 NAME = 'vit_ti16_moe_upcycled'
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # 16 patches + class token
@@ -95,14 +97,24 @@ def _config(data: Path, dense: Path, out: Path, options: dict, processes: int):
         eval_batch_size=4, **trainer))
 
 
-def _train(cfg, mode: str) -> dict:
+@pytest.fixture(scope='module')
+def launcher():
+    """2-process launches of train.py: real processes over gloo with torch.distributed.run's environment, forked by
+    tests/trainer_driver.py's launch server (which imported torch once; torch.distributed.run itself launches the
+    recipes in tests/test_recipes.py and the stress script's runs)."""
+    server = Launcher(ROOT, script_env())
+    yield server
+    server.close()
+
+
+def _train(cfg, mode: str, launcher) -> dict:
     """Train as `mode` says; return the final evaluation the trainer logged."""
     if mode == 'single':
         return train(cfg)['eval']
     path = Path(cfg.output_dir).with_suffix('.yaml')
     path.write_text(cfg.to_yaml())
     shim = ['tests/fsdp_on_cpu.py'] if mode == 'fsdp' else []
-    result = run_script([*launch_processes(2), *shim, 'train_scripts/train.py', '--config', str(path)], timeout=600)
+    result = launcher.run(*shim, 'train_scripts/train.py', '--config', str(path), processes=2, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     start, = log_records(cfg.output_dir, 'start')
     assert start['num_processes'] == 2 and start['distributed_type'] == ('FSDP' if mode == 'fsdp' else 'MULTI_CPU')
@@ -125,13 +137,13 @@ VALIDATE_CLI_CELLS = ('single-compile-ema-scale-drop-accum-bf16-g2', 'fsdp-ckpt-
 
 
 @pytest.mark.parametrize('cell', list(CELLS) + [pytest.param(INDUCTOR_CELL + '-inductor', marks=pytest.mark.stress)])
-def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_path, cell):
+def test_each_option_combination_trains_saves_reloads_and_exports(sources, tmp_path, cell, request):
     data, dense = sources
     mode, options = CELLS[cell.removesuffix('-inductor')]
     if cell == INDUCTOR_CELL:
         options = dict(options, torch_compile_backend='aot_eager')  # the same dynamo wrappers and saved keys
     cfg = _config(data, dense, tmp_path / 'run', options, 1 if mode == 'single' else 2)
-    logged = _train(cfg, mode)
+    logged = _train(cfg, mode, request.getfixturevalue('launcher') if mode != 'single' else None)
     folder = Path(cfg.output_dir) / 'model'
     bf16 = options.get('mixed_precision') == 'bf16'
     precision = 'bf16' if bf16 else 'no'

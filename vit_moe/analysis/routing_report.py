@@ -23,7 +23,7 @@ import torch
 
 from ..data import ImageFolderDataset, build_transforms, data_config_for
 from ..layers import ExpertChoiceRouter, capacity_factors, moe_layers, soft_moe_layers
-from ..models import create_model_from_checkpoint
+from ..models import create_model_from_checkpoint, take_capacity_factor
 from . import routing_figures as figures
 from .routing_pass import RoutingPass
 from .routing_stats import BACKGROUND, OBJECT, PREFIX, LayerStats
@@ -64,18 +64,21 @@ def load_report_models(model_name: str, checkpoint: Optional[str], start_checkpo
     is 0), so an upcycled start gets the router initialisation the training run started from. Both run at
     `capacity_factor` when it is given.
     """
+    capacity_factor, model_kwargs = take_capacity_factor(model_kwargs, capacity_factor)
     model = create_model_from_checkpoint(model_name, checkpoint, capacity_factor=capacity_factor,
-                                         **(model_kwargs or {})).eval()
+                                         **model_kwargs).eval()
     moe_layer_info(model, model_name)
     start = None
     if start_checkpoint:
         args = {k: v for k, v in getattr(model, '_model_args', {}).items() if k not in ('pretrained_cfg_overlay',)}
         args.update(model_kwargs or {})
         args.pop('num_classes', None)
+        saved_capacity = args.pop('capacity_factor', None)  # the model's own, unless one is given
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             start = create_model_from_checkpoint(model_name, start_checkpoint, num_classes=model.num_classes,
-                                                 capacity_factor=capacity_factor, **args).eval()
+                                                 capacity_factor=capacity_factor if capacity_factor is not None
+                                                 else saved_capacity, **args).eval()
         if set(moe_layer_info(start, model_name)) != set(moe_layer_info(model, model_name)):
             raise ValueError(f'start checkpoint {start_checkpoint!r} gives MoE layers {sorted(moe_layer_info(start))}, '
                              f'the checkpoint {sorted(moe_layer_info(model))}; give a start model of the same layout')

@@ -265,7 +265,7 @@ def expert_choice_slots(num_tokens: int, priority_tokens: int, num_experts: int,
     if prefix == num_tokens:
         return num_tokens
     rest = num_tokens - prefix
-    return round_capacity(prefix + max(1, math.ceil(capacity_factor * groups * rest / num_experts)), num_tokens,
+    return round_capacity(float(prefix + max(1, math.ceil(capacity_factor * groups * rest / num_experts))), num_tokens,
                           multiple_of)
 
 

@@ -43,6 +43,8 @@ class MoeMlp(nn.Module):
     exactly, are left unscaled.
     """
 
+    __jit_unused_properties__ = ['config', 'num_experts', 'expert_granularity']
+
     def __init__(
             self,
             dim: int,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .moe_config import MoeConfig, is_int
+from .moe_config import MoeConfig, expert_choice_slots, is_int, token_choice_slots
 
 __all__ = ['Routing', 'ExpertChoiceRouter', 'TokenChoiceRouter', 'ROUTERS', 'create_router']
 
@@ -46,9 +46,12 @@ class Routing(NamedTuple):
 
 class _LinearRouter(nn.Module):
     """Shared parts: a bias-free linear gate with N(0, 0.02) init, logits and softmax in float32. Every option (E, C,
-    G, k, router_norm, capacity rounding) is read from `self.config` (a `MoeConfig`) when the router runs, so a
-    config replaced on the model (`vit_moe.layers.set_capacity_factor`) is what the next call uses; the first
-    `priority_tokens` tokens of an image (class token, registers; 0 unless prefix_tokens='always') are routed first."""
+    G, k, router_norm, capacity rounding) comes from `self.config` (a `MoeConfig`); assigning a config (what
+    `vit_moe.layers.set_capacity_factor` does through the model's `moe_config`) is the one way to change them, and
+    refreshes the plain copies the forward reads (TorchScript cannot read a MoeConfig). The first `priority_tokens`
+    tokens of an image (class token, registers; 0 unless prefix_tokens='always') are routed first."""
+
+    __jit_unused_properties__ = ['config']
 
     def __init__(self, dim: int, config: MoeConfig, priority_tokens: int = 0):
         super().__init__()
@@ -56,19 +59,27 @@ class _LinearRouter(nn.Module):
             raise ValueError(f'dim must be an integer >= 1, got {dim!r}')
         if not is_int(priority_tokens) or priority_tokens < 0:
             raise ValueError(f'priority_tokens must be an integer >= 0, got {priority_tokens!r}')
-        self.config = config
         self.priority_tokens = priority_tokens  # a property of the backbone (its prefix tokens), not an option
+        self.config = config
         self.gate = nn.Linear(dim, config.num_experts, bias=False)
         self.init_weights()
 
     @property
-    def num_experts(self) -> int:
-        return self.config.num_experts
+    def config(self) -> MoeConfig:
+        return self._config
 
-    @property
-    def groups(self) -> int:
-        """G: softmax (and top-k, normalisation) within each of G blocks of E / G experts."""
-        return self.config.groups
+    @config.setter
+    def config(self, config: MoeConfig) -> None:
+        self._config = config
+        self.num_experts: int = config.num_experts
+        self.groups: int = config.groups  # softmax (and top-k, normalisation) within each of G blocks of E / G experts
+        self.router_norm: bool = bool(config.router_norm)
+        self.capacity_factor: float = float(config.capacity_factor)
+        self.capacity_multiple_of: Optional[int] = config.capacity_multiple_of
+        self._set_options(config)
+
+    def _set_options(self, config: MoeConfig) -> None:
+        """A router's own options, copied from `config` when it is assigned."""
 
     def init_weights(self) -> None:
         nn.init.normal_(self.gate.weight, std=0.02)
@@ -80,10 +91,6 @@ class _LinearRouter(nn.Module):
                 with torch.autocast(device_type=x.device.type, enabled=False):
                     return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
         return F.linear(x.float(), self.gate.weight.float())  # [B, T, E]
-
-    def capacity(self, num_tokens: int) -> int:
-        """Slots per expert per image (`MoeConfig.capacity`: the one formula, for every router)."""
-        return self.config.capacity(num_tokens, self.priority_tokens)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[B, T, E] softmax over the experts, or with `groups` G over each block of E / G experts (summing to G)."""
@@ -98,7 +105,8 @@ class _LinearRouter(nn.Module):
         P = self.priority_tokens
         if not P:
             return scores.topk(k, dim=-1).indices
-        first = torch.arange(P, device=scores.device).expand(*scores.shape[:-1], P)  # [..., P]
+        size = list(scores.shape[:-1]) + [P]
+        first = torch.arange(P, device=scores.device).expand(size)  # [..., P]
         rest = scores[..., P:].topk(k - P, dim=-1).indices + P  # [..., k - P]
         return torch.cat([first, rest], dim=-1)  # [..., k]
 
@@ -114,12 +122,12 @@ class _LinearRouter(nn.Module):
     def replay(self, probs: torch.Tensor, token_index: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
         """Combine weights [B, E, capacity] for given slots (another runtime's decisions) under these `probs`."""
         gates = probs.transpose(1, 2).gather(-1, token_index)  # [B, E, capacity]
-        if self.config.router_norm:
+        if self.router_norm:
             gates = _normalise_per_token(gates, token_index, self.norm_per_token(probs, token_index, gates))
         return gates * filled
 
     def extra_repr(self) -> str:
-        return f'num_experts={self.num_experts}, router_norm={self.config.router_norm}, ' \
+        return f'num_experts={self.num_experts}, router_norm={self.router_norm}, ' \
                f'priority_tokens={self.priority_tokens}, groups={self.groups}'
 
 
@@ -157,6 +165,12 @@ class ExpertChoiceRouter(_LinearRouter):
     to 1 within each group of experts that took it.
     """
 
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert: P + ceil(C * G * (T - P) / E), rounded up to capacity_multiple_of, at most T
+        (`MoeConfig.capacity`, the same function)."""
+        return expert_choice_slots(num_tokens, self.priority_tokens, self.num_experts, self.capacity_factor,
+                                   self.groups, self.capacity_multiple_of)
+
     def norm_per_token(self, probs: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """[B, T, G] what `router_norm` divides a token's weights by: their sum over the experts that took it."""
         return _weight_per_token(probs, token_index, gates, self.groups)
@@ -173,7 +187,7 @@ class ExpertChoiceRouter(_LinearRouter):
             gates, token_index = probs.transpose(1, 2).topk(capacity, dim=-1)  # [B, E, capacity] each
 
         weight_sum = _weight_per_token(probs, token_index, gates, self.groups)  # [B, T, G]
-        if self.config.router_norm:
+        if self.router_norm:
             gates = _normalise_per_token(gates, token_index, weight_sum)
 
         metrics = dict(
@@ -200,9 +214,17 @@ class TokenChoiceRouter(_LinearRouter):
     router_norm (rescale a token's top-k weights in each group to sum to 1, before capacity drops).
     """
 
-    @property
-    def top_k(self) -> int:
-        return self.config.top_k
+    def _set_options(self, config: MoeConfig) -> None:
+        self.top_k: int = config.top_k
+        self.batch_priority: bool = bool(config.batch_priority)
+        self.aux_loss_weight: float = float(config.aux_loss_weight)
+        self.z_loss_weight: float = float(config.z_loss_weight)
+
+    def capacity(self, num_tokens: int) -> int:
+        """Slots per expert: ceil(C * k * G * T / E), rounded up to capacity_multiple_of, at most T
+        (`MoeConfig.capacity`, the same function)."""
+        return token_choice_slots(num_tokens, self.num_experts, self.capacity_factor, self.top_k, self.groups,
+                                  self.capacity_multiple_of)
 
     def _top_k(self, probs: torch.Tensor):
         """(gates, experts) [B, T, G, k]: each token's top k experts within every group (expert indices global)."""
@@ -220,11 +242,11 @@ class TokenChoiceRouter(_LinearRouter):
     def route(self, logits: torch.Tensor) -> Routing:
         """Slots from router logits [B, T, E] (float32)."""
         B, T, _ = logits.shape
-        config, E, k, G, P = self.config, self.num_experts, self.top_k, self.groups, self.priority_tokens
+        E, k, G, P = self.num_experts, self.top_k, self.groups, self.priority_tokens
         capacity = self.capacity(T)
         probs = self.probabilities(logits)  # [B, T, E]
         gates, experts = self._top_k(probs)  # [B, T, G, k] each
-        if config.router_norm:
+        if self.router_norm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         picks = G * k  # per token, choice-major within the token: choice c of group g at c * G + g
         gates = gates.transpose(2, 3).reshape(B, T, picks)  # [B, T, k*G]
@@ -233,7 +255,7 @@ class TokenChoiceRouter(_LinearRouter):
 
         # the order in which assignments claim slots: every pick of the P prefix tokens, then choice by choice
         # (every token's first choice before any second one) in token order or by top-1 probability
-        if config.batch_priority:
+        if self.batch_priority:
             order = self.priority_first(gates[..., :G].sum(dim=-1), T)  # [B, T] (topk: exportable, ONNX TopK)
         else:
             order = torch.arange(T, device=logits.device).expand(B, T)  # [B, T]
@@ -255,9 +277,9 @@ class TokenChoiceRouter(_LinearRouter):
         token_index = tokens.new_zeros(B, dump + 1).scatter(1, slot, tokens)[:, :dump]  # [B, E*capacity]
         combine = gates.new_zeros(B, dump + 1).scatter(1, slot, gates * kept)[:, :dump]  # [B, E*capacity]
 
-        aux_loss = config.aux_loss_weight * E / G * (first * probs.mean(dim=1)).sum(dim=-1).mean()
-        if config.z_loss_weight:
-            aux_loss = aux_loss + config.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
+        aux_loss = self.aux_loss_weight * E / G * (first * probs.mean(dim=1)).sum(dim=-1).mean()
+        if self.z_loss_weight:
+            aux_loss = aux_loss + self.z_loss_weight * logits.logsumexp(dim=-1).square().mean()
 
         filled = (kept.unsqueeze(-1) * one_hot).sum(dim=1)  # [B, E] slots used per expert
         metrics = dict(

@@ -116,7 +116,7 @@ class SoftMoeMlp(MoeMlp):
     def routed(self, x: torch.Tensor):
         """(routed output [B, T, D], SoftRouting, expert outputs [E, B*slots, D]); `MoeMlp.forward` does the rest."""
         B, T, D = x.shape
-        E, S = self.num_experts, self.router.slots_per_expert
+        E, S = self.router.num_experts, self.router.slots_per_expert
         routing = self.router(x)
         slots = torch.matmul(routing.dispatch_weights.transpose(1, 2).to(x.dtype), x)  # [B, E*S, D]
         expert_in = slots.view(B, E, S, D).transpose(0, 1).reshape(E, B * S, D)  # [E, B*S, D]

@@ -19,7 +19,7 @@ from .conversion import CheckpointMismatchError
 from .saving import CONFIG_NAME, DATA_CONFIG_KEYS, WEIGHTS_NAME, interrupted_save_leftovers
 
 __all__ = ['create_model_from_checkpoint', 'checkpoint_num_classes', 'checkpoint_label_names', 'trainer_config',
-           'saved_architecture']
+           'saved_architecture', 'take_capacity_factor']
 
 LOCAL_DIR = 'local-dir:'
 ACCEPTED = ('expected None, "default", "hf-hub:org/name", a model folder holding model.safetensors + config.json '
@@ -167,6 +167,17 @@ def _create_from_local(model_name: str, checkpoint: str, num_classes: Optional[i
         raise CheckpointMismatchError(f"{e} (config.json of {str(folder)!r} says it holds a "
                                       f"{saved['architecture']}, not a {model_name})", e.details) from e
     return _record_args(model, kwargs)
+
+
+def take_capacity_factor(model_kwargs: Optional[Dict[str, Any]], capacity_factor: Any = None) -> Tuple[Any, dict]:
+    """(the capacity factor to load with, the model arguments without it): a front end's --capacity-factor, or the
+    one in its model arguments; both, differing, is a ValueError naming them."""
+    kwargs = dict(model_kwargs or {})
+    in_kwargs = kwargs.pop('capacity_factor', None)
+    if capacity_factor is not None and in_kwargs is not None and in_kwargs != capacity_factor:
+        raise ValueError(f'capacity_factor is given twice, {in_kwargs!r} in the model arguments and {capacity_factor!r}'
+                         f' on its own; give it once')
+    return (capacity_factor if capacity_factor is not None else in_kwargs), kwargs
 
 
 def saved_architecture(checkpoint: Optional[str]) -> Optional[str]:

@@ -28,6 +28,12 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
     """What an exported file says of itself, without loading its weights: the `model_metadata` it was exported with
     (architecture, capacity_factor per MoE layer, data config, ...) and `int8` (its int8 target, or None)."""
     import onnx
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    from google.protobuf.message import DecodeError
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:
+        raise ValueError(f'{str(path)!r} is not an ONNX model; expected an .onnx file written by '
+                         f'vit_moe.onnx.export_onnx / export/onnx_export.py (onnx: {e})') from e
+    props = {p.key: p.value for p in model.metadata_props}
     return dict(json.loads(props.get(METADATA_KEY, '{}')), int8=json.loads(props[INT8_KEY]) if INT8_KEY in props
                 else None)

@@ -17,7 +17,7 @@ from ..data import (
     ImageFolderDataset, build_transforms, data_config_for, ignore_stop_signals, iter_with_shielded_workers,
 )
 from ..layers import capacity_factors, capture_routing
-from ..models import checkpoint_label_names, create_model_from_checkpoint
+from ..models import checkpoint_label_names, create_model_from_checkpoint, take_capacity_factor
 
 __all__ = ['evaluate', 'validate', 'fresh_accelerator_state']
 
@@ -108,6 +108,7 @@ def validate(
         source = 'the label names saved with the checkpoint' if label_names else f'{data_dir}/{split}'
         raise ValueError(f'model_kwargs num_classes={given!r} disagrees with the {num_classes} classes of {source}; '
                          f'remove it')
+    capacity_factor, model_kwargs = take_capacity_factor(model_kwargs, capacity_factor)
     model = create_model_from_checkpoint(model_name, checkpoint, num_classes=num_classes,
                                          capacity_factor=capacity_factor, **model_kwargs)
     if expert_parallel_size > 1:
