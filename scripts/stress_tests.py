@@ -1,12 +1,15 @@
 """Run what can fail intermittently many times under load, and print how often each passed (scripts/stress_tests.sh).
 
     .venv/bin/python scripts/stress_tests.py [--rounds 20] [--output outputs/stress] [--competitors 1] [--all-recipes]
+                                             [--stress-tier-only]
 
 Every round runs, while `--competitors` CPU-bound processes compete for the cores:
 - every multi-process, signal, kill and resume test (STRESSED), as CI runs them (two pytest-xdist workers);
 - a 2-process DDP and a 2-process FSDP2 training run of train_scripts/train.py (`torch.distributed.run`; FSDP2 through
   tests/fsdp_on_cpu.py), each of which must exit 0 with every process, and print no abort.
-Prints one line per test (passes / rounds) and writes `<output>/stress.md` and the failures' outputs. Aim: all of them.
+`--stress-tier-only` runs only the `stress` tier (`-m stress`: the checks CI leaves to this script) and no training
+runs. Prints one line per test (passes / rounds) and writes `<output>/stress.md` and the failures' outputs. Aim: all of
+them.
 """
 import argparse
 import multiprocessing
@@ -57,14 +60,17 @@ def _env() -> dict:
 
 
 ALL_RECIPES = {}  # VIT_MOE_ALL_RECIPES=1 with --all-recipes: tests/test_recipes.py runs every recipe x launch pair
+SELECTION = {'tests': [*STRESSED, 'tests/test_combinations.py', '-k',
+                       f'not test_each_option_combination or {COMBINATION_CELLS}']}
+STRESS_TIER = ['-m', 'stress', 'tests/']  # --stress-tier-only: what CI leaves to this script
 
 
 def run_tests(out: Path, round_index: int) -> Counter:
-    """One pytest run of STRESSED and the combination matrix's multi-process cells: {test id: 1 if it passed}."""
+    """One pytest run of the selection (STRESSED and the combination matrix's multi-process cells, or the stress
+    tier): {test id: 1 if it passed}."""
     report = out / f'round_{round_index}.xml'
     command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-n', '2', '--dist', 'loadgroup',
-               f'--junitxml={report}', *STRESSED, 'tests/test_combinations.py', '-k',
-               f'not test_each_option_combination or {COMBINATION_CELLS}']
+               f'--junitxml={report}', *SELECTION['tests']]
     run = subprocess.run(command, cwd=ROOT, env=dict(_env(), **ALL_RECIPES), capture_output=True, text=True)
     passed = Counter()
     for case in ElementTree.parse(report).getroot().iter('testcase'):
@@ -100,7 +106,11 @@ def main() -> int:
     parser.add_argument('--output', default='outputs/stress')
     parser.add_argument('--competitors', type=int, default=1, help='CPU-bound processes running meanwhile')
     parser.add_argument('--all-recipes', action='store_true', help='every fine-tuning recipe with every launch config')
+    parser.add_argument('--stress-tier-only', action='store_true',
+                        help='only the tests marked stress (what CI leaves to this script), no training runs')
     args = parser.parse_args()
+    if args.stress_tier_only:
+        SELECTION['tests'] = STRESS_TIER
     if args.all_recipes:
         ALL_RECIPES['VIT_MOE_ALL_RECIPES'] = '1'
     out = (ROOT / args.output).resolve()
@@ -117,7 +127,7 @@ def main() -> int:
             for test, ok in run_tests(out, i).items():
                 passed[test] += ok
                 rounds[test] += 1
-            for mode in ('ddp', 'fsdp2'):
+            for mode in () if args.stress_tier_only else ('ddp', 'fsdp2'):
                 name = f'train.py, 2 processes, {mode}'
                 passed[name] += run_training(out, i, data, mode)
                 rounds[name] += 1

@@ -101,6 +101,25 @@ def pytest_configure(config):
     config.addinivalue_line(
         'markers', 'stress: a slower tier (more launches of what CI checks once); scripts/stress_tests.sh runs it, '
                    'CI does not (`bash scripts/run_tests.sh -m ""` runs everything)')
+    _reuse_the_onnx_exporters_registry()
+
+
+def _reuse_the_onnx_exporters_registry():
+    """torch.onnx.export(dynamo=True) rebuilds its table of ATen -> ONNX functions for every export (0.8 s here, the
+    same table each time for an opset); the suite's ~100 exports in one process share one per opset. Only reads follow
+    (no test passes custom_translation_table, which registers into it)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # another torch: every export builds its own
+        return
+    build, built = _registration.ONNXRegistry.from_torchlib.__func__, {}
+
+    def from_torchlib(cls, opset_version=_registration._constants.TORCHLIB_OPSET):
+        if (cls, opset_version) not in built:
+            built[cls, opset_version] = build(cls, opset_version)
+        return built[cls, opset_version]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
 
 
 @pytest.hookimpl(trylast=True)

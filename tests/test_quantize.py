@@ -1,8 +1,6 @@
 """Deployable variants: exact graph rewrites, int8 experts with float32 routers, optimised files."""
 import logging
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -18,7 +16,7 @@ from vit_moe.onnx.graph_rewrites import (
     fuse_erf_gelu, merge_expert_branches, op_counts, router_node_names, unroll_expert_matmuls,
 )
 
-from conftest import ROOT, TINY_MOE
+from conftest import TINY_MOE, run_front_end
 
 pytestmark = pytest.mark.xdist_group('quantize')  # one pytest-xdist worker: the module fixtures are built once
 
@@ -178,13 +176,12 @@ def test_optimised_file_matches_and_keeps_the_metadata(exported, tmp_path):
 
 def test_export_command_line_quantizes_optimises_and_checks_agreement(tmp_path):
     out = tmp_path / 'cli.onnx'
-    result = subprocess.run(
-        [sys.executable, 'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output', str(out),
-         '--model-kwargs', '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
-         '--num-classes', '10', '--quantize', 'int8', '--optimize'], cwd=ROOT, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'int8 weights, routers float32, optimised' in result.stdout and result.stdout.count(' ok') == 3
+    rc, stdout, stderr = run_front_end(  # in this process (tests/test_cli.py runs the front end as a real process)
+        'export/onnx_export.py', '--model', 'vit_ti16_moe_upcycled', '--output', str(out),
+        '--model-kwargs', '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
+        '--num-classes', '10', '--quantize', 'int8', '--optimize')
+    assert rc == 0, stderr[-3000:]
+    assert 'int8 weights, routers float32, optimised' in stdout and stdout.count(' ok') == 3
     assert float_expert_weights(onnx.load(str(out))) == []
     assert not list(tmp_path.glob('*.float.onnx*'))  # the float intermediate is removed
 

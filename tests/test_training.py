@@ -25,6 +25,7 @@ from conftest import (
     ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_front_end, run_script, script_env, tiny_config,
     train_state_of,
 )
+from trainer_driver import Launcher
 
 
 def test_few_steps_lower_the_loss_and_the_saved_model_reloads_through_timm(tmp_path, data):
@@ -324,25 +325,34 @@ LONE_REFUSALS = {
     'torch.distributed.run': 'WORLD_SIZE=2: the launcher started 2 processes but Accelerate sees 1',
     'accelerate launch --cpu': 'accelerate launch --cpu with --num_processes > 1 starts a single process',
 }
+LONE_REFUSALS['server'] = LONE_REFUSALS['torch.distributed.run']
 
 
-# CI: the torch.distributed.run launch, and the simple launcher's environment in this process (below); the stress
-# tier: both launches
-@pytest.mark.parametrize('launcher', ['torch.distributed.run',
+# CI: torch.distributed.run's processes as tests/trainer_driver.py's launch server forks them (the same environment),
+# and the simple launcher's environment in this process (below); the stress tier: both real launches
+@pytest.mark.parametrize('launcher', ['server', pytest.param('torch.distributed.run', marks=pytest.mark.stress),
                                       pytest.param('accelerate launch --cpu', marks=pytest.mark.stress)])
 def test_a_launch_that_would_start_lone_processes_is_refused_before_anything_is_written(tmp_path, data, launcher):
     """torch.distributed.run without ACCELERATE_USE_CPU on a machine without GPUs, or `accelerate launch --cpu
     --num_processes 2` (Accelerate's simple launcher: one process), would have trained alone into one output folder."""
     env = script_env()
-    if launcher == 'torch.distributed.run':
-        env.pop('ACCELERATE_USE_CPU')
-        command = launch_processes(2)
-    else:
-        command = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--cpu', '--num_processes', '2',
-                   '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
     expected = LONE_REFUSALS[launcher]
-    run = subprocess.run([*command, 'train_scripts/train.py', *_cli_args(tmp_path)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    if launcher == 'server':
+        env.pop('ACCELERATE_USE_CPU')
+        server = Launcher(ROOT, env)
+        try:
+            run = server.run('train_scripts/train.py', *_cli_args(tmp_path), processes=2)
+        finally:
+            server.close()
+    else:
+        if launcher == 'torch.distributed.run':
+            env.pop('ACCELERATE_USE_CPU')
+            command = launch_processes(2)
+        else:
+            command = [str(Path(sys.executable).parent / 'accelerate'), 'launch', '--cpu', '--num_processes', '2',
+                       '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+        run = subprocess.run([*command, 'train_scripts/train.py', *_cli_args(tmp_path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
     assert lines and expected in lines[0] and 'ACCELERATE_USE_CPU=1 python -m torch.distributed.run' in lines[0], \
