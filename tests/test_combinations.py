@@ -40,37 +40,32 @@ NAME = 'vit_ti16_moe_upcycled'
 ARCH = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # 16 patches + class token
 MOE = dict(ARCH, num_experts=4, moe_blocks=1)
 
-# (mode, options): every pair of option values appears in at least one cell
+# (mode, options): every pair of option values appears in at least one cell (9 cells: the fewest that hold every
+# mode x router pair)
+AOT = dict(torch_compile='default', torch_compile_backend='aot_eager')  # dynamo without inductor's kernels (docstring)
 CELLS = {
-    'single-compile-ema-scale-drop-accum-bf16-g2': ('single', dict(
-        torch_compile='default', ema_decay=0.9, output_scale=True, expert_init='drop', grad_accum_steps=2,
-        mixed_precision='bf16', expert_granularity=2)),
-    'single-ckpt-drop-prefix-g2': ('single', dict(grad_checkpointing=True, expert_init='drop', prefix_tokens='always',
-                                                  expert_granularity=2)),
-    'single-ema-scale-tokenchoice-prefix': ('single', dict(ema_decay=0.9, output_scale=True, router='token_choice',
-                                                           prefix_tokens='always')),
-    'ddp-ema-tokenchoice-drop-bf16-prefix-shared': ('ddp', dict(
-        ema_decay=0.9, router='token_choice', expert_init='drop', mixed_precision='bf16', prefix_tokens='always',
-        num_shared_experts=1)),
-    'ddp-scale-accum-bf16-prefix-shared': ('ddp', dict(output_scale=True, grad_accum_steps=2, mixed_precision='bf16',
-                                                       prefix_tokens='always', num_shared_experts=1, export='int8')),
-    'ddp-compile-ckpt-ema-tokenchoice-accum-prefix-g2': ('ddp', dict(
-        torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True, ema_decay=0.9,
-        router='token_choice', grad_accum_steps=2, prefix_tokens='always', expert_granularity=2, export='int8')),
-    'fsdp-ckpt-scale-tokenchoice-accum-bf16-shared-g2': ('fsdp', dict(
-        grad_checkpointing=True, output_scale=True, router='token_choice', grad_accum_steps=2, mixed_precision='bf16',
-        num_shared_experts=1, expert_granularity=2)),
-    'fsdp-compile-ema-drop-prefix-g2': ('fsdp', dict(torch_compile='default', torch_compile_backend='aot_eager',
-                                                     ema_decay=0.9, expert_init='drop', prefix_tokens='always',
-                                                     expert_granularity=2, export='int8')),
-    'single-soft-compile-ckpt-ema-scale-drop-shared': ('single', dict(
-        router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
-        ema_decay=0.9, output_scale=True, expert_init='drop', num_shared_experts=1, export='int8')),
-    'ddp-soft-accum-bf16-shared': ('ddp', dict(router='soft', grad_accum_steps=2, mixed_precision='bf16',
-                                               num_shared_experts=1)),
-    'fsdp-soft-compile-ckpt-drop-accum': ('fsdp', dict(
-        router='soft', torch_compile='default', torch_compile_backend='aot_eager', grad_checkpointing=True,
-        expert_init='drop', grad_accum_steps=2, export='int8')),
+    'single-compile-ckpt-scale-drop-accum-bf16-prefix-shared': ('single', dict(
+        torch_compile='default', grad_checkpointing=True, output_scale=True, expert_init='drop', grad_accum_steps=2,
+        mixed_precision='bf16', prefix_tokens='always', num_shared_experts=1)),
+    'single-ema-scale-tokenchoice-accum-prefix-g2': ('single', dict(
+        ema_decay=0.9, output_scale=True, router='token_choice', grad_accum_steps=2, prefix_tokens='always',
+        expert_granularity=2, export='int8')),
+    'single-soft-compile-ckpt-ema-drop-shared': ('single', dict(
+        router='soft', **AOT, grad_checkpointing=True, ema_decay=0.9, expert_init='drop', num_shared_experts=1,
+        export='int8')),
+    'ddp-ckpt-ema-drop-bf16-g2': ('ddp', dict(
+        grad_checkpointing=True, ema_decay=0.9, expert_init='drop', mixed_precision='bf16', expert_granularity=2,
+        export='int8')),
+    'ddp-tokenchoice-drop-prefix-shared': ('ddp', dict(
+        router='token_choice', expert_init='drop', prefix_tokens='always', num_shared_experts=1, export='int8')),
+    'ddp-soft-compile-ckpt-scale-accum': ('ddp', dict(
+        router='soft', **AOT, grad_checkpointing=True, output_scale=True, grad_accum_steps=2)),
+    'fsdp-compile-scale-prefix-shared-g2': ('fsdp', dict(
+        **AOT, output_scale=True, prefix_tokens='always', num_shared_experts=1, expert_granularity=2, export='int8')),
+    'fsdp-compile-ckpt-ema-scale-tokenchoice-drop-bf16-shared-g2': ('fsdp', dict(
+        **AOT, grad_checkpointing=True, ema_decay=0.9, output_scale=True, router='token_choice', expert_init='drop',
+        mixed_precision='bf16', num_shared_experts=1, expert_granularity=2)),
+    'fsdp-soft-ema-accum-bf16': ('fsdp', dict(router='soft', ema_decay=0.9, grad_accum_steps=2, mixed_precision='bf16')),
 }
 MODEL_KEYS = ('output_scale', 'expert_init', 'router', 'prefix_tokens', 'num_shared_experts', 'expert_granularity')
 MODEL_DEFAULTS = dict(output_scale=False, expert_init='copy', router='expert_choice', prefix_tokens='compete',
@@ -133,9 +128,10 @@ def _assert_same_metrics(got: dict, logged: dict, bf16_rounding: bool, prefix: s
     assert got['loss'] == pytest.approx(logged[prefix + 'loss'], rel=2e-2 if bf16_rounding else 1e-5)
 
 
-INDUCTOR_CELL = 'single-compile-ema-scale-drop-accum-bf16-g2'  # CI: aot_eager; inductor (a minute here): stress tier
-VALIDATE_CLI_CELLS = ('single-compile-ema-scale-drop-accum-bf16-g2', 'fsdp-ckpt-scale-tokenchoice-accum-bf16-shared-g2',
-                      'ddp-soft-accum-bf16-shared', 'single-ckpt-drop-prefix-g2')  # validate.py == validate(): fp32 / bf16
+INDUCTOR_CELL = 'single-compile-ckpt-scale-drop-accum-bf16-prefix-shared'  # CI: aot_eager; inductor: stress tier
+VALIDATE_CLI_CELLS = ('single-compile-ckpt-scale-drop-accum-bf16-prefix-shared', 'fsdp-soft-ema-accum-bf16',
+                      'ddp-tokenchoice-drop-prefix-shared', 'single-ema-scale-tokenchoice-accum-prefix-g2')  # validate.py
+# == validate(): float32 / bf16, each launch kind
 
 
 @pytest.mark.parametrize('cell', list(CELLS) + [pytest.param(INDUCTOR_CELL + '-inductor', marks=pytest.mark.stress)])

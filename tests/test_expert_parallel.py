@@ -2,8 +2,8 @@
 resumable at another expert-parallel size, and refused in one line where it cannot run.
 
 The runs are launched through tests/trainer_driver.py's launch server (real processes, forked from one that imported
-torch once, with torch.distributed.run's environment: no interpreter start-up per process); the refusal that checks
-what a launcher's processes print goes through torch.distributed.run itself, as do the stress tier's runs."""
+torch once, with torch.distributed.run's environment: no interpreter start-up per process); the stress tier's runs,
+and one refusal, go through torch.distributed.run itself."""
 import json
 import shutil
 import signal
@@ -195,13 +195,19 @@ REFUSALS = [
 @pytest.mark.parametrize('processes, overrides, expected', REFUSALS)
 def test_a_launch_that_cannot_be_expert_parallel_is_refused_in_one_line(data, launcher, tmp_path, processes, overrides,
                                                                          expected):
-    """One line, printed once, exit code not 0, nothing written. The first through torch.distributed.run (what a
-    launcher's processes print), the others through the launch server (the same processes, forked)."""
-    command = ['train_scripts/train.py', *_args(data, tmp_path / 'run', **overrides)]
-    if expected == REFUSALS[0][2]:
-        run = run_script([*launch_processes(processes), *command])
-    else:
-        run = launcher.run(*command, processes=processes)
+    """One line, printed once, exit code not 0, nothing written: the processes as torch.distributed.run starts them,
+    forked by the launch server (the stress tier launches the first through torch.distributed.run itself, below)."""
+    run = launcher.run('train_scripts/train.py', *_args(data, tmp_path / 'run', **overrides), processes=processes)
+    lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
+    assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr[-3000:]
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.stress  # CI: the same refusal through the launch server (above), and test_recipes.py's FSDP2 config
+def test_a_refusal_through_torch_distributed_run_is_one_line_printed_once(data, tmp_path):  # refused under accelerate
+    processes, overrides, expected = REFUSALS[0]
+    run = run_script([*launch_processes(processes), 'train_scripts/train.py',
+                      *_args(data, tmp_path / 'run', **overrides)])
     lines = [line for line in run.stderr.splitlines() if 'train.py: error:' in line]
     assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr[-3000:]
     assert not (tmp_path / 'run').exists()

@@ -218,9 +218,9 @@ def test_num_classes_in_model_kwargs_is_taken_once_by_every_front_end(tmp_path, 
     assert rc == 0 and 'top-1' in out, err
 
 
-# CI checks "one line, printed once" on real launches of 2 processes elsewhere: tests/test_expert_parallel.py's refusal
-# through torch.distributed.run and the FSDP2 launch config's refusal under accelerate launch (below); the missing
-# data folder is refused in one process by tests/test_training.py
+# CI checks "one line, printed once" on a real launch of 2 processes elsewhere: the FSDP2 launch config's refusal under
+# accelerate launch (below; and tests/test_expert_parallel.py's refusals through the launch server); the missing data
+# folder is refused in one process by tests/test_training.py
 @pytest.mark.stress
 def test_a_refusal_under_two_processes_is_one_line_printed_once(tmp_path, data):
     run = run_script([*launch_processes(2), 'train_scripts/train.py', '--model', 'vit_ti16_moe_upcycled',
