@@ -3,6 +3,7 @@ against PyTorch in ONNX Runtime, layer by layer.
 
     python export/onnx_export.py --model NAME [--checkpoint FILE_OR_FOLDER] --output model.onnx
         [--opset 18] [--img-size S] [--fp16 | --quantize int8 [--int8-target auto|vnni|avx2]] [--optimize]
+        [--expert-kernel matmul | --expert-kernel qmoe --quantize int8|int4-experts]
         [--model-kwargs '{num_experts: 8}'] [--capacity-factor C | '{blocks.11.mlp: C}']
         [--data-dir DIR [--split val] [--max-images 1000]] [--triton-repo DIR [--triton-max-batch-size 32]]
         [--atol 1e-3] [--tie-rtol 1e-5] [--expert-rtol R] [--min-agreement A] [--min-data-agreement A]
@@ -19,6 +20,14 @@ and output column), the routers kept float32, the experts unrolled into per-expe
 (x86 with AVX-512 VNNI / AVX-VNNI, and ARM: full range), 'avx2' (any x86 CPU: 7-bit weights, since without VNNI
 ONNX Runtime's int8 kernel saturates on full-range ones), 'auto' (default: the CPU running the export); the choice
 is stored in the file. --optimize: ONNX Runtime's graph optimisations saved in the file.
+
+--expert-kernel qmoe: each MoE layer's experts and combine in one ONNX Runtime com.microsoft.QMoE node (k = E, the
+router's combine weights as `router_weights`), 8-bit experts (--quantize int8, per output channel) or 4-bit
+(--quantize int4-experts, blocks of 32 inputs), the rest int8; recorded in the file (`expert_kernel`). QMoE's GELU is
+the tanh form, so the file is checked end to end against the PyTorch model with the same quantized experts and tanh
+GELU (max |logit diff| <= 0.25 of max |logit| unless --rtol is given) and, with --data-dir, against the PyTorch
+float32 model on real images. Expert choice and token choice layers with fc1 -> GELU / ReLU / SiLU -> fc2 experts.
+Slower than the default on the CPUs measured so far (README): the default stays --expert-kernel matmul.
 
 Parity (fresh random batches of 1, 3 and 8 images): for MoE models a debug export of the same trace (the deployed file
 is that graph with only its logits kept) exposes every MoE
@@ -76,7 +85,10 @@ def build_parser() -> _cli.ArgumentParser:
     parser.add_argument('--opset', type=int, default=18)
     parser.add_argument('--img-size', type=int, default=None)
     parser.add_argument('--fp16', action='store_true')
-    parser.add_argument('--quantize', choices=['int8'], default=None, help='dynamic int8 weights (routers float32)')
+    parser.add_argument('--quantize', choices=['int8', 'int4-experts'], default=None,
+                        help='dynamic int8 weights (routers float32); int4-experts: 4-bit experts (--expert-kernel qmoe)')
+    parser.add_argument('--expert-kernel', choices=['matmul', 'qmoe'], default='matmul',
+                        help="the experts as standard-op matmuls (default) or one ONNX Runtime QMoE node per layer")
     parser.add_argument('--optimize', action='store_true', help="save ONNX Runtime's graph optimisations")
     parser.add_argument('--no-unroll-experts', dest='unroll_experts', action='store_false',
                         help='with --quantize: keep the batched expert matmuls')
@@ -139,13 +151,16 @@ def main(argv=None) -> int:
     model = create_model_from_checkpoint(args.model, args.checkpoint, num_classes=num_classes,
                                          capacity_factor=capacity_factor, **model_kwargs).eval()
     export_kwargs = dict(img_size=args.img_size, opset=args.opset, fp16=args.fp16, quantize=args.quantize,
-                         unroll_experts=args.unroll_experts, int8_target=args.int8_target)
+                         unroll_experts=args.unroll_experts, int8_target=args.int8_target,
+                         expert_kernel=args.expert_kernel)
     kind = 'int8' if args.quantize else 'fp16' if args.fp16 else 'fp32'
     with tempfile.TemporaryDirectory(prefix='vit_moe_parity_') as tmp:
         debug = Path(tmp) / 'debug.onnx' if _checks_routing(model, args) else None
         path = export_onnx(model, args.output, optimize=args.optimize, debug_output=debug, **export_kwargs)
         done = ', '.join(['onnx.checker full check passed'] + (['int8 weights, routers float32'] if args.quantize
-                                                                 else []) + (['optimised'] if args.optimize else []))
+                                                                 else []) + (['optimised'] if args.optimize else [])
+                         + ([f'experts in one QMoE node per MoE layer ({_qmoe_bits(args)}, tanh GELU)']
+                            if args.expert_kernel == 'qmoe' else []))
         print(f'exported {describe_files(path)}; {done}{_int8_note(path) if args.quantize else ""}')
         if not _parity_holds(model, path, debug, args, kind):
             return 1
@@ -162,7 +177,14 @@ def main(argv=None) -> int:
 def _checks_routing(model, args) -> bool:
     """Whether parity checks each MoE layer on a debug export (slot-routed MoE models, unless --no-routing-check)."""
     from vit_moe.layers import moe_layers, soft_moe_layers
-    return args.routing_check and bool(moe_layers(model)) and not soft_moe_layers(model)  # Soft MoE: end to end
+    return args.routing_check and bool(moe_layers(model)) and not soft_moe_layers(model) and \
+        args.expert_kernel != 'qmoe'  # Soft MoE, QMoE: end to end
+
+
+def _qmoe_bits(args) -> str:
+    from vit_moe.onnx.fused_experts import QMOE_EXPERT_BITS
+    bits, block = QMOE_EXPERT_BITS[args.quantize]
+    return f'{bits}-bit experts' + (f', blocks of {block}' if block else ', per channel')
 
 
 def _parity_holds(model, path: Path, debug: Optional[Path], args, kind: str) -> bool:
@@ -171,6 +193,9 @@ def _parity_holds(model, path: Path, debug: Optional[Path], args, kind: str) -> 
     from vit_moe.layers import soft_moe_layers
     from vit_moe.onnx import DEFAULT_TIE_RTOL, check_onnx_parity, format_parity
     parity_model = copy.deepcopy(model).half() if args.fp16 else model
+    if args.expert_kernel == 'qmoe':  # the model the file stands for: its quantized experts, tanh GELU
+        from vit_moe.onnx.fused_experts import QMOE_EXPERT_BITS, qmoe_reference
+        parity_model = qmoe_reference(model, *QMOE_EXPERT_BITS[args.quantize])
     atol = args.atol if args.atol is not None else 1e-3
     min_agreement = args.min_agreement if args.min_agreement is not None else 1.0
     checked = path
@@ -182,7 +207,7 @@ def _parity_holds(model, path: Path, debug: Optional[Path], args, kind: str) -> 
                   file=sys.stderr)
             return False
     rtol = args.rtol
-    if rtol is None and kind != 'fp32' and soft_moe_layers(model):  # no layer-by-layer check to judge by
+    if rtol is None and kind != 'fp32' and (soft_moe_layers(model) or args.expert_kernel == 'qmoe'):  # end to end
         rtol = SOFT_END_TO_END_RTOL
     results = check_onnx_parity(parity_model, checked, batch_sizes=args.batch_sizes, atol=atol, rtol=rtol,
                                 tie_rtol=DEFAULT_TIE_RTOL if args.tie_rtol is None else args.tie_rtol,

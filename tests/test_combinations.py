@@ -21,10 +21,8 @@ export (float32 / int8).
 Soft MoE files are checked end to end by the export CLI (no slot routing to expose), the others layer by layer.
 """
 import json
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch

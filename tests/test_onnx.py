@@ -3,7 +3,6 @@ accuracy in ONNX Runtime equal to PyTorch's, clear errors."""
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +14,7 @@ from onnx import numpy_helper
 import vit_moe
 
 from vit_moe.onnx import (
-    OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx,
+    OnnxClassifier, OnnxExportError, check_onnx_parity, default_providers, evaluate_onnx, export_onnx, read_metadata,
 )
 from vit_moe.onnx.export import ROUTING_KINDS
 from vit_moe.onnx.metadata import ROUTING_OUTPUTS_KEY
@@ -91,6 +90,7 @@ def test_the_deployed_file_is_its_debug_export_with_only_the_logits(tmp_path):
     assert len(debug.graph.output) == 1 + len(ROUTING_KINDS) * 2  # two MoE layers
     assert ROUTING_OUTPUTS_KEY in {p.key for p in debug.metadata_props}
     assert ROUTING_OUTPUTS_KEY not in {p.key for p in deployed.metadata_props}
+    assert read_metadata(path)['expert_kernel'] == 'matmul'  # the default (tests/test_fused_experts.py: 'qmoe')
     weights = set(model.state_dict())  # the model's own names (folded constants are named by the exporter)
     named = [{i.name for i in m.graph.initializer} & weights for m in (deployed, reference)]
     assert named[0] == named[1] and 'cls_token' in named[0]

@@ -2,7 +2,6 @@
 import contextlib
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from vit_moe.layers import RoutingCapture
 from vit_moe.training import NonFiniteLossError, Trainer, latest_checkpoint, train, validate
 
 from conftest import (
-    ROOT, TRAIN_MOE, launch_processes, log_records, make_image_folder, run_front_end, run_script, script_env, tiny_config,
+    ROOT, TRAIN_MOE, launch_processes, log_records, run_front_end, run_script, script_env, tiny_config,
     train_state_of,
 )
 from trainer_driver import Launcher

@@ -122,6 +122,7 @@ def export_onnx(
         expose_routing: bool = False,
         int8_target: str = 'auto',
         debug_output: Optional[Union[str, Path]] = None,
+        expert_kernel: str = 'matmul',
 ) -> Path:
     """Export `model` to ONNX with a dynamic batch axis ('images' [B, 3, H, W] -> 'logits').
 
@@ -135,7 +136,8 @@ def export_onnx(
         external_data: force external data on / off; default on when the weights exceed the threshold.
         external_data_threshold: bytes above which weights are written as external data.
         check: run the full onnx.checker on the exported float graph.
-        quantize: 'int8' for dynamic int8 weights (every expert; routers float32; `vit_moe.onnx.quantize_onnx`).
+        quantize: 'int8' for dynamic int8 weights (every expert; routers float32; `vit_moe.onnx.quantize_onnx`);
+            'int4-experts' (with expert_kernel='qmoe'): 4-bit experts, block 32, and int8 for the rest.
         optimize: save ONNX Runtime's graph optimisations (and the GELU fusion) in the file (`optimize_onnx`).
         unroll_experts: with `quantize`, run the experts as per-expert 2-D matmuls in the graph (pre-packed).
         int8_target: with `quantize`, the CPU the file is for: 'auto' (this one), 'vnni' or 'avx2' (weight range;
@@ -146,6 +148,9 @@ def export_onnx(
         debug_output: also write that debug export of the same trace here (quantized / optimised as `output`):
             the model is traced once with its routing exposed, saved as `debug_output`, and `output` is the same
             graph with only its logits kept (the other outputs and the nodes that only fed them removed).
+        expert_kernel: 'matmul' (default: the experts as standard-op matmuls, portable) or 'qmoe' (each MoE layer's
+            experts and combine in one ONNX Runtime com.microsoft.QMoE node, 8-bit experts with quantize='int8',
+            4-bit with 'int4-experts'; `vit_moe.onnx.fused_experts`; recorded in the metadata as `expert_kernel`).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,7 @@ def export_onnx(
     if quantize:
         from .int8_target import resolve_int8_target
         resolve_int8_target(int8_target)  # a bad target fails before the export
+    qmoe = _qmoe_settings(model, expert_kernel, quantize, fp16, debug_output is not None or expose_routing)
     debug_output = Path(debug_output) if debug_output is not None else None
     if debug_output is not None and expose_routing:
         raise OnnxExportError('expose_routing and debug_output exclude each other: debug_output already writes the '
@@ -163,15 +169,15 @@ def export_onnx(
                                  for path in (output, debug_output or output))
     with on_cpu_in_eval_mode(model):
         _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check,
-                expose_routing, float_debug if debug_output is not None else None)
+                expose_routing, float_debug if debug_output is not None else None, qmoe)
     if not (quantize or optimize):
         return output
     from .quantize import optimize_onnx, quantize_onnx
     try:
         if quantize:
-            quantize_onnx(float_output, output, quantize, unroll_experts=unroll_experts, target=int8_target)
+            quantize_onnx(float_output, output, 'int8', unroll_experts=unroll_experts, target=int8_target)
             if debug_output is not None:
-                quantize_onnx(float_debug, debug_output, quantize, unroll_experts=unroll_experts, target=int8_target)
+                quantize_onnx(float_debug, debug_output, 'int8', unroll_experts=unroll_experts, target=int8_target)
             if optimize:
                 optimize_onnx(output, output)
         else:
@@ -185,13 +191,42 @@ def export_onnx(
     return output
 
 
+def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: bool, debug: bool
+                   ) -> Optional[Tuple[int, int]]:
+    """(expert bits, block size) for expert_kernel='qmoe', None for 'matmul'; one error naming a bad combination."""
+    from .fused_experts import EXPERT_KERNELS, QMOE_EXPERT_BITS, check_qmoe_layers
+    if expert_kernel not in EXPERT_KERNELS:
+        raise OnnxExportError(f'expert_kernel={expert_kernel!r} is not known; accepted: {", ".join(EXPERT_KERNELS)}')
+    if quantize not in (None, 'int8', 'int4-experts'):
+        raise OnnxExportError(f"quantize={quantize!r} is not known; accepted: 'int8', 'int4-experts' (with "
+                              f"expert_kernel='qmoe') or None")
+    if expert_kernel == 'matmul':
+        if quantize == 'int4-experts':
+            raise OnnxExportError("quantize='int4-experts' needs expert_kernel='qmoe' (4-bit experts are QMoE's); "
+                                  "with the standard-op experts: quantize='int8'")
+        return None
+    if quantize is None or fp16:
+        raise OnnxExportError(f"expert_kernel='qmoe' computes quantized experts: give quantize='int8' (8-bit) or "
+                              f"'int4-experts' (4-bit){', not fp16' if fp16 else ''}")
+    if debug:
+        raise OnnxExportError("expert_kernel='qmoe' has no per-slot expert outputs to expose: a QMoE file is checked "
+                              "end to end against vit_moe.onnx.fused_experts.qmoe_reference (no debug_output / "
+                              "expose_routing)")
+    try:
+        check_qmoe_layers(model)
+    except ValueError as e:
+        raise OnnxExportError(str(e)) from e
+    return QMOE_EXPERT_BITS[quantize]
+
+
 def _float_path(path: Path) -> Path:
     """Where the float graph goes before quantization / optimisation writes `path`."""
     return path.with_name(path.stem + '.float.onnx')
 
 
 def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_data, external_data_threshold, check,
-            expose_routing: bool = False, debug_output: Optional[Path] = None):
+            expose_routing: bool = False, debug_output: Optional[Path] = None,
+            qmoe: Optional[Tuple[int, int]] = None):
     height, width = size
     dtype = torch.float16 if fp16 else torch.float32
     if fp16:
@@ -211,15 +246,25 @@ def _export(model, output: Path, size: Tuple[int, int], opset, fp16, external_da
             raise OnnxExportError(f'{next(iter(soft))} is a Soft MoE layer: its slots mix all tokens, there is no slot routing '
                                   f'to expose; accepted: expert_choice / token_choice layers (check Soft MoE end to end)')
         output_names += [f'{n}/{kind}' for n in layers for kind in ROUTING_KINDS]
+    kernels, translations = contextlib.nullcontext(), None
+    if qmoe is not None:
+        from .fused_experts import qmoe_kernels, qmoe_translations
+        kernels, translations = qmoe_kernels(model, *qmoe), qmoe_translations()
     try:
-        with _quiet_exporter_logs():
+        with _quiet_exporter_logs(), kernels:
             program = torch.onnx.export(
                 graph, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=['images'],
-                output_names=output_names, opset_version=opset, verbose=False)
+                output_names=output_names, opset_version=opset, verbose=False,
+                custom_translation_table=translations)
     except Exception as e:
         raise OnnxExportError(f'{type(model).__name__} could not be exported to ONNX: {type(e).__name__}: '
                               f'{str(e).splitlines()[0] if str(e) else e}') from e
-    program.model.metadata_props[METADATA_KEY] = json.dumps(model_metadata(model, (height, width)))
+    metadata = dict(model_metadata(model, (height, width)), expert_kernel='qmoe' if qmoe else 'matmul')
+    if qmoe:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+        RemoveUnusedNodesPass()(program.model)  # the dequantized expert weights fed only the PyTorch reference
+        metadata.update(expert_bits=qmoe[0], expert_block_size=qmoe[1] or None, expert_gelu='tanh')
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     if layers:
         program.model.metadata_props[ROUTING_OUTPUTS_KEY] = json.dumps(layers)
         for weight in list(program.model.graph.initializers.values()):  # the model's names, not RoutingProbe's
