@@ -13,9 +13,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "installing into .venv (about 2 minutes on a fresh machine)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
     # shellcheck disable=SC2086
-    # --no-compile: Python compiles what is imported when it is first imported (a fraction of torch's 3,000 modules);
-    # compiling everything at install cost ~25 s here
-    .venv/bin/python -m pip install -q --no-compile $TORCH_SPEC
-    .venv/bin/python -m pip install -q --no-compile -e '.[all,test,tensorboard]'
+    .venv/bin/python -m pip install -q $TORCH_SPEC
+    .venv/bin/python -m pip install -q -e '.[all,test,tensorboard]'
     echo "$want" > "$stamp"
 fi

@@ -95,10 +95,10 @@ def test_the_export_command_checks_a_qmoe_file_end_to_end(tmp_path):
     common = ['export/onnx_export.py', '--model', NAME, '--output', str(tmp_path / 'q.onnx'), '--model-kwargs',
               '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
               '--num-classes', '10', '--quantize']
-    rc, out, err = run_front_end(*common, 'int8', '--expert-kernel', 'qmoe')
+    rc, out, err = run_front_end(*common, 'int8', '--expert-kernel', 'qmoe', '--batch-sizes', '3')
     assert rc == 0, err
     assert 'experts in one QMoE node per MoE layer (8-bit experts, per channel, tanh GELU)' in out
-    assert out.count(' of max |logit|): ok') == 3  # end to end against the reference, batches 1, 3, 8
+    assert out.count(' of max |logit|): ok') == 1  # end to end against the reference
     assert read_metadata(tmp_path / 'q.onnx')['expert_kernel'] == 'qmoe'
     assert 'QMoE' in {n.op_type for n in onnx.load(str(tmp_path / 'q.onnx')).graph.node}
     rc, out, err = run_front_end(*common, 'int4-experts')

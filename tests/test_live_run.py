@@ -8,7 +8,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TRAIN_MOE, log_records, run_front_end, run_script, script_env
+
+# the stress tier (CI: tests/test_run_lock.py, the same lock with real processes: a running and a SIGSTOPped holder
+# refuse a second one, a SIGKILLed holder's lock is taken over, two gloo processes refuse together)
+pytestmark = pytest.mark.stress
 
 RUN = dict(model='vit_ti16_moe_upcycled', batch_size=6, num_workers=0, steps=4, lr=3e-3, warmup_steps=1, log_every=1,
            checkpoint_every=2, trackers='none', progress='false', resume='auto')

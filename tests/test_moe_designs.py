@@ -271,6 +271,7 @@ def test_design_trains_saves_reloads_and_exports(design, sources, tmp_path):
         assert 'Soft MoE, tokens per slot / slots per token' in out and 'blocks.1.mlp: ' in out
 
 
+@pytest.mark.stress  # CI: the combination matrix's Soft MoE cells (FSDP2; shared experts) and its FSDP2 + shared cells
 @pytest.mark.xdist_group('fsdp')
 def test_soft_moe_with_shared_experts_trains_under_fsdp2_through_accelerate(sources, tmp_path):
     """Two processes, FSDP2 through Accelerator.prepare (tests/fsdp_on_cpu.py): the slot parameters, the [1] logit

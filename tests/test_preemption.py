@@ -255,7 +255,9 @@ vit_moe.exit_process(0)  # under a launcher: leave without the interpreter's fin
 '''
 
 
-@pytest.mark.parametrize('launches', ['server', pytest.param('torchrun', marks=pytest.mark.stress)])
+@pytest.mark.stress  # CI: tests/test_resume_chains.py (mixup and drop-path on: one process, DDP, FSDP2 and EP legs
+# each equal the one-process run, which they cannot if a process draws another process's or the same numbers)
+@pytest.mark.parametrize('launches', ['server', 'torchrun'])
 def test_two_processes_draw_different_masks_and_still_resume_exactly(tmp_path, data, launches, request):
     """Every micro-batch draws its own random numbers (dropout, drop-path, mixup) from (seed, epoch, micro-batch number):
     the two processes draw different ones, and one process accumulating two micro-batches draws, for each, what the

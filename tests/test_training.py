@@ -110,8 +110,11 @@ def _cli_args(tmp_path, **overrides):
     return [f'--{k}={v}' for k, v in values.items()]
 
 
-# CI: 2 processes (and tests/test_preemption.py's SIGTERM test: one process, exit 128 + 15); the stress tier: both
-@pytest.mark.parametrize('processes', [pytest.param(1, marks=pytest.mark.stress), 2])
+# the stress tier (CI: tests/test_run_lock.py's SLURM script test, SIGTERM forwarded to a 2-process torchrun job's
+# trainers, which save; tests/test_preemption.py's one-process SIGTERM + resume; tests/test_recipes.py's early-warning
+# signal saved on every process)
+@pytest.mark.stress
+@pytest.mark.parametrize('processes', [1, 2])
 def test_sigterm_to_every_process_of_the_job_saves_a_checkpoint_then_resumes(tmp_path, data, processes):
     """As a preempted job meets it (SLURM's scancel, `kill -TERM -<pgid>`): SIGTERM reaches every process at once,
     the launcher and the DataLoader workers included. Each trainer stops itself after step 3 (tests/trainer_driver.py),
