@@ -19,7 +19,7 @@ from .moe_config import MoeConfig
 from .routers import create_router
 from .routing_capture import record_routing, replayed_routing
 
-__all__ = ['MoeMlp', 'moe_layers', 'combine_by_matmul']
+__all__ = ['MoeMlp', 'moe_layers', 'combine_by_matmul', 'combine_matrix']
 
 
 @register_notrace_module
@@ -203,10 +203,18 @@ def combine_by_matmul(
     E, _, D = expert_out.shape
     B, _, capacity = token_index.shape
     slot_out = expert_out.view(E, B, capacity, D).transpose(0, 1).reshape(B, E * capacity, D)  # [B, E*capacity, D]
+    combine = combine_matrix(token_index, combine_weights, num_tokens, dtype)  # [B, T, E*capacity]
+    return torch.bmm(combine, slot_out.to(dtype))  # [B, T, D]
+
+
+def combine_matrix(token_index: torch.Tensor, combine_weights: torch.Tensor, num_tokens: int,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, T, E*capacity]: each slot's combine weight in the row of the token it holds (token_index, combine_weights
+    [B, E, capacity]); no scatter, so it exports to standard ops."""
+    B, E, capacity = token_index.shape
     tokens = torch.arange(num_tokens, device=token_index.device).view(1, num_tokens, 1)  # [1, T, 1]
     one_hot = token_index.reshape(B, 1, E * capacity) == tokens  # [B, T, E*capacity]
-    combine = one_hot.to(dtype) * combine_weights.reshape(B, 1, E * capacity).to(dtype)  # [B, T, E*capacity]
-    return torch.bmm(combine, slot_out.to(dtype))  # [B, T, D]
+    return one_hot.to(dtype) * combine_weights.reshape(B, 1, E * capacity).to(dtype)  # [B, T, E*capacity]
 
 
 def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:

@@ -195,9 +195,10 @@ def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: boo
                    ) -> Optional[Tuple[int, int]]:
     """(expert bits, block size) for expert_kernel='qmoe', None for 'matmul'; one error naming a bad combination."""
     from .fused_experts import EXPERT_KERNELS, QMOE_EXPERT_BITS, check_qmoe_layers
+    from .quantize import QUANTIZE_MODES
     if expert_kernel not in EXPERT_KERNELS:
         raise OnnxExportError(f'expert_kernel={expert_kernel!r} is not known; accepted: {", ".join(EXPERT_KERNELS)}')
-    if quantize not in (None, 'int8', 'int4-experts'):
+    if quantize is not None and quantize not in QUANTIZE_MODES + tuple(QMOE_EXPERT_BITS):
         raise OnnxExportError(f"quantize={quantize!r} is not known; accepted: 'int8', 'int4-experts' (with "
                               f"expert_kernel='qmoe') or None")
     if expert_kernel == 'matmul':

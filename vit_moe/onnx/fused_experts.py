@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..layers import moe_layers, soft_moe_layers
 from ..layers.experts import ExpertMlps
+from ..layers.moe_mlp import combine_matrix
 
 __all__ = ['EXPERT_KERNELS', 'QMOE_EXPERT_BITS', 'qmoe_kernels', 'qmoe_reference', 'qmoe_translations',
            'check_qmoe_layers']
@@ -146,11 +147,9 @@ def _qmoe_routed(self, x: torch.Tensor):
     """MoeMlp.routed with the experts and the combine in one QMoE call (no per-slot expert outputs)."""
     B, T, D = x.shape
     routing = self.router(x)
-    E = routing.token_index.shape[1]
-    tokens = torch.arange(T, device=x.device).view(1, 1, 1, T)
-    picked = routing.token_index.unsqueeze(-1) == tokens  # [B, E, capacity, T]
-    weights = (picked.to(x.dtype) * routing.combine_weights.unsqueeze(-1).to(x.dtype)).sum(2)  # [B, E, T]
-    weights = weights.transpose(1, 2).reshape(B * T, E)  # [B*T, E]
+    E, capacity = routing.token_index.shape[1:]
+    combine = combine_matrix(routing.token_index, routing.combine_weights, T, x.dtype)  # [B, T, E*capacity]
+    weights = combine.view(B * T, E, capacity).sum(-1)  # [B*T, E]: an expert holds a token in one slot at most
     p = self.qmoe_weights
     out = torch.ops.vit_moe.qmoe_experts(
         x.reshape(B * T, D), weights, p['fc1'], p['fc1_codes'], p['fc1_scales'], p['fc1_bias'], p['fc2'],
