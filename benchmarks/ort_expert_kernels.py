@@ -1,22 +1,27 @@
-"""Issue 35, first measurement: one com.microsoft.QMoE node per MoE layer (8-bit or 4-bit block-wise experts) against
-today's portable int8 graph, whole models, side by side with the dense int8 model, and the floor this machine allows.
+"""Issue 35: one com.microsoft.QMoE node per MoE layer (8-bit or 4-bit block-wise experts) against today's portable
+int8 graph, whole models, side by side with the dense int8 model, and the floors this machine allows.
 
-    python benchmarks/ort_expert_kernels.py [--moe vit_s16_moe_upcycled --dense vit_small_patch16_224]
-        [--batch-sizes 1 8] [--rounds 15] [--threads 2] [--output benchmarks/results/ort_expert_kernels.md]
+    python benchmarks/ort_expert_kernels.py [--moe vit_s16_moe_upcycled --router expert_choice|token_choice
+        --dense vit_small_patch16_224] [--batch-sizes 1 8] [--rounds 15] [--threads 2]
+        [--output benchmarks/results/ort_expert_kernels.md]
 
 Files (random weights, seed 0; latency does not depend on them), every one timed in the same interleaved rounds:
 - dense int8 and MoE int8: `export_onnx(quantize='int8')`, what the project ships (per-expert 2-D int8 MatMuls);
 - MoE QMoE: `export_onnx(expert_kernel='qmoe')`'s graph (`vit_moe.onnx.fused_experts`: each MoE layer's experts and
   combine in one QMoE node, k = E, `router_weights` the [tokens, E] combine weights, zero outside the picked slots),
   8-bit experts per output channel (`--quantize int8`) or 4-bit per block of 32 (`--quantize int4-experts`), and two
-  variants that are not export options (8-bit blocks; accuracy_level 4, int8 activations); everything else int8. QMoE's GELU is the tanh form (timm's is erf): the parity
-  column compares each file with the PyTorch model it stands for (dequantized experts and tanh GELU for QMoE).
+  variants that are not export options (8-bit blocks; accuracy_level 4, int8 activations); everything else int8.
+  QMoE's GELU is the tanh form (timm's is erf): the parity column compares each file with the PyTorch model it stands
+  for (dequantized experts and tanh GELU for QMoE).
 
-The floor: at batch B a file's weights are read from memory once per call, so it cannot run faster than weight bytes /
-this machine's read bandwidth (measured here: a 1 GiB sum with the same threads); `measured / floor` says how far
-each file is from it. The FLOP ratio is the MoE's expert FLOPs over the dense MLP's plus the rest (per image).
+The floors, per call of batch B: bandwidth = the file's weight bytes / this machine's read bandwidth (a 1 GiB sum with
+the same threads; weights are read at least once per call); compute = the model's multiply-adds (PyTorch's FLOP
+counter, the slots the router fills) x B / this machine's int8 GEMM rate in ONNX Runtime (one large MatMul quantized as
+the files are: a lower bound, since attention and softmax run in float32). `/ floor` is measured time over the larger.
+The rates at a dense fc1 and at one expert's fc1 show what small matmuls cost on this CPU.
 """
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -61,6 +66,33 @@ def read_bandwidth_gb_s(threads: int, gib: float = 1.0, rounds: int = 5) -> floa
     return x.numel() * 4 / best / 1e9
 
 
+def int8_gemm_gmac_s(threads: int, m: int, k: int, n: int, folder: Path, rounds: int = 9) -> float:
+    """This machine's int8 GEMM rate in ONNX Runtime (GMAC/s, median of `rounds`): one float [m, k] x [k, n] MatMul
+    quantized as the project's files are (dynamic int8 activations, per-channel int8 weights, this CPU's range)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from vit_moe.onnx.int8_target import resolve_int8_target
+    weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), 'w')
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node('MatMul', ['x', 'w'], ['y'])], 'gemm',
+        [onnx.helper.make_tensor_value_info('x', onnx.TensorProto.FLOAT, [m, k])],
+        [onnx.helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, [m, n])], [weight])
+    src, dst = folder / f'gemm_{m}_{k}_{n}.float.onnx', folder / f'gemm_{m}_{k}_{n}.onnx'
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid('', 18)]), str(src))
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's generic pre-processing advice
+    quantize_dynamic(str(src), str(dst), per_channel=True, reduce_range=resolve_int8_target()['reduce_range'],
+                     weight_type=QuantType.QInt8)
+    s, x = session(dst, threads), np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    repeat = max(1, int(2e8 // (m * k * n)))  # small GEMMs: time a run of calls
+    s.run(None, {'x': x})
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            s.run(None, {'x': x})
+        times.append((time.perf_counter() - start) / repeat)
+    return m * k * n / statistics.median(times) / 1e9
+
+
 def weight_bytes(path: Path) -> int:
     model = onnx.load(str(path))
     return sum(onnx.numpy_helper.to_array(i).nbytes for i in model.graph.initializer)
@@ -88,6 +120,7 @@ def time_interleaved(sessions: dict, batch: int, size, rounds: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--moe', default='vit_s16_moe_upcycled')
+    parser.add_argument('--router', default='expert_choice', choices=('expert_choice', 'token_choice'))
     parser.add_argument('--dense', default='vit_small_patch16_224')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
     parser.add_argument('--rounds', type=int, default=15)
@@ -95,9 +128,14 @@ def main(argv=None) -> int:
     parser.add_argument('--output', default=None, help='also write the tables (markdown) here')
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    moe, dense = timm.create_model(args.moe).eval(), timm.create_model(args.dense).eval()
+    moe, dense = timm.create_model(args.moe, router=args.router).eval(), timm.create_model(args.dense).eval()
     size = tuple(moe.patch_embed.img_size)
     x = torch.randn(4, 3, *size)
+    layer = next(m for m in moe.modules() if isinstance(m, MoeMlp))
+    tokens = moe.patch_embed.num_patches + moe.num_prefix_tokens
+    with torch.no_grad():
+        capacity = layer.router(torch.randn(1, tokens, moe.embed_dim)).token_index.shape[-1]  # slots per expert
+    hidden = layer.experts.fc1.weight.shape[-1] if hasattr(layer.experts, 'fc1') else 4 * moe.embed_dim
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -120,28 +158,43 @@ def main(argv=None) -> int:
         nbytes = {name: weight_bytes(path) for name, path in files.items()}
         sessions = {name: session(path, args.threads) for name, path in files.items()}
         bandwidth = read_bandwidth_gb_s(args.threads)
+        big = (2048, 1536, 1536)
+        rates = {'large': int8_gemm_gmac_s(args.threads, *big, tmp),
+                 'dense fc1': int8_gemm_gmac_s(args.threads, tokens, moe.embed_dim, hidden, tmp),
+                 'expert fc1': int8_gemm_gmac_s(args.threads, capacity, moe.embed_dim, hidden, tmp)}
         ms = {b: time_interleaved(sessions, b, size, args.rounds) for b in args.batch_sizes}
-    layer = next(m for m in moe.modules() if isinstance(m, MoeMlp))
     from torch.utils.flop_counter import FlopCounterMode
-    flops = {}
+    macs = {}
     for name, model in (('moe', moe), ('dense', dense)):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x[:1])
-        flops[name] = counter.get_total_flops()
-    lines += [f'{args.moe} (E = {layer.num_experts}, C = {layer.config.capacity_factor:g}) vs {args.dense}, '
-              f'{args.threads} threads, median of {args.rounds} interleaved rounds; FLOPs per image MoE / dense '
-              f'{flops["moe"] / flops["dense"]:.2f}; read bandwidth {bandwidth:.1f} GB/s (floor: weight bytes / it)', '',
+        macs[name] = counter.get_total_flops() / 2
+    lines += [f'{args.moe} ({args.router}, E = {layer.num_experts}, C = {layer.config.capacity_factor:g}, '
+              f'{capacity} slots per expert of {tokens} tokens) vs {args.dense}, {args.threads} threads, median of '
+              f'{args.rounds} interleaved rounds; MACs per image MoE / dense {macs["moe"] / 1e9:.2f} G / '
+              f'{macs["dense"] / 1e9:.2f} G = {macs["moe"] / macs["dense"]:.2f}.', '',
+              f'This machine: read bandwidth {bandwidth:.1f} GB/s; int8 GEMM rate in ONNX Runtime (the files\' '
+              f'quantization) {rates["large"]:.0f} GMAC/s at {big[0]} x {big[1]} x {big[2]}, '
+              f'{rates["dense fc1"]:.0f} at a dense fc1 ({tokens} x {moe.embed_dim} x {hidden}), '
+              f'{rates["expert fc1"]:.0f} at an expert fc1 ({capacity} x {moe.embed_dim} x {hidden}).', '',
+              'Floors per call: bandwidth = weight bytes / read bandwidth (weights read once per call); compute = '
+              'MACs x batch / the large int8 GEMM rate (all MACs at int8 speed: a lower bound). '
+              '`/ floor` is measured over the larger of the two.', '',
               '| file | weights (MB) | max abs logit diff / max abs logit: QMoE node (rest float) vs its PyTorch '
               'reference, file vs the float MoE | '
-              + ' | '.join(f'batch {b}: ms, / dense, / floor' for b in args.batch_sizes) + ' |',
+              + ' | '.join(f'batch {b}: ms, / dense, bandwidth floor ms, compute floor ms, / floor'
+                           for b in args.batch_sizes) + ' |',
               '|---|---|---|' + '---|' * len(args.batch_sizes)]
     for name in files:
-        floor_ms = nbytes[name] / bandwidth / 1e6
         own, drift = parity.get(name, (None, None))
         diffs = ', '.join('-' if v is None else f'{v:.1e}' for v in (own, drift))
-        cells = ' | '.join(f'{ms[b][name]:.1f}, {ms[b][name] / ms[b]["dense int8"]:.2f}, {ms[b][name] / floor_ms:.1f}'
-                           for b in args.batch_sizes)
-        lines.append(f'| {name} | {nbytes[name] / 1e6:.0f} | {diffs} | {cells} |')
+        cells = []
+        for b in args.batch_sizes:
+            bandwidth_ms = nbytes[name] / bandwidth / 1e6
+            compute_ms = macs['dense' if name == 'dense int8' else 'moe'] * b / rates['large'] / 1e6
+            cells.append(f'{ms[b][name]:.1f}, {ms[b][name] / ms[b]["dense int8"]:.2f}, {bandwidth_ms:.1f}, '
+                         f'{compute_ms:.1f}, {ms[b][name] / max(bandwidth_ms, compute_ms):.2f}')
+        lines.append(f'| {name} | {nbytes[name] / 1e6:.0f} | {diffs} | {" | ".join(cells)} |')
     text = '\n'.join(lines)
     print(text)
     if args.output:

@@ -68,15 +68,13 @@ def test_packed_codes_dequantize_to_the_reference_weights(bits, block):
 @pytest.mark.parametrize('model_args, options, expected', [
     (dict(router='soft'), dict(quantize='int8'), 'is a Soft MoE layer'),
     ({}, dict(quantize=None), "expert_kernel='qmoe' computes quantized experts: give quantize='int8'"),
-    ({}, dict(quantize='int8', debug_output='d.onnx'), 'has no per-slot expert outputs to expose'),
+    ({}, dict(quantize='int8', expose_routing=True), r'has no per-slot expert outputs to expose (expose_routing)'),
     ({}, dict(quantize='int8', expert_kernel='fused'), "expert_kernel='fused' is not known; accepted: matmul, qmoe"),
     ({}, dict(quantize='int4-experts', expert_kernel='matmul'), "quantize='int4-experts' needs expert_kernel='qmoe'"),
     ({}, dict(quantize='int2'), "quantize='int2' is not known"),
 ], ids=['soft', 'float', 'debug', 'kernel', 'int4-matmul', 'int2'])
 def test_what_qmoe_cannot_express_is_refused_naming_it(tmp_path, model_args, options, expected):
     options = dict(dict(expert_kernel='qmoe'), **options)
-    if 'debug_output' in options:
-        options['debug_output'] = tmp_path / options['debug_output']
     with pytest.raises(OnnxExportError, match=expected.replace('(', r'\(').replace(')', r'\)')):
         export_onnx(_model(**model_args), tmp_path / 'x.onnx', **options)
     assert not list(tmp_path.iterdir())  # refused before anything is written
@@ -91,6 +89,25 @@ def test_expert_banks_without_a_qmoe_form_are_refused_naming_the_layer(tmp_path,
         export_onnx(model, tmp_path / 'x.onnx', quantize='int8', expert_kernel='qmoe')
 
 
+def test_debug_output_keeps_the_qmoe_graph_before_the_rest_is_quantized(tmp_path):
+    """export_onnx(expert_kernel='qmoe', debug_output=...) keeps the float-rest graph the file was quantized from:
+    QMoE nodes, no int8 elsewhere, and it computes qmoe_reference (what the export command checks tightly)."""
+    model = _model()
+    path = export_onnx(model, tmp_path / 'q.onnx', quantize='int4-experts', expert_kernel='qmoe',
+                       debug_output=tmp_path / 'rest_float.onnx')
+    deployed, kept = (onnx.load(str(p)) for p in (path, tmp_path / 'rest_float.onnx'))
+    for graph in (deployed, kept):
+        assert [n.op_type for n in graph.graph.node].count('QMoE') == 2
+    assert 'MatMulInteger' in {n.op_type for n in deployed.graph.node}
+    assert not {'MatMulInteger', 'DynamicQuantizeLinear'} & {n.op_type for n in kept.graph.node}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['q.onnx', 'rest_float.onnx']  # no stale float file
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = qmoe_reference(model, *QMOE_EXPERT_BITS['int4-experts'])(x).numpy()
+    got = OnnxClassifier(tmp_path / 'rest_float.onnx')(x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_the_export_command_checks_a_qmoe_file_end_to_end(tmp_path):
     common = ['export/onnx_export.py', '--model', NAME, '--output', str(tmp_path / 'q.onnx'), '--model-kwargs',
               '{img_size: 32, patch_size: 8, embed_dim: 64, depth: 4, num_heads: 2, num_experts: 4}',
@@ -99,6 +116,7 @@ def test_the_export_command_checks_a_qmoe_file_end_to_end(tmp_path):
     assert rc == 0, err
     assert 'experts in one QMoE node per MoE layer (8-bit experts, per channel, tanh GELU)' in out
     assert out.count(' of max |logit|): ok') == 1  # end to end against the reference
+    assert out.count('QMoE nodes, the rest float32: batch   3: ') == 1 and out.count('allowed 0.001): ok') == 1
     assert read_metadata(tmp_path / 'q.onnx')['expert_kernel'] == 'qmoe'
     assert 'QMoE' in {n.op_type for n in onnx.load(str(tmp_path / 'q.onnx')).graph.node}
     rc, out, err = run_front_end(*common, 'int4-experts')

@@ -26,10 +26,14 @@ def test_main_job_trains_dense_upcycles_continues_both_and_reports(tmp_path, cap
     assert report.count('top-1 agreement 1.00') == 3
     variants = {tuple(c.strip() for c in line.split('|')[1:3]): [c.strip() for c in line.split('|')[3:7]]
                 for line in report.splitlines() if line.startswith(('| dense | ', '| moe | '))}
-    assert set(variants) == {('dense', 'fp32'), ('dense', 'int8'), ('moe', 'fp32'), ('moe', 'int8')}
+    assert set(variants) == {('dense', 'fp32'), ('dense', 'int8'), ('moe', 'fp32'), ('moe', 'int8'),
+                             ('moe', 'int4-experts (QMoE)')}
     mb, ort_top1, torch_top1, agreement = variants['moe', 'fp32']
     assert ort_top1 == torch_top1 and agreement == '100.00%'  # the float graph is exact on the 359 real images
     assert float(variants['moe', 'int8'][0]) < 0.5 * float(mb)  # int8 weights
+    int4_mb, int4_top1, _, int4_agreement = variants['moe', 'int4-experts (QMoE)']
+    assert float(int4_mb) < float(variants['moe', 'int8'][0])  # 4-bit experts: fewer bytes than int8
+    assert float(int4_agreement.rstrip('%')) >= 90.0  # scored on the same images against the float32 model
     assert '| 32 | moe | onnxruntime int8 |' in report and 'moe / dense (onnxruntime int8)' in report
     assert (tmp_path / 'onnx' / 'moe.int8.onnx').is_file()
     assert 'Routing report: ' in table and (tmp_path / 'routing_report' / 'report.md').is_file()

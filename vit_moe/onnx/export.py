@@ -147,7 +147,9 @@ def export_onnx(
             listed in the metadata. Not for deployment.
         debug_output: also write that debug export of the same trace here (quantized / optimised as `output`):
             the model is traced once with its routing exposed, saved as `debug_output`, and `output` is the same
-            graph with only its logits kept (the other outputs and the nodes that only fed them removed).
+            graph with only its logits kept (the other outputs and the nodes that only fed them removed). With
+            expert_kernel='qmoe' (no per-slot expert outputs to expose): the graph before the rest of the model is
+            quantized, QMoE nodes and everything else float32, which parity compares tightly with `qmoe_reference`.
         expert_kernel: 'matmul' (default: the experts as standard-op matmuls, portable) or 'qmoe' (each MoE layer's
             experts and combine in one ONNX Runtime com.microsoft.QMoE node, 8-bit experts with quantize='int8',
             4-bit with 'int4-experts'; `vit_moe.onnx.fused_experts`; recorded in the metadata as `expert_kernel`).
@@ -160,13 +162,17 @@ def export_onnx(
     if quantize:
         from .int8_target import resolve_int8_target
         resolve_int8_target(int8_target)  # a bad target fails before the export
-    qmoe = _qmoe_settings(model, expert_kernel, quantize, fp16, debug_output is not None or expose_routing)
+    qmoe = _qmoe_settings(model, expert_kernel, quantize, fp16, expose_routing)
     debug_output = Path(debug_output) if debug_output is not None else None
     if debug_output is not None and expose_routing:
         raise OnnxExportError('expose_routing and debug_output exclude each other: debug_output already writes the '
                               'debug export beside the deployed file')
     float_output, float_debug = (_float_path(path) if quantize or optimize else path
                                  for path in (output, debug_output or output))
+    kept = None
+    if qmoe is not None and debug_output is not None:  # the QMoE graph before the rest is quantized, kept
+        float_output = float_debug = kept = debug_output
+        debug_output = None
     with on_cpu_in_eval_mode(model):
         _export(model, float_output, (height, width), opset, fp16, external_data, external_data_threshold, check,
                 expose_routing, float_debug if debug_output is not None else None, qmoe)
@@ -185,7 +191,7 @@ def export_onnx(
             if debug_output is not None:
                 optimize_onnx(float_debug, debug_output)
     finally:
-        for stale in (float_output, float_debug):
+        for stale in {float_output, float_debug} - {kept}:
             for path in (stale, stale.with_name(stale.name + '.data')):
                 path.unlink(missing_ok=True)
     return output
@@ -210,9 +216,9 @@ def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: boo
         raise OnnxExportError(f"expert_kernel='qmoe' computes quantized experts: give quantize='int8' (8-bit) or "
                               f"'int4-experts' (4-bit){', not fp16' if fp16 else ''}")
     if debug:
-        raise OnnxExportError("expert_kernel='qmoe' has no per-slot expert outputs to expose: a QMoE file is checked "
-                              "end to end against vit_moe.onnx.fused_experts.qmoe_reference (no debug_output / "
-                              "expose_routing)")
+        raise OnnxExportError("expert_kernel='qmoe' has no per-slot expert outputs to expose (expose_routing): a "
+                              "QMoE file is checked end to end against vit_moe.onnx.fused_experts.qmoe_reference, "
+                              "and debug_output keeps its graph before the rest is quantized")
     try:
         check_qmoe_layers(model)
     except ValueError as e:
