@@ -3,9 +3,10 @@ int8 graph, whole models, side by side with the dense int8 model, and the floors
 
     python benchmarks/ort_expert_kernels.py [--moe vit_s16_moe_upcycled --router expert_choice|token_choice
         --dense vit_small_patch16_224] [--batch-sizes 1 8] [--rounds 15] [--threads 2]
-        [--output benchmarks/results/ort_expert_kernels.md]
+        [--gap-s 0.05] [--output benchmarks/results/ort_expert_kernels.md]
 
-Files (random weights, seed 0; latency does not depend on them), every one timed in the same interleaved rounds:
+Files (random weights, seed 0; latency does not depend on them), every one timed in the same interleaved rounds
+(a 50 ms pause before each call, as `vit_moe.onnx.benchmark_inference` does: `GAP_S`):
 - dense int8 and MoE int8: `export_onnx(quantize='int8')`, what the project ships (per-expert 2-D int8 MatMuls);
 - MoE QMoE: `export_onnx(expert_kernel='qmoe')`'s graph (`vit_moe.onnx.fused_experts`: each MoE layer's experts and
   combine in one QMoE node, k = E, `router_weights` the [tokens, E] combine weights, zero outside the picked slots),
@@ -17,7 +18,8 @@ Files (random weights, seed 0; latency does not depend on them), every one timed
 The floors, per call of batch B: bandwidth = the file's weight bytes / this machine's read bandwidth (a 1 GiB sum with
 the same threads; weights are read at least once per call); compute = the model's multiply-adds (PyTorch's FLOP
 counter, the slots the router fills) x B / this machine's int8 GEMM rate in ONNX Runtime (one large MatMul quantized as
-the files are: a lower bound, since attention and softmax run in float32). `/ floor` is measured time over the larger.
+the files are: a lower bound, since attention and softmax run in float32). `/ dense` is the median of the per-round
+ratios; `/ floor` is the median time over the larger floor.
 The rates at a dense fc1 and at one expert's fc1 show what small matmuls cost on this CPU.
 """
 import argparse
@@ -40,6 +42,12 @@ from vit_moe.layers.moe_mlp import MoeMlp  # noqa: E402
 from vit_moe.onnx import DEFAULT_EXTERNAL_DATA_THRESHOLD, export_onnx, quantize_onnx  # noqa: E402
 from vit_moe.onnx.export import _export  # noqa: E402
 from vit_moe.onnx.fused_experts import qmoe_reference  # noqa: E402
+
+# ONNX Runtime's worker threads spin after a run: without a pause, those of the file timed before take CPU from the
+# one timed next (2 cores), which adds about the same milliseconds to every call and so compresses every ratio
+# (measured: the int8 MoE / dense at batch 1 read 1.41 without the pause, 1.67 with it or timed alone; README)
+GAP_S = 0.05  # as vit_moe.onnx.benchmark_inference
+
 
 def qmoe_files(model: torch.nn.Module, folder: Path, bits: int, block_size: int, accuracy_level: int):
     """(the QMoE file as export_onnx(expert_kernel='qmoe') writes it: everything but the QMoE nodes int8, the same
@@ -104,17 +112,25 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
-def time_interleaved(sessions: dict, batch: int, size, rounds: int) -> dict:
+def time_interleaved(sessions: dict, batch: int, size, rounds: int, gap_s: float = GAP_S) -> dict:
+    """name -> seconds per call, one call of every session per round, each after a `gap_s` pause."""
     x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)
     times = {name: [] for name in sessions}
     for s in sessions.values():
         s.run(None, {'images': x})
     for _ in range(rounds):
         for name, s in sessions.items():
+            time.sleep(gap_s)  # the previous session's worker threads stop spinning (GAP_S)
             start = time.perf_counter()
             s.run(None, {'images': x})
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return times
+
+
+def medians(times: dict, baseline: str) -> dict:
+    """name -> (median ms, median of the per-round ratios to `baseline`: a slow moment of the machine hits both)."""
+    return {name: (statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, times[baseline])))
+            for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -125,6 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
     parser.add_argument('--rounds', type=int, default=15)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--gap-s', type=float, default=GAP_S, help='pause before each timed call (0: back to back)')
     parser.add_argument('--output', default=None, help='also write the tables (markdown) here')
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -162,7 +179,8 @@ def main(argv=None) -> int:
         rates = {'large': int8_gemm_gmac_s(args.threads, *big, tmp),
                  'dense fc1': int8_gemm_gmac_s(args.threads, tokens, moe.embed_dim, hidden, tmp),
                  'expert fc1': int8_gemm_gmac_s(args.threads, capacity, moe.embed_dim, hidden, tmp)}
-        ms = {b: time_interleaved(sessions, b, size, args.rounds) for b in args.batch_sizes}
+        ms = {b: medians(time_interleaved(sessions, b, size, args.rounds, args.gap_s), 'dense int8')
+              for b in args.batch_sizes}
     from torch.utils.flop_counter import FlopCounterMode
     macs = {}
     for name, model in (('moe', moe), ('dense', dense)):
@@ -171,7 +189,8 @@ def main(argv=None) -> int:
         macs[name] = counter.get_total_flops() / 2
     lines += [f'{args.moe} ({args.router}, E = {layer.num_experts}, C = {layer.config.capacity_factor:g}, '
               f'{capacity} slots per expert of {tokens} tokens) vs {args.dense}, {args.threads} threads, median of '
-              f'{args.rounds} interleaved rounds; MACs per image MoE / dense {macs["moe"] / 1e9:.2f} G / '
+              f'{args.rounds} interleaved rounds, {args.gap_s * 1e3:.0f} ms pause before each call; MACs per image '
+              f'MoE / dense {macs["moe"] / 1e9:.2f} G / '
               f'{macs["dense"] / 1e9:.2f} G = {macs["moe"] / macs["dense"]:.2f}.', '',
               f'This machine: read bandwidth {bandwidth:.1f} GB/s; int8 GEMM rate in ONNX Runtime (the files\' '
               f'quantization) {rates["large"]:.0f} GMAC/s at {big[0]} x {big[1]} x {big[2]}, '
@@ -179,7 +198,8 @@ def main(argv=None) -> int:
               f'{rates["expert fc1"]:.0f} at an expert fc1 ({capacity} x {moe.embed_dim} x {hidden}).', '',
               'Floors per call: bandwidth = weight bytes / read bandwidth (weights read once per call); compute = '
               'MACs x batch / the large int8 GEMM rate (all MACs at int8 speed: a lower bound). '
-              '`/ floor` is measured over the larger of the two.', '',
+              '`/ dense`: median of the per-round ratios to the dense file; `/ floor`: median time over the larger '
+              'floor.', '',
               '| file | weights (MB) | max abs logit diff / max abs logit: QMoE node (rest float) vs its PyTorch '
               'reference, file vs the float MoE | '
               + ' | '.join(f'batch {b}: ms, / dense, bandwidth floor ms, compute floor ms, / floor'
@@ -192,8 +212,9 @@ def main(argv=None) -> int:
         for b in args.batch_sizes:
             bandwidth_ms = nbytes[name] / bandwidth / 1e6
             compute_ms = macs['dense' if name == 'dense int8' else 'moe'] * b / rates['large'] / 1e6
-            cells.append(f'{ms[b][name]:.1f}, {ms[b][name] / ms[b]["dense int8"]:.2f}, {bandwidth_ms:.1f}, '
-                         f'{compute_ms:.1f}, {ms[b][name] / max(bandwidth_ms, compute_ms):.2f}')
+            median_ms, ratio = ms[b][name]
+            cells.append(f'{median_ms:.1f}, {ratio:.2f}, {bandwidth_ms:.1f}, {compute_ms:.1f}, '
+                         f'{median_ms / max(bandwidth_ms, compute_ms):.2f}')
         lines.append(f'| {name} | {nbytes[name] / 1e6:.0f} | {diffs} | {" | ".join(cells)} |')
     text = '\n'.join(lines)
     print(text)

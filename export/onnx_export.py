@@ -27,7 +27,8 @@ router's combine weights as `router_weights`), 8-bit experts (--quantize int8, p
 the tanh form, so the file is checked against the PyTorch model with the same quantized experts and tanh GELU twice:
 its graph before the rest is quantized (QMoE nodes, all else float32) to 1e-3 of max |logit| (the node's own error;
 --no-routing-check skips it), and the file end to end to 0.25 (the int8 rest; --rtol sets it); with --data-dir, its
-top-1 agreement with the PyTorch float32 model on real images (default 0.97, as int8). Expert choice and token choice layers with fc1 -> GELU / ReLU / SiLU -> fc2 experts.
+top-1 agreement with the PyTorch float32 model on real images (default 0.97, as int8). Expert choice and token choice
+layers with fc1 -> GELU / ReLU / SiLU -> fc2 experts.
 Slower than the default on the CPUs measured so far (README): the default stays --expert-kernel matmul.
 
 Parity (fresh random batches of 1, 3 and 8 images): for MoE models a debug export of the same trace (the deployed file
