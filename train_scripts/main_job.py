@@ -91,8 +91,8 @@ def run(output: str, dense_steps: int, extra_steps: int, progress: bool = True, 
 
 
 def export_and_benchmark(output: str, runs: dict, rounds: int = 5) -> str:
-    """ONNX exports (fp32, int8; the MoE's 4-bit QMoE file) of both models, parity, accuracy of every variant in ONNX Runtime on the real
-    validation images against the fp32 PyTorch model, and the inference benchmark."""
+    """ONNX exports (fp32, int8; the MoE's 4-bit QMoE file) of both models, parity, accuracy of every variant in ONNX
+    Runtime on the real validation images against the fp32 PyTorch model, and the inference benchmark."""
     out = Path(output)
     dense_cfg = load_config(str(CONFIGS / 'digits_dense.yaml'))
     moe_cfg = load_config(str(CONFIGS / 'digits_moe.yaml'))

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import onnx
 import torch
@@ -197,7 +197,7 @@ def export_onnx(
     return output
 
 
-def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: bool, debug: bool
+def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: bool, expose_routing: bool
                    ) -> Optional[Tuple[int, int]]:
     """(expert bits, block size) for expert_kernel='qmoe', None for 'matmul'; one error naming a bad combination."""
     from .fused_experts import EXPERT_KERNELS, QMOE_EXPERT_BITS, check_qmoe_layers
@@ -215,7 +215,7 @@ def _qmoe_settings(model, expert_kernel: str, quantize: Optional[str], fp16: boo
     if quantize is None or fp16:
         raise OnnxExportError(f"expert_kernel='qmoe' computes quantized experts: give quantize='int8' (8-bit) or "
                               f"'int4-experts' (4-bit){', not fp16' if fp16 else ''}")
-    if debug:
+    if expose_routing:
         raise OnnxExportError("expert_kernel='qmoe' has no per-slot expert outputs to expose (expose_routing): a "
                               "QMoE file is checked end to end against vit_moe.onnx.fused_experts.qmoe_reference, "
                               "and debug_output keeps its graph before the rest is quantized")
