@@ -6,7 +6,8 @@ int8 graph, whole models, side by side with the dense int8 model, and the floors
         [--gap-s 0.05] [--output benchmarks/results/ort_expert_kernels.md]
 
 Files (random weights, seed 0; latency does not depend on them), every one timed in the same interleaved rounds
-(a 50 ms pause before each call, as `vit_moe.onnx.benchmark_inference` does: `GAP_S`):
+(`vit_moe.onnx.benchmark.time_interleaved`: a 50 ms pause before each call, since ONNX Runtime's worker threads
+spin after a run and, back to back on 2 cores, take CPU from the file timed next, compressing every ratio):
 - dense int8 and MoE int8: `export_onnx(quantize='int8')`, what the project ships (per-expert 2-D int8 MatMuls);
 - MoE QMoE: `export_onnx(expert_kernel='qmoe')`'s graph (`vit_moe.onnx.fused_experts`: each MoE layer's experts and
   combine in one QMoE node, k = E, `router_weights` the [tokens, E] combine weights, zero outside the picked slots),
@@ -41,13 +42,8 @@ import vit_moe  # noqa: E402,F401  registers the models
 from vit_moe.layers.moe_mlp import MoeMlp  # noqa: E402
 from vit_moe.onnx import DEFAULT_EXTERNAL_DATA_THRESHOLD, export_onnx, quantize_onnx  # noqa: E402
 from vit_moe.onnx.export import _export  # noqa: E402
+from vit_moe.onnx.benchmark import GAP_S, time_interleaved  # noqa: E402
 from vit_moe.onnx.fused_experts import qmoe_reference  # noqa: E402
-
-# ONNX Runtime's worker threads spin after a run: without a pause, those of the file timed before take CPU from the
-# one timed next (2 cores), which adds about the same milliseconds to every call and so compresses every ratio
-# (measured: the int8 MoE / dense at batch 1 read 1.41 without the pause, 1.67 with it or timed alone; README)
-GAP_S = 0.05  # as vit_moe.onnx.benchmark_inference
-
 
 def qmoe_files(model: torch.nn.Module, folder: Path, bits: int, block_size: int, accuracy_level: int):
     """(the QMoE file as export_onnx(expert_kernel='qmoe') writes it: everything but the QMoE nodes int8, the same
@@ -112,21 +108,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
 
 
-def time_interleaved(sessions: dict, batch: int, size, rounds: int, gap_s: float = GAP_S) -> dict:
-    """name -> seconds per call, one call of every session per round, each after a `gap_s` pause."""
-    x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)
-    times = {name: [] for name in sessions}
-    for s in sessions.values():
-        s.run(None, {'images': x})
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            time.sleep(gap_s)  # the previous session's worker threads stop spinning (GAP_S)
-            start = time.perf_counter()
-            s.run(None, {'images': x})
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def medians(times: dict, baseline: str) -> dict:
     """name -> (median ms, median of the per-round ratios to `baseline`: a slow moment of the machine hits both)."""
     return {name: (statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, times[baseline])))
@@ -179,7 +160,10 @@ def main(argv=None) -> int:
         rates = {'large': int8_gemm_gmac_s(args.threads, *big, tmp),
                  'dense fc1': int8_gemm_gmac_s(args.threads, tokens, moe.embed_dim, hidden, tmp),
                  'expert fc1': int8_gemm_gmac_s(args.threads, capacity, moe.embed_dim, hidden, tmp)}
-        ms = {b: medians(time_interleaved(sessions, b, size, args.rounds, args.gap_s), 'dense int8')
+        runners = {name: (lambda x, s=s: s.run(None, {'images': x})) for name, s in sessions.items()}
+        inputs = {b: np.random.default_rng(0).standard_normal((b, 3, *size)).astype(np.float32)
+                  for b in args.batch_sizes}
+        ms = {b: medians(time_interleaved(runners, inputs[b], args.rounds, warmup=1, gap_s=args.gap_s), 'dense int8')
               for b in args.batch_sizes}
     from torch.utils.flop_counter import FlopCounterMode
     macs = {}

@@ -28,19 +28,18 @@ def op_times_ms(path: Path, size, batch: int, runs: int, threads: int, folder: P
     """Operator type -> kernel milliseconds per call."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.log_severity_level = threads, 3
-    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
-    x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)
-    session.run(None, {'images': x})  # warm-up, not profiled
     options.enable_profiling, options.profile_file_prefix = True, str(folder / path.stem)
     session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)
     for _ in range(runs + 1):
         session.run(None, {'images': x})
     events = json.load(open(session.end_profiling()))
+    warmup = min((e for e in events if e.get('name') == 'model_run'), key=lambda e: e['ts'])
     times = collections.Counter()
-    for e in events:
-        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
+    for e in events:  # the kernels of every call after the warm-up
+        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time') and e['ts'] > warmup['ts'] + warmup['dur']:
             times[e['args']['op_name']] += e['dur']
-    return collections.Counter({op: us / (runs + 1) / 1e3 for op, us in times.items()})
+    return collections.Counter({op: us / runs / 1e3 for op, us in times.items()})
 
 
 def main(argv=None) -> int:
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     moe, dense = (times[n] for n in args.models)
     total = {n: sum(t.values()) for n, t in times.items()}
     print(f'{args.models[0]} vs {args.models[1]}, {args.quantize}, batch {args.batch_size}, {args.threads} threads, '
-          f'kernel ms per call (mean of {args.runs + 1} profiled calls)\n')
+          f'kernel ms per call (mean of {args.runs} profiled calls after a warm-up)\n')
     print(f'| operator | {args.models[0]} ms | {args.models[1]} ms | MoE - dense ms | share of the MoE\'s extra |')
     print('|---|---|---|---|---|')
     extra = total[args.models[0]] - total[args.models[1]]

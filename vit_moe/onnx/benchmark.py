@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,7 +22,9 @@ from .export import export_onnx
 from .metadata import METADATA_KEY
 from .runtime import OnnxClassifier
 
-__all__ = ['benchmark_inference', 'format_benchmark']
+__all__ = ['benchmark_inference', 'format_benchmark', 'time_interleaved']
+
+GAP_S = 0.05  # default pause before each timed call (module docstring)
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +83,23 @@ def _ratios(ms: Dict[Tuple[str, str, int], float], batch_sizes: Sequence[int]) -
     return out
 
 
+def time_interleaved(runners: Dict[Any, Callable], x, rounds: int, warmup: int = 2, gap_s: float = GAP_S
+                     ) -> Dict[Any, List[float]]:
+    """key -> seconds per call of `runners[key](x)`: `warmup` untimed calls each, then `rounds` rounds that time one
+    call of every runner in turn, each after a `gap_s` pause (see the module docstring)."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn(x)
+    times = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, fn in runners.items():
+            time.sleep(gap_s)
+            start = time.perf_counter()
+            fn(x)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def benchmark_inference(
         models: Dict[str, torch.nn.Module],
         batch_sizes: Sequence[int] = (1, 8, 32),
@@ -90,7 +109,7 @@ def benchmark_inference(
         reuse_onnx: bool = False,
         variants: Sequence[str] = ('fp32', 'int8'),
         pytorch: bool = True,
-        gap_s: float = 0.05,
+        gap_s: float = GAP_S,
 ) -> Dict[str, Any]:
     """Time `models` (name -> model; 'moe' and 'dense' get ratio columns) in PyTorch and ONNX Runtime.
 
@@ -107,16 +126,7 @@ def benchmark_inference(
     with torch.inference_mode():
         for batch in batch_sizes:
             x = torch.randn(batch, 3, height, width).numpy()
-            for fn in runners.values():
-                for _ in range(warmup):
-                    fn(x)
-            times = {key: [] for key in runners}
-            for _ in range(rounds):
-                for key, fn in runners.items():
-                    time.sleep(gap_s)
-                    start = time.perf_counter()
-                    fn(x)
-                    times[key].append(time.perf_counter() - start)
+            times = time_interleaved(runners, x, rounds, warmup, gap_s)
             for (name, runtime), t in times.items():
                 median = statistics.median(t)
                 rows.append(dict(model=name, runtime=runtime, batch=batch, median_ms=median * 1e3,

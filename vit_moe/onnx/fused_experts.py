@@ -11,7 +11,7 @@ stands for the model with tanh GELU in its experts (`qmoe_reference`), which is 
 
 In PyTorch the node is a custom op (`vit_moe::qmoe_experts`, computed from the dequantized weights) whose ONNX
 translation emits QMoE; its schema is registered with onnx.defs for onnxscript, which builds nodes from schemas.
-Measured on AVX2 (README, benchmarks/ort_expert_kernels.py): 2.3-3x the dense int8 model against 1.4x for the
+Measured on AVX2 (README, benchmarks/ort_expert_kernels.py): 2.7-3.5x the dense int8 model against 1.5-1.6x for the
 standard-op graph, so `expert_kernel='matmul'` stays the default.
 """
 import contextlib
